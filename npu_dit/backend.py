@@ -1,0 +1,55 @@
+"""The Dynamo backend: options -> CompileConfig -> pass pipeline -> inner compiler -> executor.
+
+Registered as `npu_dit` in the `torch_dynamo_backends` entry-point group, so
+
+    torch.compile(transformer, backend="npu_dit", dynamic=True, options={...})
+
+works in a fresh interpreter without importing npu_dit first.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from typing import Any, Callable
+
+import torch.fx as fx
+
+from npu_dit.config import CompileConfig
+from npu_dit.passes.infra import PipelineReport, UserError, run_passes
+from npu_dit.passes.pipeline import build_pipeline
+from npu_dit.runtime.inner import compile_inner
+from npu_dit.tools.capture import prepare_meta
+
+
+@dataclasses.dataclass
+class CompileRecord:
+    """What one backend call did; the latest few are kept in `RECORDS` for tools and tests."""
+
+    config: CompileConfig
+    report: PipelineReport
+    graph: fx.GraphModule
+    num_nodes_captured: int
+
+
+RECORDS: collections.deque[CompileRecord] = collections.deque(maxlen=16)
+
+
+def npu_dit_backend(
+    gm: fx.GraphModule,
+    example_inputs: list[Any],
+    options: dict[str, Any] | None = None,
+    mode: str | None = None,
+) -> Callable:
+    cfg = CompileConfig.from_options(options)
+    if mode is not None and cfg.inner_compiler != "inductor":
+        raise UserError(
+            f"torch.compile(mode={mode!r}) only applies to inner_compiler='inductor'; "
+            f"drop mode or set options={{'inner_compiler': 'inductor'}}"
+        )
+    prepare_meta(gm)
+    num_nodes = len(gm.graph.nodes)
+    tag = "graph_" + str(gm.meta.get("dynamo_compile_id", "0")).replace("/", "_")
+    rewritten, report = run_passes(gm, build_pipeline(cfg), dump_dir=cfg.dump_dir, graph_tag=tag)
+    RECORDS.append(CompileRecord(cfg, report, rewritten, num_nodes))
+    return compile_inner(rewritten, example_inputs, cfg.inner_compiler, mode=mode)

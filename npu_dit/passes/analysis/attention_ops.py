@@ -1,0 +1,75 @@
+"""Which call targets are attention, linear and normalisation ops, and how to read their arguments.
+
+Dynamo records torch-level calls (`torch._C._nn.scaled_dot_product_attention`, `torch._C._nn.linear`);
+graphs built by hand or by other front ends may use `torch.nn.functional.*` or ATen overloads. The
+lowering pass registers its own attention targets here so that every analysis keeps seeing the
+lowered call sites as attention.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+SDPA_PARAMS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+SDPA_DEFAULTS = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False}
+
+SDPA_TARGETS: set[object] = {
+    F.scaled_dot_product_attention,
+    torch._C._nn.scaled_dot_product_attention,
+    torch.ops.aten.scaled_dot_product_attention.default,
+}
+# targets of lowered attention calls (registered by passes/attention_lowering); each maps to a
+# function node -> (query, key, value) in BNSD-or-BSND terms, see `attention_qkv`
+LOWERED_ATTENTION_TARGETS: dict[object, object] = {}
+
+LINEAR_TARGETS: set[object] = {F.linear, torch._C._nn.linear, torch.ops.aten.linear.default}
+NORM_TARGETS: set[object] = {
+    F.layer_norm,
+    F.rms_norm,
+    torch.rms_norm,
+    torch.layer_norm,
+    F.group_norm,
+    torch.ops.aten.layer_norm.default,
+    torch.ops.aten.rms_norm.default,
+}
+
+
+def is_sdpa(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in SDPA_TARGETS
+
+
+def is_attention_call(node: fx.Node) -> bool:
+    return node.op == "call_function" and (node.target in SDPA_TARGETS or node.target in LOWERED_ATTENTION_TARGETS)
+
+
+def is_linear(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in LINEAR_TARGETS
+
+
+def is_norm(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in NORM_TARGETS
+
+
+def sdpa_args(node: fx.Node) -> dict[str, object]:
+    """The SDPA call's arguments by name, defaults filled in."""
+    bound = dict(SDPA_DEFAULTS)
+    bound.update(zip(SDPA_PARAMS, node.args))
+    bound.update(node.kwargs)
+    return bound
+
+
+def attention_qkv(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node]:
+    if is_sdpa(node):
+        args = sdpa_args(node)
+        return args["query"], args["key"], args["value"]
+    reader = LOWERED_ATTENTION_TARGETS[node.target]
+    return reader(node)  # type: ignore[operator]
+
+
+def node_value(node: object) -> object:
+    """The example value Dynamo (or a pass) recorded for a node; plain values pass through."""
+    if isinstance(node, fx.Node):
+        return node.meta.get("val", node.meta.get("example_value"))
+    return node

@@ -1,0 +1,714 @@
+"""Dimension flow: which dims of which tensors are "the same axis", propagated through the dataflow.
+
+Every non-singleton dim of every tensor in the graph gets a value: an ordered tuple of *atoms*. An
+atom is one contiguous stretch of some axis (the image tokens, the text tokens, a hidden dim). Dims
+created by an op (an input, `arange`, `expand`, a reshape that merges dims) get fresh atoms; ops
+that carry a dim through (pointwise, linear over the last dim, permute, slicing) carry its atoms;
+`cat` along a dim concatenates the atom tuples (text ++ image); a slice along it cuts them again.
+Wherever an op makes two dims line up (a broadcasting binary op, the key/value sequence of
+attention, the mask against the key axis) their atoms are unified (union-find), and a single atom
+that meets a concatenation is *expanded* into it (Qwen-Image's image stream meeting the RoPE table
+built from two images).
+
+Sizes are Dynamo's symbolic sizes (sympy), so slicing by `s_txt` or by the constant text length is
+matched exactly, and a merged dim's size says how lengths combine (`s39 + s50`).
+
+Ops without a rule get fresh atoms for their output dims (never a wrong connection) and are listed
+in `FlowResult.opaque`, so a pass that needs a dim to flow through them can refuse clearly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import operator
+from typing import Any, Sequence
+
+import sympy
+import torch
+import torch.fx as fx
+
+from npu_dit.passes.analysis.attention_ops import (
+    LINEAR_TARGETS,
+    SDPA_TARGETS,
+    LOWERED_ATTENTION_TARGETS,
+    attention_qkv,
+    node_value,
+    sdpa_args,
+)
+
+Seq = tuple[int, ...]  # atoms of one dim, in order
+DimsValue = tuple  # tuple[Seq | None, ...] for a tensor; list of those for a tuple output
+
+
+@dataclasses.dataclass(frozen=True)
+class Size:
+    expr: sympy.Expr
+    hint: int | None
+
+    @property
+    def is_one(self) -> bool:
+        return self.expr == 1
+
+    @property
+    def is_static(self) -> bool:
+        return not self.expr.free_symbols
+
+
+def as_size(value: Any) -> Size:
+    if isinstance(value, torch.SymInt):
+        node = value.node
+        hint = node.hint if getattr(node, "hint", None) is not None else None
+        expr = node.expr
+        if hint is None:
+            try:
+                hint = int(node.shape_env.size_hint(expr)) if node.shape_env is not None else None
+            except Exception:  # noqa: BLE001 - unbacked: no hint
+                hint = None
+        return Size(sympy.sympify(expr), hint)
+    if isinstance(value, fx.Node):
+        return as_size(node_value(value))
+    return Size(sympy.Integer(int(value)), int(value))
+
+
+@functools.lru_cache(maxsize=65536)
+def _expr_eq(a: sympy.Expr, b: sympy.Expr) -> bool:
+    if a == b:
+        return True
+    try:
+        return sympy.expand(a - b) == 0
+    except Exception:  # noqa: BLE001
+        return False
+
+
+def sizes_equal(a: Size, b: Size) -> bool:
+    return _expr_eq(a.expr, b.expr)
+
+
+class Atoms:
+    """Union-find over atoms, with expansions (an atom that stands for a concatenation of atoms)."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.size: list[Size] = []
+        self.origin: list[tuple[fx.Node, int]] = []
+        self.expansion: dict[int, Seq] = {}
+        self.conflicts: list[tuple[fx.Node, Seq, Seq]] = []
+
+    def new(self, size: Size, origin: tuple[fx.Node, int]) -> int:
+        self.parent.append(len(self.parent))
+        self.size.append(size)
+        self.origin.append(origin)
+        return len(self.parent) - 1
+
+    def find(self, atom: int) -> int:
+        root = atom
+        while self.parent[root] != root:
+            root = self.parent[root]
+        while self.parent[atom] != root:
+            self.parent[atom], atom = root, self.parent[atom]
+        return root
+
+    def normalize(self, seq: Seq, _depth: int = 0) -> Seq:
+        out: list[int] = []
+        for atom in seq:
+            root = self.find(atom)
+            expanded = self.expansion.get(root)
+            if expanded is not None and _depth < 64:
+                out.extend(self.normalize(expanded, _depth + 1))
+            else:
+                out.append(root)
+        return tuple(out)
+
+    def seq_size(self, seq: Seq) -> sympy.Expr:
+        return sympy.Add(*[self.size[self.find(a)].expr for a in seq]) if seq else sympy.Integer(0)
+
+    def _union(self, a: int, b: int, where: fx.Node) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra == rb:
+            return
+        ea, eb = self.expansion.get(ra), self.expansion.get(rb)
+        # keep the older atom as root: its origin is where the axis first appeared
+        keep, drop = (ra, rb) if ra < rb else (rb, ra)
+        self.parent[drop] = keep
+        self.expansion.pop(drop, None)
+        if ea is not None and eb is not None:
+            self.expansion[keep] = ea if keep == ra else eb
+            self.unify(ea, eb, where)
+        elif ea is not None or eb is not None:
+            self.expansion[keep] = ea if ea is not None else eb  # type: ignore[assignment]
+
+    def unify(self, a: Seq, b: Seq, where: fx.Node) -> None:
+        a, b = self.normalize(a), self.normalize(b)
+        if a == b:
+            return
+        if len(a) == len(b):
+            for x, y in zip(a, b):
+                self._union(x, y, where)
+            return
+        if len(a) == 1 and a[0] not in b:
+            self.expansion[a[0]] = b
+            return
+        if len(b) == 1 and b[0] not in a:
+            self.expansion[b[0]] = a
+            return
+        groups = self._align(a, b)
+        if groups is None:
+            self.conflicts.append((where, a, b))
+            return
+        for ga, gb in groups:
+            self.unify(ga, gb, where)
+
+    def _align(self, a: Seq, b: Seq) -> list[tuple[Seq, Seq]] | None:
+        """Split two atom tuples of equal total length into groups whose lengths match."""
+        groups = []
+        i = j = 0
+        while i < len(a) and j < len(b):
+            gi, gj = [a[i]], [b[j]]
+            i, j = i + 1, j + 1
+            while not _expr_eq(self.seq_size(tuple(gi)), self.seq_size(tuple(gj))):
+                hint_a = sum(self.size[self.find(x)].hint or 0 for x in gi)
+                hint_b = sum(self.size[self.find(x)].hint or 0 for x in gj)
+                if hint_a == hint_b and hint_a > 0:
+                    break  # equal at run time (Dynamo asserts it), spelled differently (s50 vs s8*s47)
+                if hint_a < hint_b and i < len(a):
+                    gi.append(a[i])
+                    i += 1
+                elif j < len(b):
+                    gj.append(b[j])
+                    j += 1
+                else:
+                    return None
+            groups.append((tuple(gi), tuple(gj)))
+        if i != len(a) or j != len(b):
+            return None
+        return groups
+
+
+@dataclasses.dataclass
+class FlowResult:
+    atoms: Atoms
+    values: dict[fx.Node, Any]  # node -> DimsValue (tensor), list of DimsValue (tuple) or None
+    opaque: list[fx.Node]
+
+    def dims(self, node: fx.Node) -> DimsValue | None:
+        value = self.values.get(node)
+        return value if isinstance(value, tuple) else None
+
+    def seq(self, node: fx.Node, dim: int) -> Seq | None:
+        value = self.dims(node)
+        if value is None:
+            return None
+        entry = value[dim]
+        return None if entry is None else self.atoms.normalize(entry)
+
+
+# ---------------------------------------------------------------------------------------------
+# the propagation
+
+
+def _shape(node: Any) -> list[Size] | None:
+    value = node_value(node)
+    if isinstance(value, torch.Tensor):
+        return [as_size(s) for s in value.shape]
+    return None
+
+
+class _Flow:
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.atoms = Atoms()
+        self.values: dict[fx.Node, Any] = {}
+        self.opaque: list[fx.Node] = []
+
+    # -- helpers ------------------------------------------------------------------------------
+    def fresh(self, node: fx.Node, shape: list[Size], dim: int) -> Seq | None:
+        if shape[dim].is_one:
+            return None
+        return (self.atoms.new(shape[dim], (node, dim)),)
+
+    def fresh_all(self, node: fx.Node) -> DimsValue | None:
+        shape = _shape(node)
+        if shape is None:
+            return None
+        return tuple(self.fresh(node, shape, d) for d in range(len(shape)))
+
+    def dims(self, arg: Any) -> DimsValue | None:
+        if isinstance(arg, fx.Node):
+            value = self.values.get(arg)
+            return value if isinstance(value, tuple) else None
+        return None
+
+    def norm(self, seq: Seq | None) -> Seq | None:
+        return None if seq is None else self.atoms.normalize(seq)
+
+    def broadcast(self, node: fx.Node, tensor_args: Sequence[fx.Node]) -> DimsValue | None:
+        out = _shape(node)
+        if out is None:
+            return None
+        ndim = len(out)
+        result: list[Seq | None] = []
+        for d in range(ndim):
+            if out[d].is_one:
+                result.append(None)
+                continue
+            candidates = []
+            for arg in tensor_args:
+                arg_dims = self.dims(arg)
+                if arg_dims is None:
+                    continue
+                ad = d - (ndim - len(arg_dims))
+                if ad >= 0 and arg_dims[ad] is not None:
+                    candidates.append(arg_dims[ad])
+            if not candidates:
+                result.append(self.fresh(node, out, d))
+                continue
+            for other in candidates[1:]:
+                self.atoms.unify(candidates[0], other, node)
+            result.append(self.atoms.normalize(candidates[0]))
+        return tuple(result)
+
+    def tensor_args(self, node: fx.Node) -> list[fx.Node]:
+        return [a for a in node.all_input_nodes if isinstance(node_value(a), torch.Tensor)]
+
+    def slice_seq(self, node: fx.Node, seq: Seq | None, start: Size, stop: Size, out_size: Size, dim: int) -> Seq | None:
+        """The atoms of `seq[start:stop]`; exact when the cut falls on atom boundaries."""
+        if out_size.is_one:
+            return None
+        if seq is None:
+            return (self.atoms.new(out_size, (node, dim)),)
+        seq = self.atoms.normalize(seq)
+        offset = sympy.Integer(0)
+        picked: list[int] = []
+        started = _expr_eq(start.expr, sympy.Integer(0))
+        for atom in seq:
+            if not started and _expr_eq(offset, start.expr):
+                started = True
+            if started:
+                picked.append(atom)
+            offset = offset + self.atoms.size[atom].expr
+            if started and _expr_eq(offset, stop.expr):
+                return tuple(picked)
+        if len(seq) == 1 and _expr_eq(start.expr, 0) and _expr_eq(self.atoms.size[seq[0]].expr, stop.expr):
+            return seq
+        return (self.atoms.new(out_size, (node, dim)),)
+
+    # -- rules --------------------------------------------------------------------------------
+    def run(self) -> FlowResult:
+        for node in self.gm.graph.nodes:
+            if node.op == "placeholder" or node.op == "get_attr":
+                self.values[node] = self.fresh_all(node)
+            elif node.op in ("call_function", "call_method"):
+                self.values[node] = self.visit(node)
+            elif node.op == "call_module":
+                self.values[node] = self.fresh_all(node)
+                self.opaque.append(node)
+        return FlowResult(self.atoms, self.values, self.opaque)
+
+    def visit(self, node: fx.Node) -> Any:
+        target = node.target
+        value = node_value(node)
+        if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
+            return self.visit_multi(node)
+        if node.op == "call_function" and target is operator.getitem:
+            src = self.values.get(node.args[0])
+            if isinstance(src, list) and isinstance(node.args[1], int):
+                return src[node.args[1]]
+        if not isinstance(value, torch.Tensor):
+            return None
+        name = target if isinstance(target, str) else getattr(target, "__name__", "")
+        args = node.args
+        if node.op == "call_function" and target is operator.getitem:
+            return self.rule_getitem(node)
+        if node.op == "call_function" and (target in SDPA_TARGETS or target in LOWERED_ATTENTION_TARGETS):
+            return self.rule_attention(node)
+        if node.op == "call_function" and target in LINEAR_TARGETS:
+            x = self.dims(args[0])
+            out = _shape(node)
+            if x is None:
+                return self.fresh_all(node)
+            return tuple(x[:-1]) + (self.fresh(node, out, len(out) - 1),)
+        if name in _SAME_AS_SELF:
+            return self.dims(args[0]) if self.dims(args[0]) is not None else self.fresh_all(node)
+        if name in ("permute",):
+            order = _int_list(args[1:])
+            return self._reorder(node, args[0], order)
+        if name in ("transpose", "swapaxes", "swapdims"):
+            src = self.dims(args[0])
+            if src is None:
+                return self.fresh_all(node)
+            d0, d1 = (_dim(int(a), len(src)) for a in args[1:3])
+            order = list(range(len(src)))
+            order[d0], order[d1] = order[d1], order[d0]
+            return self._reorder(node, args[0], order)
+        if name == "t":
+            src = self.dims(args[0])
+            return tuple(reversed(src)) if src is not None else self.fresh_all(node)
+        if name in ("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as", "ravel"):
+            return self.rule_reshape(node, args[0])
+        if name in ("expand", "expand_as", "broadcast_to"):
+            return self.rule_expand(node, args[0])
+        if name in ("cat", "concat", "concatenate"):
+            return self.rule_cat(node)
+        if name == "stack":
+            return self.rule_stack(node)
+        if name in _REDUCTIONS:
+            return self.rule_reduce(node)
+        if name == "outer" or name == "ger":
+            a, b = self.dims(args[0]), self.dims(args[1])
+            out = _shape(node)
+            return (a[0] if a else self.fresh(node, out, 0), b[0] if b else self.fresh(node, out, 1))
+        if name == "view_as_complex":
+            src = self.dims(args[0])
+            return tuple(src[:-1]) if src is not None else self.fresh_all(node)
+        if name == "view_as_real":
+            src = self.dims(args[0])
+            out = _shape(node)
+            return (tuple(src) + (self.fresh(node, out, len(out) - 1),)) if src is not None else self.fresh_all(node)
+        if name == "repeat_interleave":
+            return self.rule_repeat_interleave(node)
+        if name in ("matmul", "bmm", "mm") or target is operator.matmul:
+            return self.rule_matmul(node)
+        if name in _CREATION:
+            return self.fresh_all(node)
+        if name.endswith("_like") and args:
+            return self.broadcast(node, [args[0]])
+        # pointwise fallback: the output is the broadcast of the tensor arguments
+        tensors = self.tensor_args(node)
+        out = _shape(node)
+        if tensors and _is_broadcast_of(out, [_shape(t) for t in tensors]):
+            return self.broadcast(node, tensors)
+        self.opaque.append(node)
+        return self.fresh_all(node)
+
+    def _reorder(self, node: fx.Node, src_node: Any, order: list[int]) -> DimsValue | None:
+        src = self.dims(src_node)
+        if src is None:
+            return self.fresh_all(node)
+        order = [_dim(d, len(src)) for d in order]
+        return tuple(src[d] for d in order)
+
+    def rule_reshape(self, node: fx.Node, src_node: Any) -> DimsValue | None:
+        src = self.dims(src_node)
+        in_shape, out_shape = _shape(src_node), _shape(node)
+        if src is None or in_shape is None or out_shape is None:
+            return self.fresh_all(node)
+        result: list[Seq | None] = [None] * len(out_shape)
+        ins = [d for d, s in enumerate(in_shape) if not s.is_one]
+        outs = [d for d, s in enumerate(out_shape) if not s.is_one]
+        i = j = 0
+        while i < len(ins) and j < len(outs):
+            gi, gj = [ins[i]], [outs[j]]
+            i, j = i + 1, j + 1
+            while not _expr_eq(_prod(in_shape, gi), _prod(out_shape, gj)):
+                hi, hj = _prod_hint(in_shape, gi), _prod_hint(out_shape, gj)
+                if hi is not None and hj is not None and hi < hj and i < len(ins):
+                    gi.append(ins[i])
+                    i += 1
+                elif hi is not None and hj is not None and hj < hi and j < len(outs):
+                    gj.append(outs[j])
+                    j += 1
+                elif hi == hj and hi is not None:
+                    break  # equal at the example sizes; the symbolic forms differ only in spelling
+                else:
+                    return self.fresh_all(node)
+            if len(gi) == 1 and len(gj) == 1:
+                result[gj[0]] = src[gi[0]]
+            else:
+                for d in gj:
+                    result[d] = self.fresh(node, out_shape, d)
+        for d in outs[j:]:
+            result[d] = self.fresh(node, out_shape, d)
+        return tuple(result)
+
+    def rule_expand(self, node: fx.Node, src_node: Any) -> DimsValue | None:
+        src = self.dims(src_node)
+        out = _shape(node)
+        if src is None:
+            return self.fresh_all(node)
+        offset = len(out) - len(src)
+        result = []
+        for d in range(len(out)):
+            sd = d - offset
+            if sd >= 0 and src[sd] is not None:
+                result.append(src[sd])
+            else:
+                result.append(self.fresh(node, out, d))
+        return tuple(result)
+
+    def rule_cat(self, node: fx.Node) -> DimsValue | None:
+        pieces = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        out = _shape(node)
+        pieces = [p for p in pieces if isinstance(p, fx.Node) and _shape(p) is not None and len(_shape(p)) == len(out)]
+        dim = _dim(int(dim), len(out))
+        result: list[Seq | None] = []
+        for d in range(len(out)):
+            if d == dim:
+                joined: list[int] = []
+                for p in pieces:
+                    pshape = _shape(p)
+                    if _expr_eq(pshape[d].expr, sympy.Integer(0)):
+                        continue
+                    pd = self.dims(p)
+                    seq = pd[d] if pd is not None else None
+                    if seq is None:
+                        seq = (self.atoms.new(pshape[d], (p, d)),)
+                    joined.extend(self.atoms.normalize(seq))
+                result.append(tuple(joined) if not out[d].is_one else None)
+            else:
+                candidates = [self.dims(p)[d] for p in pieces if self.dims(p) is not None and self.dims(p)[d] is not None]
+                if not candidates:
+                    result.append(self.fresh(node, out, d))
+                    continue
+                for other in candidates[1:]:
+                    self.atoms.unify(candidates[0], other, node)
+                result.append(self.atoms.normalize(candidates[0]))
+        return tuple(result)
+
+    def rule_stack(self, node: fx.Node) -> DimsValue | None:
+        pieces = [p for p in node.args[0] if isinstance(p, fx.Node)]
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        out = _shape(node)
+        dim = _dim(int(dim), len(out))
+        inner = self.broadcast_like(node, pieces, [s for d, s in enumerate(out) if d != dim])
+        inner = list(inner)
+        inner.insert(dim, self.fresh(node, out, dim))
+        return tuple(inner)
+
+    def broadcast_like(self, node: fx.Node, pieces: list[fx.Node], shape: list[Size]) -> list[Seq | None]:
+        result: list[Seq | None] = []
+        for d in range(len(shape)):
+            candidates = [self.dims(p)[d] for p in pieces if self.dims(p) is not None and self.dims(p)[d] is not None]
+            if not candidates:
+                result.append(None if shape[d].is_one else (self.atoms.new(shape[d], (node, d)),))
+                continue
+            for other in candidates[1:]:
+                self.atoms.unify(candidates[0], other, node)
+            result.append(self.atoms.normalize(candidates[0]))
+        return result
+
+    def rule_reduce(self, node: fx.Node) -> DimsValue | None:
+        src = self.dims(node.args[0])
+        out = _shape(node)
+        if src is None:
+            return self.fresh_all(node)
+        dims_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        if dims_arg is None:
+            return tuple(None for _ in out) if keepdim else self.fresh_all(node)
+        reduced = {_dim(int(d), len(src)) for d in (dims_arg if isinstance(dims_arg, (list, tuple)) else [dims_arg])}
+        if keepdim:
+            return tuple(None if d in reduced else src[d] for d in range(len(src)))
+        return tuple(src[d] for d in range(len(src)) if d not in reduced)
+
+    def rule_repeat_interleave(self, node: fx.Node) -> DimsValue | None:
+        src = self.dims(node.args[0])
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+        out = _shape(node)
+        if src is None or dim is None:
+            return self.fresh_all(node)
+        dim = _dim(int(dim), len(src))
+        return tuple(self.fresh(node, out, d) if d == dim else src[d] for d in range(len(src)))
+
+    def rule_matmul(self, node: fx.Node) -> DimsValue | None:
+        a, b = self.dims(node.args[0]), self.dims(node.args[1])
+        out = _shape(node)
+        if a is None or b is None or len(a) < 2 or len(b) < 2:
+            return self.fresh_all(node)
+        self.atoms.unify(a[-1], b[-2], node) if a[-1] and b[-2] else None
+        batch = list(self.broadcast_dims(node, [a[:-2], b[:-2]], out[:-2]))
+        return tuple(batch) + (a[-2], b[-1])
+
+    def broadcast_dims(self, node: fx.Node, values: list[tuple], shape: list[Size]) -> list[Seq | None]:
+        result = []
+        for d in range(len(shape)):
+            candidates = []
+            for v in values:
+                vd = d - (len(shape) - len(v))
+                if vd >= 0 and v[vd] is not None:
+                    candidates.append(v[vd])
+            if not candidates:
+                result.append(None if shape[d].is_one else (self.atoms.new(shape[d], (node, d)),))
+                continue
+            for other in candidates[1:]:
+                self.atoms.unify(candidates[0], other, node)
+            result.append(self.atoms.normalize(candidates[0]))
+        return result
+
+    def rule_attention(self, node: fx.Node) -> DimsValue | None:
+        q, k, v = attention_qkv(node)
+        qd, kd, vd = self.dims(q), self.dims(k), self.dims(v)
+        out = _shape(node)
+        if qd is None or kd is None or vd is None:
+            return self.fresh_all(node)
+        seq_q, seq_k = _attention_seq_dims(node, len(qd))
+        if kd[seq_k] is not None and vd[seq_k] is not None:
+            self.atoms.unify(kd[seq_k], vd[seq_k], node)
+        mask = sdpa_args(node).get("attn_mask") if node.target in SDPA_TARGETS else None
+        md = self.dims(mask)
+        if md is not None:
+            if md[-1] is not None and kd[seq_k] is not None:
+                self.atoms.unify(md[-1], kd[seq_k], node)
+            if len(md) >= 2 and md[-2] is not None and qd[seq_q] is not None:
+                self.atoms.unify(md[-2], qd[seq_q], node)
+        result = list(qd[:-1]) + [vd[-1]]
+        if out is not None and len(out) != len(result):
+            return self.fresh_all(node)
+        return tuple(result)
+
+    def rule_getitem(self, node: fx.Node) -> DimsValue | None:
+        base, index = node.args[0], node.args[1]
+        src = self.dims(base)
+        in_shape, out_shape = _shape(base), _shape(node)
+        if src is None or in_shape is None:
+            return self.fresh_all(node)
+        index = index if isinstance(index, tuple) else (index,)
+        if any(isinstance(i, fx.Node) and isinstance(node_value(i), torch.Tensor) for i in index) or any(
+            isinstance(i, (list, torch.Tensor)) for i in index
+        ):
+            self.opaque.append(node)
+            return self.fresh_all(node)
+        consumed = sum(1 for i in index if i is not None and i is not Ellipsis)
+        expanded: list[Any] = []
+        for i in index:
+            if i is Ellipsis:
+                expanded.extend([slice(None)] * (len(src) - consumed))
+            else:
+                expanded.append(i)
+        expanded.extend([slice(None)] * (len(src) - sum(1 for i in expanded if i is not None)))
+        result: list[Seq | None] = []
+        d = 0
+        for i in expanded:
+            if i is None:
+                result.append(None)
+                continue
+            if isinstance(i, slice):
+                out_d = len(result)
+                full = i.start is None and i.stop is None and i.step in (None, 1)
+                if full:
+                    result.append(src[d])
+                elif i.step not in (None, 1):
+                    result.append(self.fresh(node, out_shape, out_d))
+                else:
+                    start = _bound(i.start, in_shape[d], default=0)
+                    stop = _bound(i.stop, in_shape[d], default=None)
+                    result.append(self.slice_seq(node, src[d], start, stop, out_shape[out_d], out_d))
+            # an int or SymInt index drops the dim
+            d += 1
+        return tuple(result)
+
+    def visit_multi(self, node: fx.Node) -> list[DimsValue | None]:
+        """split / split_with_sizes / chunk / tensor_split / unbind / max(dim) and friends."""
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        value = node_value(node)
+        src_node = node.args[0] if node.args else None
+        src = self.dims(src_node)
+        in_shape = _shape(src_node)
+        if src is None or in_shape is None:
+            return [self.fresh_all_value(node, v, k) for k, v in enumerate(value)]
+        if name in ("split", "split_with_sizes", "chunk", "tensor_split", "unsafe_split"):
+            dim = _split_dim(node)
+            dim = _dim(dim, len(src))
+            outs = []
+            offset = Size(sympy.Integer(0), 0)
+            for piece in value:
+                size = as_size(piece.shape[dim])
+                stop = Size(offset.expr + size.expr, (offset.hint or 0) + (size.hint or 0))
+                seq = self.slice_seq(node, src[dim], offset, stop, size, dim)
+                outs.append(tuple(seq if d == dim else src[d] for d in range(len(src))))
+                offset = stop
+            return outs
+        if name == "unbind":
+            dim = _dim(int(node.args[1]) if len(node.args) > 1 else int(node.kwargs.get("dim", 0)), len(src))
+            return [tuple(src[d] for d in range(len(src)) if d != dim) for _ in value]
+        if name in _REDUCTIONS:  # max/min with dim -> (values, indices)
+            reduced = self.rule_reduce(node)
+            return [reduced for _ in value]
+        self.opaque.append(node)
+        return [self.fresh_all_value(node, v, k) for k, v in enumerate(value)]
+
+    def fresh_all_value(self, node: fx.Node, value: Any, k: int) -> DimsValue | None:
+        if not isinstance(value, torch.Tensor):
+            return None
+        shape = [as_size(s) for s in value.shape]
+        return tuple(None if s.is_one else (self.atoms.new(s, (node, 1000 * (k + 1) + d)),) for d, s in enumerate(shape))
+
+
+def _attention_seq_dims(node: fx.Node, ndim: int) -> tuple[int, int]:
+    """Sequence dims of q and k at an attention call: -2 for SDPA's [..., H, S, D] layout."""
+    layout = node.meta.get("npu_dit.attention_layout", "BNSD")
+    seq = layout.index("S") - len(layout) + ndim if layout in ("BNSD", "BSND") else ndim - 2
+    return seq, seq
+
+
+_SAME_AS_SELF = {
+    "to", "float", "half", "bfloat16", "double", "type", "type_as", "contiguous", "clone", "detach",
+    "cpu", "cuda", "requires_grad_", "dropout", "alias", "npu",
+}
+_REDUCTIONS = {
+    "mean", "sum", "amax", "amin", "max", "min", "any", "all", "std", "var", "prod", "argmax",
+    "argmin", "logsumexp", "norm", "count_nonzero",
+}
+_CREATION = {
+    "arange", "ones", "zeros", "full", "empty", "randn", "rand", "randint", "tensor", "as_tensor",
+    "new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "linspace", "eye", "scalar_tensor",
+}
+
+
+def _int_list(args: Sequence[Any]) -> list[int]:
+    if len(args) == 1 and isinstance(args[0], (list, tuple)):
+        args = args[0]
+    return [int(a) for a in args]
+
+
+def _dim(d: int, ndim: int) -> int:
+    return d + ndim if d < 0 else d
+
+
+def _prod(shape: list[Size], dims: list[int]) -> sympy.Expr:
+    return sympy.Mul(*[shape[d].expr for d in dims])
+
+
+def _prod_hint(shape: list[Size], dims: list[int]) -> int | None:
+    result = 1
+    for d in dims:
+        if shape[d].hint is None:
+            return None
+        result *= shape[d].hint
+    return result
+
+
+def _bound(value: Any, size: Size, default: int | None) -> Size:
+    if value is None:
+        return Size(sympy.Integer(default), default) if default is not None else size
+    bound = as_size(value)
+    if bound.hint is not None and bound.hint < 0 or (bound.is_static and int(bound.expr) < 0):
+        return Size(size.expr + bound.expr, (size.hint or 0) + (bound.hint or 0))
+    return bound
+
+
+def _split_dim(node: fx.Node) -> int:
+    if "dim" in node.kwargs:
+        return int(node.kwargs["dim"])
+    return int(node.args[2]) if len(node.args) > 2 else 0
+
+
+def _is_broadcast_of(out: list[Size] | None, shapes: list[list[Size] | None]) -> bool:
+    if out is None or any(s is None for s in shapes):
+        return False
+    if any(len(s) > len(out) for s in shapes):
+        return False
+    for d in range(1, len(out) + 1):
+        sizes = [s[-d] for s in shapes if len(s) >= d and not s[-d].is_one]
+        if out[-d].is_one:
+            if sizes:
+                return False
+            continue
+        if not sizes or not all(sizes_equal(s, out[-d]) or s.hint == out[-d].hint for s in sizes):
+            return False
+    return True
+
+
+def dim_flow(gm: fx.GraphModule) -> FlowResult:
+    return _Flow(gm).run()

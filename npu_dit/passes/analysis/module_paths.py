@@ -1,0 +1,58 @@
+"""Module path of every node, from Dynamo's `nn_module_stack` metadata.
+
+Dynamo records, for each node, the stack of modules whose forward produced it, as source strings such
+as `L['self'].__dict__['_modules']['transformer_blocks'].0.attn`. We normalise those to the dotted
+names users know from `named_modules()` (`transformer_blocks.0.attn`). Passes match on these paths,
+on op targets and on shapes, never on `node.name`.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch.fx as fx
+
+_ROOT = re.compile(r"^L\[['\"][A-Za-z_][A-Za-z0-9_]*['\"]\]")
+_DICT_MODULES = re.compile(r"\.__dict__\[['\"]_modules['\"]\]\[['\"]([^'\"]+)['\"]\]")
+_PRIVATE_MODULES = re.compile(r"\._modules\[['\"]([^'\"]+)['\"]\]")
+_ITEM = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]")
+
+
+def normalize_path(source: str) -> str:
+    path = _ROOT.sub("", source)
+    path = _DICT_MODULES.sub(r".\1", path)
+    path = _PRIVATE_MODULES.sub(r".\1", path)
+    path = _ITEM.sub(r".\1", path)
+    return path.lstrip(".")
+
+
+def _type_name(module_type: object) -> str:
+    if isinstance(module_type, str):
+        return module_type.rsplit(".", 1)[-1]
+    return getattr(module_type, "__name__", str(module_type))
+
+
+def module_stack(node: fx.Node) -> list[tuple[str, str]]:
+    """(path, class name) of every module on the node's stack, outermost first."""
+    stack = node.meta.get("nn_module_stack") or {}
+    return [(normalize_path(path), _type_name(kind)) for path, kind in stack.values()]
+
+
+def module_path(node: fx.Node) -> str:
+    """Innermost module path of `node` ('' for code in the root module's own forward)."""
+    stack = module_stack(node)
+    return stack[-1][0] if stack else ""
+
+
+def module_type(node: fx.Node) -> str:
+    stack = module_stack(node)
+    return stack[-1][1] if stack else ""
+
+
+def indexed_ancestor(node: fx.Node) -> tuple[str, str] | None:
+    """The outermost module on the node's stack that is an element of a ModuleList (`blocks.3`)."""
+    for path, kind in module_stack(node):
+        last = path.rsplit(".", 1)[-1]
+        if last.isdigit():
+            return path, kind
+    return None

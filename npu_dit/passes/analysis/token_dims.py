@@ -1,0 +1,246 @@
+"""Token dimensions: which input dims, which dims of tensors built inside the graph, and which output
+dims carry the tokens that reach attention's sequence axis.
+
+Nothing here knows a model. `dim_flow` propagates dims through the dataflow; the atoms that reach the
+sequence axis of some attention call (query or key side) are the *token segments* (FLUX: text, image;
+Qwen-Image-Edit: text, target image, each input image). Every tensor dim made only of token segments
+is a token dim. Dynamo's symbolic sizes say which segments are dynamic (`s50`) and which specialised
+to a constant (Qwen-Image's text length under `dynamic=True`); both are reported.
+
+For FLUX this finds hidden_states dim 1, encoder_hidden_states dim 1, img_ids dim 0, txt_ids dim 0
+and output dim 1 — the plan diffusers writes by hand in `FluxTransformer2DModel._cp_plan`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import sympy
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_flatten
+
+from npu_dit.passes.analysis._cache import cached_analysis
+from npu_dit.passes.analysis.attention_ops import attention_qkv, is_attention_call, node_value
+from npu_dit.passes.analysis.dim_flow import FlowResult, Seq, _attention_seq_dims, dim_flow
+from npu_dit.passes.analysis.module_paths import module_path
+from npu_dit.passes.infra import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenSegment:
+    id: int
+    atom: int
+    size: sympy.Expr
+    hint: int | None
+    origin: str  # where the segment first appears, e.g. "hidden_states[1]" or "pos_embed: reshape"
+
+    @property
+    def dynamic(self) -> bool:
+        return bool(self.size.free_symbols)
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenDim:
+    node: fx.Node
+    dim: int
+    segments: tuple[int, ...]  # TokenSegment ids, in order along the dim
+    size: sympy.Expr
+    name: str
+
+    @property
+    def dynamic(self) -> bool:
+        return bool(self.size.free_symbols)
+
+    def describe(self) -> str:
+        kind = "dynamic" if self.dynamic else "static"
+        return f"{self.name} dim {self.dim} ({kind}, {self.size})"
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionTokens:
+    node: fx.Node
+    query_segments: tuple[int, ...]
+    key_segments: tuple[int, ...]
+    size: sympy.Expr
+
+
+@dataclasses.dataclass
+class TokenDims:
+    flow: FlowResult
+    segments: list[TokenSegment]
+    inputs: list[TokenDim]
+    built: list[TokenDim]
+    outputs: list[TokenDim]
+    attention: list[AttentionTokens]
+    by_node: dict[fx.Node, list[tuple[int, tuple[int, ...]]]]  # node -> [(dim, segment ids)]
+
+    def token_dims_of(self, node: fx.Node) -> list[tuple[int, tuple[int, ...]]]:
+        return self.by_node.get(node, [])
+
+    @property
+    def static_inputs(self) -> list[TokenDim]:
+        return [t for t in self.inputs if not t.dynamic]
+
+    @property
+    def dynamic_inputs(self) -> list[TokenDim]:
+        return [t for t in self.inputs if t.dynamic]
+
+    def summary(self) -> dict[str, object]:
+        def entry(t: TokenDim) -> dict[str, object]:
+            return {
+                "name": t.name,
+                "dim": t.dim,
+                "size": str(t.size),
+                "dynamic": t.dynamic,
+                "segments": list(t.segments),
+            }
+
+        return {
+            "segments": [
+                {"id": s.id, "size": str(s.size), "example": s.hint, "dynamic": s.dynamic, "origin": s.origin}
+                for s in self.segments
+            ],
+            "inputs": [entry(t) for t in self.inputs],
+            "built_in_graph": [entry(t) for t in self.built],
+            "outputs": [entry(t) for t in self.outputs],
+            "attention_lengths": sorted({str(a.size) for a in self.attention}),
+        }
+
+
+def input_name(node: fx.Node) -> str:
+    """The user-facing name of a graph input (`img_ids`, `img_shapes[0][1][2]`)."""
+    return node.meta.get("npu_dit.input_name") or source_name(node)
+
+
+def source_name(node: fx.Node) -> str:
+    """Name a placeholder from Dynamo's source (`L['kwargs']['img_ids']` -> `img_ids`)."""
+    grapharg = node.meta.get("grapharg")
+    source = getattr(grapharg, "source", None)
+    if source is None:
+        return str(node.target)
+    name = source.name
+    name = name() if callable(name) else name
+    for prefix in ("L['kwargs']", "L['args']", "L"):
+        if name.startswith(prefix + "["):
+            name = name[len(prefix):]
+            break
+    # ['hidden_states'] -> hidden_states ; ['img_shapes'][0][1] -> img_shapes[0][1]
+    if name.startswith("['"):
+        end = name.index("']")
+        name = name[2:end] + name[end + 2:]
+    return name
+
+
+def _name(node: fx.Node) -> str:
+    if node.op == "placeholder":
+        return input_name(node)
+    path = module_path(node)
+    return f"{path}: {node.name}" if path else node.name
+
+
+def require_dynamic_token_dims(tokens: TokenDims, feature: str) -> None:
+    """Raise a UserError if no token segment is dynamic (the graph was traced with static shapes)."""
+    if any(s.dynamic for s in tokens.segments):
+        return
+    static = ", ".join(t.describe() for t in tokens.inputs) or "none found"
+    raise UserError(
+        f"{feature} needs the token dims to be symbolic, but every token dim of this graph is static "
+        f"({static}); the graph was captured with constant sequence lengths. Pass dynamic=True to "
+        f"torch.compile (or torch._dynamo.mark_dynamic(tensor, dim) on the token dims) and compile again."
+    )
+
+
+@cached_analysis
+def token_dims(gm: fx.GraphModule) -> TokenDims:
+    flow = dim_flow(gm)
+    atoms = flow.atoms
+    attention: list[tuple[fx.Node, Seq, Seq]] = []
+    token_atoms: list[int] = []
+    for node in gm.graph.nodes:
+        if not is_attention_call(node):
+            continue
+        q, k, _ = attention_qkv(node)
+        qd = flow.dims(q)
+        seq_q, seq_k = _attention_seq_dims(node, len(qd) if qd else 4)
+        q_seq = flow.seq(q, seq_q) or ()
+        k_seq = flow.seq(k, seq_k) or ()
+        attention.append((node, q_seq, k_seq))
+        for atom in q_seq + k_seq:
+            if atom not in token_atoms:
+                token_atoms.append(atom)
+    # re-normalise: unifications made late in the graph may have merged atoms seen earlier
+    roots: list[int] = []
+    for atom in token_atoms:
+        for root in atoms.normalize((atom,)):
+            if root not in roots:
+                roots.append(root)
+    token_set = set(roots)
+
+    def token_dims_in(value: tuple) -> list[tuple[int, Seq]]:
+        found = []
+        for dim, seq in enumerate(value):
+            if seq is None:
+                continue
+            seq = atoms.normalize(seq)
+            if seq and all(a in token_set for a in seq):
+                found.append((dim, seq))
+        return found
+
+    by_node: dict[fx.Node, list[tuple[int, tuple[int, ...]]]] = {}
+    carries_tokens: set[fx.Node] = set()  # also multi-output nodes (split, unbind) with a token dim
+    for node, value in flow.values.items():
+        if isinstance(value, tuple):
+            found = token_dims_in(value)
+            if found:
+                by_node[node] = found
+                carries_tokens.add(node)
+        elif isinstance(value, list) and any(isinstance(v, tuple) and token_dims_in(v) for v in value):
+            carries_tokens.add(node)
+
+    nodes_in_order = list(gm.graph.nodes)
+    placeholders = [n for n in nodes_in_order if n.op == "placeholder" and not isinstance(node_value(n), torch.nn.Parameter)]
+    segment_ids: dict[int, int] = {}
+    segments: list[TokenSegment] = []
+
+    def segment_of(atom: int, origin: str) -> int:
+        if atom not in segment_ids:
+            segment_ids[atom] = len(segments)
+            size = atoms.size[atom]
+            segments.append(TokenSegment(len(segments), atom, size.expr, size.hint, origin))
+        return segment_ids[atom]
+
+    def describe(node: fx.Node, dim: int, seq: Seq, name: str) -> TokenDim:
+        ids = tuple(segment_of(a, f"{name}[{dim}]") for a in seq)
+        size = sympy.Add(*[atoms.size[a].expr for a in seq])
+        return TokenDim(node, dim, ids, size, name)
+
+    inputs = [describe(n, d, s, _name(n)) for n in placeholders for d, s in by_node.get(n, [])]
+
+    built = []
+    for node in nodes_in_order:
+        if node.op == "placeholder" or node not in by_node:
+            continue
+        if any(i in carries_tokens for i in node.all_input_nodes):
+            continue
+        for dim, seq in by_node[node]:
+            built.append(describe(node, dim, seq, _name(node)))
+
+    output_node = next(n for n in reversed(nodes_in_order) if n.op == "output")
+    flat_outputs, _ = tree_flatten(output_node.args[0])
+    outputs = []
+    for position, out in enumerate(flat_outputs):
+        if isinstance(out, fx.Node):
+            for dim, seq in by_node.get(out, []):
+                outputs.append(describe(out, dim, seq, f"output[{position}]"))
+
+    attention_tokens = []
+    for node, q_seq, k_seq in attention:
+        q_norm = atoms.normalize(q_seq)
+        k_norm = atoms.normalize(k_seq)
+        q_ids = tuple(segment_of(a, _name(node)) for a in q_norm)
+        k_ids = tuple(segment_of(a, _name(node)) for a in k_norm)
+        size = sympy.Add(*[atoms.size[a].expr for a in q_norm])
+        attention_tokens.append(AttentionTokens(node, q_ids, k_ids, size))
+
+    return TokenDims(flow, segments, inputs, built, outputs, attention_tokens, by_node)

@@ -1,0 +1,194 @@
+"""Pass infrastructure: `PassResult`, the one runner that does every pass's chores, graph dumps.
+
+A pass is a plain function `xxx_pass(gm, *, cfg, ...) -> PassResult`, bound with `functools.partial`
+into the ordered list that `pipeline.build_pipeline` returns. Passes never print, time themselves or
+recompile: `run_passes` lints, recompiles, times, counts what fired and dumps the graph before and
+after each pass when asked. If a pass raises anything but a `UserError`, the runner drops the whole
+rewrite and returns the unrewritten graph with one warning: a graph we cannot handle runs as it was
+captured, never as a wrong program.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+import time
+import traceback
+import warnings
+from typing import Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+log = logging.getLogger("npu_dit")
+
+
+class UserError(ValueError):
+    """A problem the user can fix (bad option, static token dim, wrong world size): always raised."""
+
+
+@dataclasses.dataclass
+class PassResult:
+    graph_module: fx.GraphModule
+    modified: bool
+    # what fired, e.g. {"all_to_all": 228}; summed over the pipeline into the report
+    counts: dict[str, int] = dataclasses.field(default_factory=dict)
+    # facts a pass wants shown to the user (inspect prints them), e.g. per-site decisions
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+
+@dataclasses.dataclass(frozen=True)
+class PassSpec:
+    name: str
+    fn: Callable[[fx.GraphModule], PassResult]
+    # numerics-preserving passes are tested bitwise against the unrewritten graph
+    preserves_numerics: bool = True
+
+
+@dataclasses.dataclass
+class PassRecord:
+    name: str
+    modified: bool
+    seconds: float
+    nodes_before: int
+    nodes_after: int
+    counts: dict[str, int]
+    notes: list[str]
+
+
+@dataclasses.dataclass
+class PipelineReport:
+    records: list[PassRecord] = dataclasses.field(default_factory=list)
+    fell_back: bool = False
+    fallback_reason: str | None = None
+
+    @property
+    def counts(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for record in self.records:
+            for key, value in record.counts.items():
+                total[key] = total.get(key, 0) + value
+        return total
+
+    @property
+    def seconds(self) -> float:
+        return sum(r.seconds for r in self.records)
+
+
+def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A structural copy: new graph and nodes, node.meta copied shallowly, same submodules/attrs."""
+    graph = fx.Graph(owning_module=None, tracer_cls=gm.graph._tracer_cls)
+    value_remap: dict[fx.Node, fx.Node] = {}
+    output_value = graph.graph_copy(gm.graph, value_remap)
+    graph.output(output_value)
+    for old, new in value_remap.items():
+        new.meta = dict(old.meta)
+    clone = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    clone.meta = dict(getattr(gm, "meta", {}))
+    clone.meta.pop(ANALYSIS_CACHE_KEY, None)
+    return clone
+
+
+ANALYSIS_CACHE_KEY = "npu_dit.analysis"
+
+
+def invalidate_analyses(gm: fx.GraphModule) -> None:
+    gm.meta.pop(ANALYSIS_CACHE_KEY, None)
+
+
+def count_nodes(gm: fx.GraphModule) -> int:
+    return len(gm.graph.nodes)
+
+
+def graph_text(gm: fx.GraphModule) -> str:
+    """Readable dump: one line per node with its shape and module path, then the Python code."""
+    from npu_dit.passes.analysis.module_paths import module_path
+
+    lines = []
+    for node in gm.graph.nodes:
+        val = node.meta.get("val", node.meta.get("example_value"))
+        shape = ""
+        if isinstance(val, torch.Tensor):
+            shape = f"{str(val.dtype).removeprefix('torch.')}{list(val.shape)}"
+        elif isinstance(val, (torch.SymInt, int)):
+            shape = f"int={val}"
+        target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", node.target)
+        args = ", ".join(str(a) for a in node.args)
+        lines.append(f"{node.op:13} {node.name:40} {str(target):36} {shape:36} {module_path(node)}   ({args[:160]})")
+    return "\n".join(lines) + "\n\n# ---- code ----\n" + gm.code
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
+
+
+def dump_graph(gm: fx.GraphModule, dump_dir: str, stem: str) -> str:
+    os.makedirs(dump_dir, exist_ok=True)
+    path = os.path.join(dump_dir, _safe(stem) + ".txt")
+    with open(path, "w") as f:
+        f.write(graph_text(gm))
+    return path
+
+
+def run_passes(
+    gm: fx.GraphModule,
+    passes: Sequence[PassSpec],
+    *,
+    dump_dir: str | None = None,
+    graph_tag: str = "graph",
+) -> tuple[fx.GraphModule, PipelineReport]:
+    """Run `passes` in order on a copy of `gm`; return the rewritten module and a report.
+
+    On an unexpected failure the unrewritten `gm` is returned (report.fell_back is True) after one
+    warning that names the pass and the error. `UserError`s propagate unchanged.
+    """
+    report = PipelineReport()
+    if not passes:
+        if dump_dir:
+            dump_graph(gm, dump_dir, f"{graph_tag}_00_captured")
+        return gm, report
+    work = clone_graph_module(gm)
+    for index, spec in enumerate(passes):
+        stem = f"{graph_tag}_{index + 1:02d}_{spec.name}"
+        if dump_dir:
+            dump_graph(work, dump_dir, stem + "_before")
+        nodes_before = count_nodes(work)
+        start = time.perf_counter()
+        try:
+            result = spec.fn(work)
+            if result.modified:
+                result.graph_module.graph.lint()
+                result.graph_module.recompile()
+                invalidate_analyses(result.graph_module)
+        except UserError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure falls back to the captured graph
+            reason = f"pass {spec.name!r} failed: {type(exc).__name__}: {exc}"
+            log.debug("npu_dit fallback traceback:\n%s", traceback.format_exc())
+            warnings.warn(
+                f"npu_dit: {reason}. Running the captured graph without npu_dit's rewrites "
+                f"(results stay correct; set NPU_DIT_DUMP_DIR to see the graphs, or report this graph).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            report.fell_back = True
+            report.fallback_reason = reason
+            return gm, report
+        seconds = time.perf_counter() - start
+        work = result.graph_module
+        report.records.append(
+            PassRecord(
+                name=spec.name,
+                modified=result.modified,
+                seconds=seconds,
+                nodes_before=nodes_before,
+                nodes_after=count_nodes(work),
+                counts=dict(result.counts),
+                notes=list(result.notes),
+            )
+        )
+        if dump_dir:
+            dump_graph(work, dump_dir, stem + "_after")
+    return work, report

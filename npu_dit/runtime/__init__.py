@@ -1,0 +1,1 @@
+"""Runtime: inner compilers, process groups and collectives, the executor, cache state."""

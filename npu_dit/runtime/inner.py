@@ -1,0 +1,48 @@
+"""Inner compilers: what runs the rewritten graph.
+
+- `eager`: the rewritten GraphModule itself, op by op (the reference; what the tests compare).
+- `inductor`: PyTorch's Inductor, through `compile_fx` with Dynamo's fake example inputs.
+- `npugraph_ex`: torch_npu's graph-mode backend (Ascend only), looked up once `torch_npu` imports.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+
+from npu_dit.passes.infra import UserError
+
+
+def compile_inner(gm: fx.GraphModule, example_inputs: list[Any], name: str, *, mode: str | None = None) -> Callable:
+    if name == "eager":
+        return gm.forward
+    if name == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        patches = torch._inductor.list_mode_options(mode) if mode else None
+        return compile_fx(gm, example_inputs, config_patches=patches)
+    if name == "npugraph_ex":
+        return _npugraph_ex()(gm, example_inputs)
+    raise UserError(f"unknown inner compiler {name!r}; choose eager, inductor or npugraph_ex")
+
+
+def _npugraph_ex() -> Callable:
+    try:
+        import torch_npu  # noqa: F401
+    except Exception as exc:  # noqa: BLE001 - ImportError, or CANN libraries missing
+        raise UserError(
+            "inner_compiler='npugraph_ex' needs torch_npu with Ascend's CANN toolkit, which could not be "
+            f"imported here ({type(exc).__name__}: {exc}). Install torch_npu on an Ascend machine "
+            "(pip install 'npu-dit[npu]'), or use inner_compiler='eager' or 'inductor'."
+        ) from exc
+    from torch._dynamo.backends.registry import lookup_backend
+
+    try:
+        return lookup_backend("npugraph_ex")
+    except Exception as exc:  # noqa: BLE001
+        raise UserError(
+            "this torch_npu has no 'npugraph_ex' Dynamo backend; upgrade torch_npu, or use "
+            "inner_compiler='eager' or 'inductor'"
+        ) from exc

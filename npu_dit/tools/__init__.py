@@ -1,0 +1,1 @@
+"""The `npu-dit` command-line tool and its helpers."""

@@ -1,0 +1,63 @@
+"""Capture the Dynamo graph of a transformer call without running npu-dit's passes.
+
+Used by `npu-dit inspect` and by the tests: it compiles the model with a recording backend, so the
+graph is exactly the one `backend="npu_dit"` would receive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+
+@dataclasses.dataclass
+class Captured:
+    gm: fx.GraphModule
+    example_inputs: list[Any]
+    num_graphs: int
+    outputs: Any
+
+
+def capture_graph(model: torch.nn.Module, inputs: dict[str, Any], *, dynamic: bool | None = True) -> Captured:
+    """Compile `model` with a recording backend, call it once on `inputs`, return the (single) graph.
+
+    Raises RuntimeError if Dynamo splits the call into several graphs (a graph break).
+    """
+    graphs: list[tuple[fx.GraphModule, list[Any]]] = []
+
+    def record(gm: fx.GraphModule, example_inputs: list[Any]):
+        prepare_meta(gm)  # while Dynamo's `grapharg` metadata is still attached
+        graphs.append((gm, list(example_inputs)))
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=record, dynamic=dynamic)
+    with torch.no_grad():
+        outputs = compiled(**inputs)
+    if not graphs:
+        raise RuntimeError("Dynamo captured no graph for this call")
+    if len(graphs) > 1:
+        raise RuntimeError(
+            f"Dynamo split this call into {len(graphs)} graphs (graph breaks); npu-dit needs one graph "
+            f"per transformer call. Run with TORCH_LOGS=graph_breaks to see where."
+        )
+    gm, example_inputs = graphs[0]
+    return Captured(gm, example_inputs, len(graphs), outputs)
+
+
+def prepare_meta(gm: fx.GraphModule) -> None:
+    """Normalise Dynamo's metadata before any pass runs.
+
+    Every node gets `meta["val"]` (Dynamo records `example_value`; passes keep `val` up to date), and
+    every placeholder its user-facing input name (Dynamo drops its `grapharg` after compiling).
+    """
+    from npu_dit.passes.analysis.token_dims import source_name
+
+    for node in gm.graph.nodes:
+        if "val" not in node.meta and "example_value" in node.meta:
+            node.meta["val"] = node.meta["example_value"]
+        if node.op == "placeholder" and "npu_dit.input_name" not in node.meta:
+            node.meta["npu_dit.input_name"] = source_name(node)
