@@ -187,8 +187,8 @@ class CompileConfig:
                 raise ValueError(f"option 'dump_dir' must be a directory path, got {dump_dir!r}")
             kw["dump_dir"] = os.fspath(dump_dir)
         cfg = CompileConfig(**kw)
-        cfg._check_combinations()
         cfg._check_available()
+        cfg._check_combinations()
         return cfg
 
     def _check_combinations(self) -> None:

@@ -66,10 +66,12 @@ def make_inputs(
     prompt_len: int,
     batch: int,
     input_images: list[tuple[int, int]],
+    text_mask: bool,
     device: torch.device,
     dtype: torch.dtype,
     generator: torch.Generator,
 ) -> dict[str, Any]:
+    # FLUX's T5 prompt is padded to a fixed length and attends without a mask: text_mask is ignored
     rows, cols = height // PIXELS_PER_TOKEN_SIDE, width // PIXELS_PER_TOKEN_SIDE
     in_channels = config["in_channels"]
     meta = device.type == "meta"

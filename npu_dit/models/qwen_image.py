@@ -48,6 +48,7 @@ def make_inputs(
     prompt_len: int,
     batch: int,
     input_images: list[tuple[int, int]],
+    text_mask: bool,
     device: torch.device,
     dtype: torch.dtype,
     generator: torch.Generator,
@@ -55,10 +56,17 @@ def make_inputs(
     shapes = [(1, height // PIXELS_PER_TOKEN_SIDE, width // PIXELS_PER_TOKEN_SIDE)]
     shapes += [(1, h // PIXELS_PER_TOKEN_SIDE, w // PIXELS_PER_TOKEN_SIDE) for h, w in input_images]
     tokens = sum(f * h * w for f, h, w in shapes)
+    mask = None
+    if text_mask:
+        # prompts of different lengths padded to the longest: prompt b keeps prompt_len - b * prompt_len // 4
+        mask = torch.ones(batch, prompt_len, dtype=torch.long)
+        for b in range(1, batch):
+            mask[b, prompt_len - (b * prompt_len) // 4 :] = 0
+        mask = mask.to(device)
     return {
         "hidden_states": random_tensor((batch, tokens, config["in_channels"]), generator, device, dtype),
         "encoder_hidden_states": random_tensor((batch, prompt_len, config["joint_attention_dim"]), generator, device, dtype),
-        "encoder_hidden_states_mask": torch.ones(batch, prompt_len, device=device, dtype=torch.long),
+        "encoder_hidden_states_mask": mask,
         "timestep": torch.full((batch,), 0.75, device=device, dtype=dtype),
         "img_shapes": [list(shapes)] * batch,
         "return_dict": False,

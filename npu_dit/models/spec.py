@@ -57,6 +57,7 @@ class ModelSpec:
         prompt_len: int | None = None,
         batch: int = 1,
         input_images: list[tuple[int, int]] | None = None,
+        text_mask: bool | None = None,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         seed: int = 0,
@@ -64,7 +65,9 @@ class ModelSpec:
         """Keyword arguments for one transformer call, as this model's pipeline would pass them.
 
         `input_images` are the (height, width) in pixels of the edit pipeline's input images; by
-        default one image of the output size for edit models, none otherwise.
+        default one image of the output size for edit models, none otherwise. `text_mask` asks for a
+        text attention mask (models that take one): by default there is one only for batch > 1, where
+        prompts of different lengths are padded (the Qwen pipelines drop an all-ones mask).
         """
         for side, value in (("height", height), ("width", width)):
             if value % PIXELS_PER_TOKEN_SIDE:
@@ -89,6 +92,7 @@ class ModelSpec:
             prompt_len=prompt_len or self.default_prompt_len,
             batch=batch,
             input_images=list(input_images),
+            text_mask=batch > 1 if text_mask is None else text_mask,
             device=torch.device(device),
             dtype=dtype,
             generator=generator,

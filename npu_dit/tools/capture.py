@@ -6,6 +6,7 @@ graph is exactly the one `backend="npu_dit"` would receive.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Any
 
@@ -16,7 +17,8 @@ import torch.fx as fx
 @dataclasses.dataclass
 class Captured:
     gm: fx.GraphModule
-    example_inputs: list[Any]
+    example_inputs: list[Any]  # Dynamo's fake example inputs, in placeholder order
+    real_inputs: list[Any]  # the values the graph was first called with, in placeholder order
     num_graphs: int
     outputs: Any
 
@@ -28,14 +30,22 @@ def capture_graph(model: torch.nn.Module, inputs: dict[str, Any], *, dynamic: bo
     """
     graphs: list[tuple[fx.GraphModule, list[Any]]] = []
 
+    real_inputs: list[list[Any]] = []
+
     def record(gm: fx.GraphModule, example_inputs: list[Any]):
         prepare_meta(gm)  # while Dynamo's `grapharg` metadata is still attached
         graphs.append((gm, list(example_inputs)))
-        return gm.forward
+
+        def run(*args: Any) -> Any:
+            if not real_inputs:
+                real_inputs.append(list(args))
+            return gm.forward(*args)
+
+        return run
 
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=record, dynamic=dynamic)
-    with torch.no_grad():
+    with torch.no_grad(), no_duck_shaping():
         outputs = compiled(**inputs)
     if not graphs:
         raise RuntimeError("Dynamo captured no graph for this call")
@@ -45,7 +55,21 @@ def capture_graph(model: torch.nn.Module, inputs: dict[str, Any], *, dynamic: bo
             f"per transformer call. Run with TORCH_LOGS=graph_breaks to see where."
         )
     gm, example_inputs = graphs[0]
-    return Captured(gm, example_inputs, len(graphs), outputs)
+    return Captured(gm, example_inputs, real_inputs[0], len(graphs), outputs)
+
+
+@contextlib.contextmanager
+def no_duck_shaping():
+    """Give every dynamic dim its own symbol while tracing.
+
+    With duck shaping Dynamo shares one symbol between dims of equal size; at 1024x1024 FLUX has
+    4096 image tokens and a 4096-wide T5 stream, so the image length would be tied to a weight's
+    width and specialised to a constant. Token dims must stay symbolic for sequence parallelism.
+    """
+    import torch.fx.experimental._config as fx_config
+
+    with fx_config.patch(use_duck_shape=False):
+        yield
 
 
 def prepare_meta(gm: fx.GraphModule) -> None:

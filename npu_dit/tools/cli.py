@@ -1,0 +1,124 @@
+"""The `npu-dit` command line: `inspect`, `models` (and the benchmark commands later issues add)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+import torch
+
+from npu_dit.models import DEFAULT_MODEL, MODELS
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def _image_size(text: str) -> tuple[int, int]:
+    try:
+        h, w = text.lower().split("x")
+        return int(h), int(w)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH in pixels, e.g. 1024x1024; got {text!r}") from None
+
+
+def _json_dict(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def _add_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ulysses-degree", type=int, default=None, help="Ulysses sequence-parallel degree")
+    p.add_argument("--async-ulysses", action="store_true", help="overlap all-to-all with the Q/K/V projections")
+    p.add_argument("--attention-backend", default=None, help="auto, sdpa, npu_fia, npu_fa, flash, cudnn, ...")
+    p.add_argument("--cache", type=_json_dict, default=None, help='cache options as JSON, e.g. \'{"Fn_compute_blocks": 1}\'')
+    p.add_argument("--options", type=_json_dict, default=None, help="any backend options as a JSON object")
+
+
+def _collect_options(args: argparse.Namespace) -> dict[str, Any]:
+    options = dict(args.options or {})
+    if args.ulysses_degree is not None:
+        options["ulysses_degree"] = args.ulysses_degree
+    if args.async_ulysses:
+        options["async_ulysses"] = True
+    if args.attention_backend is not None:
+        options["attention_backend"] = args.attention_backend
+    if args.cache is not None:
+        options["cache"] = args.cache
+    return options
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="npu-dit", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("inspect", help="trace a full-size model on the meta device and show what the passes do")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"one of: {', '.join(MODELS)} (default {DEFAULT_MODEL})")
+    p.add_argument("--size", default="full", choices=("full", "tiny", "bench"), help="which config of the model")
+    p.add_argument("--height", type=int, default=1024)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--prompt-len", type=int, default=None, help="text tokens (default: the model's pipeline default)")
+    p.add_argument("--input-image", type=_image_size, action="append", default=None, metavar="HxW",
+                   help="an edit model's input image size in pixels; repeat for several (Edit-2509: up to 3)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", default="bfloat16", choices=tuple(DTYPES))
+    _add_options(p)
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--dump", metavar="DIR", default=None, help="write the captured graph and each pass's graphs here")
+    p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
+
+    sub.add_parser("models", help="list the seed models")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "models":
+            return _models()
+        if args.command == "inspect":
+            return _inspect(args)
+    except ValueError as exc:
+        print(f"npu-dit: error: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+def _models() -> int:
+    for spec in MODELS.values():
+        cfg = "true CFG" if spec.true_cfg else "no true CFG"
+        images = f", up to {spec.max_input_images} input image(s)" if spec.max_input_images else ""
+        print(f"{spec.name:<32} {spec.transformer_cls:<30} {spec.default_steps:>3} steps, {cfg}{images}  [{spec.hf_repo}]")
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from npu_dit.tools.inspect_model import format_report, inspect_model
+
+    report = inspect_model(
+        args.model,
+        size=args.size,
+        height=args.height,
+        width=args.width,
+        prompt_len=args.prompt_len,
+        input_images=args.input_image,
+        batch=args.batch,
+        dtype=DTYPES[args.dtype],
+        options=_collect_options(args),
+        dump_dir=args.dump,
+        quiet=args.quiet or args.json,
+    )
+    if args.json:
+        print(json.dumps(report, indent=1, default=str))
+    else:
+        print(format_report(report))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

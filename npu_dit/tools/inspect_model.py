@@ -1,0 +1,208 @@
+"""`npu-dit inspect MODEL`: what the passes see and do, for a full-size model, offline.
+
+The transformer is built on the meta device (no weights, no accelerator), traced by Dynamo with
+dynamic token dims at the chosen resolution and prompt length, analysed, and run through the pass
+pipeline for the given options. The result is a plain dict (`--json`) that `format_report` renders.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import time
+from typing import Any, Iterator
+
+import torch
+
+from npu_dit.config import CompileConfig
+from npu_dit.models import build_transformer, count_parameters, get_model
+from npu_dit.passes.analysis import attention_sites, parameter_placeholders, token_dims, transformer_blocks
+from npu_dit.passes.analysis.attention_ops import node_value
+from npu_dit.passes.infra import dump_graph, run_passes
+from npu_dit.passes.pipeline import build_pipeline
+from npu_dit.tools.capture import capture_graph
+
+
+@contextlib.contextmanager
+def progress(message: str, *, quiet: bool = False, every: float = 5.0) -> Iterator[None]:
+    """Print `message`, then the elapsed time every few seconds until the block ends."""
+    if quiet:
+        yield
+        return
+    start = time.perf_counter()
+    print(f"{message} ...", file=sys.stderr, flush=True)
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.wait(every):
+            print(f"  ... {message.lower()}: {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        print(f"  done in {time.perf_counter() - start:.1f} s", file=sys.stderr, flush=True)
+
+
+def inspect_model(
+    model: str,
+    *,
+    size: str = "full",
+    height: int = 1024,
+    width: int = 1024,
+    prompt_len: int | None = None,
+    input_images: list[tuple[int, int]] | None = None,
+    batch: int = 1,
+    dtype: torch.dtype = torch.bfloat16,
+    options: dict[str, Any] | None = None,
+    dump_dir: str | None = None,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    spec = get_model(model)
+    cfg = CompileConfig.from_options(options)
+    config = spec.config(size)
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    with progress(f"Building {spec.transformer_cls} ({size} config) on the meta device", quiet=quiet):
+        transformer = build_transformer(spec, config, device="meta", dtype=dtype)
+        inputs = spec.example_inputs(
+            config, height=height, width=width, prompt_len=prompt_len, batch=batch,
+            input_images=input_images, device="meta", dtype=dtype,
+        )
+    timings["build_s"] = time.perf_counter() - t0
+    num_params, param_bytes = count_parameters(transformer)
+
+    t0 = time.perf_counter()
+    with progress("Tracing with Dynamo (dynamic token dims)", quiet=quiet):
+        captured = capture_graph(transformer, inputs, dynamic=True)
+    timings["trace_s"] = time.perf_counter() - t0
+    gm = captured.gm
+    if dump_dir:
+        dump_graph(gm, dump_dir, "captured")
+
+    t0 = time.perf_counter()
+    blocks = transformer_blocks(gm)
+    t1 = time.perf_counter()
+    sites = attention_sites(gm)
+    t2 = time.perf_counter()
+    tokens = token_dims(gm)
+    t3 = time.perf_counter()
+    timings["analysis_blocks_s"] = t1 - t0
+    timings["analysis_attention_s"] = t2 - t1
+    timings["analysis_token_dims_s"] = t3 - t2
+    timings["analysis_s"] = t3 - t0
+
+    t0 = time.perf_counter()
+    rewritten, report = run_passes(gm, build_pipeline(cfg), dump_dir=dump_dir, graph_tag="graph")
+    timings["passes_s"] = time.perf_counter() - t0
+
+    graph_params = parameter_placeholders(gm)
+    graph_param_bytes = sum(_nbytes(node_value(n)) for n in graph_params)
+    block_kinds: dict[str, int] = {}
+    for block in blocks:
+        block_kinds[block.kind] = block_kinds.get(block.kind, 0) + 1
+    site_kinds: dict[str, int] = {}
+    for site in sites:
+        key = f"{site.block_kind or 'root'} ({site.kind})"
+        site_kinds[key] = site_kinds.get(key, 0) + 1
+
+    return {
+        "model": spec.name,
+        "transformer": spec.transformer_cls,
+        "config_size": size,
+        "resolution": [height, width],
+        "prompt_len": prompt_len or spec.default_prompt_len,
+        "input_images": input_images if input_images is not None else ([[height, width]] if spec.max_input_images else []),
+        "dtype": str(dtype).removeprefix("torch."),
+        "options": {k: v for k, v in vars(cfg).items() if k != "cache"} | {"cache": vars(cfg.cache) if cfg.cache else None},
+        "parameters": {"count": num_params, "bytes": param_bytes, "in_graph": len(graph_params), "in_graph_bytes": graph_param_bytes},
+        "graph": {"nodes": len(gm.graph.nodes), "graphs": captured.num_graphs, "nodes_after_passes": len(rewritten.graph.nodes)},
+        "blocks": {"count": len(blocks), "by_kind": block_kinds, "all_contiguous": all(b.contiguous for b in blocks),
+                   "order": [b.path for b in blocks]},
+        "attention": {"count": len(sites), "by_kind": site_kinds, "sites": [s.summary() for s in sites]},
+        "token_dims": tokens.summary(),
+        "passes": {
+            "fell_back": report.fell_back,
+            "fallback_reason": report.fallback_reason,
+            "records": [
+                {"name": r.name, "modified": r.modified, "seconds": r.seconds, "counts": r.counts, "notes": r.notes}
+                for r in report.records
+            ],
+            "counts": report.counts,
+        },
+        "timings": timings,
+    }
+
+
+def _nbytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    return 0
+
+
+def _human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.2f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n} B"
+
+
+def format_report(r: dict[str, Any]) -> str:
+    lines = []
+    add = lines.append
+    add(f"{r['model']}  ({r['transformer']}, {r['config_size']} config, {r['dtype']})")
+    images = ", ".join(f"{h}x{w}" for h, w in r["input_images"]) or "none"
+    add(f"  call: {r['resolution'][0]}x{r['resolution'][1]} output, {r['prompt_len']} text tokens, input images: {images}")
+    p = r["parameters"]
+    add(f"  parameters: {p['count'] / 1e9:.2f} B ({_human_bytes(p['bytes'])}); {p['in_graph']} tensors lifted into the graph")
+    g = r["graph"]
+    add(f"  graph: {g['nodes']} nodes in {g['graphs']} graph(s)")
+    b = r["blocks"]
+    kinds = ", ".join(f"{n} x {k}" for k, n in b["by_kind"].items())
+    add(f"  blocks: {b['count']} ({kinds}){'' if b['all_contiguous'] else '  [some blocks are not contiguous]'}")
+    a = r["attention"]
+    add(f"  attention sites: {a['count']}")
+    for kind, n in a["by_kind"].items():
+        add(f"    {n:4d} x {kind}")
+    if a["sites"]:
+        s = a["sites"][0]
+        add(f"    e.g. {s['module']}: {s['heads']} heads x {s['head_dim']}, q from {', '.join(s['q_proj'])}; "
+            f"qk-norm {'yes' if s['qk_norm'] else 'no'}, rope {'yes' if s['rope'] else 'no'}, "
+            f"out {', '.join(s['out_proj'])}{', masked' if s['mask'] else ''}")
+    t = r["token_dims"]
+    add(f"  token segments (attention sequence = {' | '.join(t['attention_lengths'])}):")
+    for seg in t["segments"]:
+        add(f"    #{seg['id']}: {seg['size']:<24} {'dynamic' if seg['dynamic'] else 'static '}  (e.g. {seg['example']}), first seen at {seg['origin']}")
+    add("  token dims of inputs:")
+    for d in t["inputs"]:
+        add(f"    {d['name']:<32} dim {d['dim']}  {d['size']:<28} {'dynamic' if d['dynamic'] else 'static (stays replicated)'}")
+    if t["built_in_graph"]:
+        add("  token dims of tensors built inside the graph:")
+        for d in t["built_in_graph"]:
+            add(f"    {d['name']:<40} dim {d['dim']}  {d['size']}")
+    add("  token dims of outputs:")
+    for d in t["outputs"]:
+        add(f"    {d['name']:<32} dim {d['dim']}  {d['size']}")
+    ps = r["passes"]
+    if ps["records"]:
+        add("  passes:")
+        for rec in ps["records"]:
+            counts = ", ".join(f"{k}={v}" for k, v in rec["counts"].items()) or "-"
+            add(f"    {rec['name']:<24} {'modified' if rec['modified'] else 'unchanged':<10} {rec['seconds'] * 1000:8.1f} ms  {counts}")
+            for note in rec["notes"]:
+                add(f"      {note}")
+    else:
+        add("  passes: none enabled by these options (the backend would run the captured graph as is)")
+    if ps["fell_back"]:
+        add(f"  FALLBACK: {ps['fallback_reason']}")
+    tm = r["timings"]
+    add(f"  time: build {tm['build_s']:.1f} s, trace {tm['trace_s']:.1f} s, analyses {tm['analysis_s']:.2f} s "
+        f"(blocks {tm['analysis_blocks_s']:.2f}, attention {tm['analysis_attention_s']:.2f}, "
+        f"token dims {tm['analysis_token_dims_s']:.2f}), passes {tm['passes_s']:.2f} s")
+    return "\n".join(lines)

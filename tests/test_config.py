@@ -1,0 +1,85 @@
+import pytest
+
+from npu_dit.config import UNAVAILABLE_FEATURES, CacheConfig, CompileConfig
+
+
+def test_defaults():
+    cfg = CompileConfig.from_options(None)
+    assert cfg.ulysses_degree == 1 and cfg.tp_degree == 1 and not cfg.async_ulysses
+    assert cfg.attention_backend == "auto" and cfg.inner_compiler == "eager"
+    assert cfg.cache is None and cfg.dump_dir is None
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor", "npugraph_ex"])
+def test_inner_compiler_choices(inner):
+    assert CompileConfig.from_options({"inner_compiler": inner}).inner_compiler == inner
+
+
+def test_unknown_key_names_the_key_and_the_allowed_ones():
+    with pytest.raises(ValueError, match=r"'ulysess_degree'.*allowed: ulysses_degree"):
+        CompileConfig.from_options({"ulysess_degree": 2})
+
+
+@pytest.mark.parametrize(
+    "options, pattern",
+    [
+        ({"ulysses_degree": 0}, r"'ulysses_degree' must be >= 1, got 0"),
+        ({"ulysses_degree": "2"}, r"'ulysses_degree' must be an int, got '2'"),
+        ({"ulysses_degree": True}, r"'ulysses_degree' must be an int"),
+        ({"tp_degree": 1.5}, r"'tp_degree' must be an int"),
+        ({"async_ulysses": 1}, r"'async_ulysses' must be True or False"),
+        ({"attention_backend": "fast"}, r"'attention_backend' must be one of auto, sdpa, npu_fia"),
+        ({"inner_compiler": "tvm"}, r"'inner_compiler' must be one of eager, inductor, npugraph_ex"),
+        ({"dump_dir": 3}, r"'dump_dir' must be a directory path"),
+        ({"cache": 0.08}, r"'cache' must be a dict"),
+        ({"cache": {"Fn": 1}}, r"unknown cache option\(s\) 'Fn'"),
+        ({"cache": {"Fn_compute_blocks": 0}}, r"'cache.Fn_compute_blocks' must be >= 1"),
+        ({"cache": {"residual_diff_threshold": -0.1}}, r"'cache.residual_diff_threshold' must be >= 0"),
+        ({"cache": {"taylorseer_order": 3}}, r"must be 0, 1 or 2"),
+        ({"cache": {"max_cached_steps": 0}}, r"'cache.max_cached_steps' must be >= 1 or -1"),
+        ({"cache": {"steps_mask": "turbo"}}, r"'cache.steps_mask' must be one of slow, medium, fast, ultra"),
+        ({"cache": {"steps_mask": [1, 2]}}, r"'cache.steps_mask' must be a preset name"),
+    ],
+)
+def test_bad_values_are_clear_value_errors(options, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        CompileConfig.from_options(options)
+
+
+@pytest.mark.skipif("async_ulysses" in UNAVAILABLE_FEATURES, reason="async Ulysses has not landed yet")
+def test_async_needs_ulysses():
+    with pytest.raises(ValueError, match="async_ulysses=True' needs 'ulysses_degree' > 1"):
+        CompileConfig.from_options({"async_ulysses": True})
+
+
+def test_cache_options_parse_with_cache_dit_names():
+    cache = CacheConfig.from_options(
+        {"Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "residual_diff_threshold": 0.12, "steps_mask": "1101",
+         "max_continuous_cached_steps": 2, "taylorseer_order": 1}
+    )
+    assert cache.Fn_compute_blocks == 1 and cache.residual_diff_threshold == 0.12
+    assert cache.steps_mask == (1, 1, 0, 1) and cache.max_continuous_cached_steps == 2
+    assert CacheConfig.from_options({"steps_mask": "fast"}).steps_mask == "fast"
+
+
+@pytest.mark.parametrize("feature, key", sorted(UNAVAILABLE_FEATURES.items()))
+def test_unavailable_features_accept_only_defaults(feature, key):
+    defaults = CompileConfig()
+    CompileConfig.from_options({key: getattr(defaults, key)})  # the default is accepted
+    non_default = {
+        "tp_degree": 2,
+        "ulysses_degree": 2,
+        "async_ulysses": True,
+        "cache": {"Fn_compute_blocks": 1},
+        "attention_backend": "npu_fia",
+    }[key]
+    options = {key: non_default}
+    if key == "async_ulysses" and "ulysses" not in UNAVAILABLE_FEATURES:
+        options["ulysses_degree"] = 2
+    with pytest.raises(ValueError, match="not available in this version of npu-dit yet"):
+        CompileConfig.from_options(options)
+
+
+def test_dump_dir_from_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("NPU_DIT_DUMP_DIR", str(tmp_path))
+    assert CompileConfig.from_options({}).dump_dir == str(tmp_path)

@@ -1,0 +1,71 @@
+import json
+
+import pytest
+
+from npu_dit.tools.cli import main
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_inspect_full_size_flux_on_the_meta_device(capsys):
+    code, out, err = run_cli(capsys, "inspect", "flux.1-dev", "--height", "1024", "--width", "1024",
+                             "--prompt-len", "512", "--json")
+    assert code == 0, err
+    report = json.loads(out)
+    assert report["parameters"]["count"] > 11.8e9  # FLUX.1-dev: 11.9 B parameters
+    assert report["blocks"]["count"] == 57 and report["blocks"]["all_contiguous"]
+    assert report["attention"]["count"] == 57
+    assert report["attention"]["by_kind"] == {
+        "FluxTransformerBlock (joint)": 19, "FluxSingleTransformerBlock (single)": 38}
+    assert {s["heads"] for s in report["attention"]["sites"]} == {24}
+    inputs = {(d["name"], d["dim"]) for d in report["token_dims"]["inputs"]}
+    assert inputs == {("hidden_states", 1), ("encoder_hidden_states", 1), ("img_ids", 0), ("txt_ids", 0)}
+    assert all(d["dynamic"] for d in report["token_dims"]["inputs"])
+    assert [(d["name"], d["dim"]) for d in report["token_dims"]["outputs"]] == [("output[0]", 1)]
+    examples = sorted(s["example"] for s in report["token_dims"]["segments"])
+    assert examples == [512, 4096]  # 512 text tokens, 4096 image tokens at 1024x1024
+    assert report["timings"]["analysis_s"] < 5.0  # the figure is < 2 s (docs/BENCHMARKS.md); slack for CI load
+
+
+def test_inspect_tiny_qwen_edit_2509_text_report(capsys):
+    code, out, err = run_cli(capsys, "inspect", "qwen-image-edit-2509", "--size", "tiny", "--height", "128",
+                             "--width", "128", "--prompt-len", "10", "--input-image", "128x128",
+                             "--input-image", "64x96", "--dtype", "float32")
+    assert code == 0, err
+    assert "attention sites: 3" in out
+    assert "hidden_states" in out and "pos_embed: freqs" in out
+    assert "Tracing with Dynamo" in err  # progress goes to stderr
+
+
+def test_inspect_dump_writes_the_captured_graph(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "inspect", "flux.1-dev", "--size", "tiny", "--height", "64", "--width", "64",
+                           "--prompt-len", "8", "--quiet", "--dump", str(tmp_path))
+    assert code == 0, err
+    assert (tmp_path / "captured.txt").read_text().count("scaled_dot_product_attention") >= 4
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["inspect", "flux.2"], "unknown model 'flux.2'; known models: flux.1-dev"),
+        (["inspect", "flux.1-dev", "--size", "tiny", "--height", "100"], "height=100 is not a multiple of 16"),
+        (["inspect", "qwen-image-edit", "--size", "tiny", "--input-image", "64x64", "--input-image", "64x64"],
+         "takes at most 1 input image"),
+        (["inspect", "flux.1-dev", "--size", "tiny", "--options", '{"bogus": 1}'], "unknown npu_dit option(s) 'bogus'"),
+    ],
+)
+def test_inspect_bad_input_is_a_clear_error(capsys, argv, message):
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2 and message in err
+
+
+def test_models_lists_the_zoo(capsys):
+    code, out, _ = run_cli(capsys, "models")
+    assert code == 0
+    for name in ["flux.1-dev", "qwen-image-edit", "qwen-image-edit-2509", "qwen-image-lightning",
+                 "qwen-image-edit-lightning", "qwen-image-edit-2509-lightning"]:
+        assert name in out
