@@ -18,7 +18,10 @@ import torch.fx as fx
 from npu_dit.config import CompileConfig
 from npu_dit.passes.infra import PipelineReport, UserError, run_passes
 from npu_dit.passes.pipeline import build_pipeline
-from npu_dit.runtime.inner import compile_inner
+from npu_dit.passes.ulysses import SHARDING_META_KEY
+from npu_dit.runtime.dist import ParallelContext, ensure_process_group
+from npu_dit.runtime.executor import UlyssesExecutor
+from npu_dit.runtime.inner import compile_inner, compile_inner_lazily
 from npu_dit.tools.capture import prepare_meta
 
 
@@ -30,6 +33,7 @@ class CompileRecord:
     report: PipelineReport
     graph: fx.GraphModule
     num_nodes_captured: int
+    parallel: ParallelContext | None
 
 
 RECORDS: collections.deque[CompileRecord] = collections.deque(maxlen=16)
@@ -47,9 +51,18 @@ def npu_dit_backend(
             f"torch.compile(mode={mode!r}) only applies to inner_compiler='inductor'; "
             f"drop mode or set options={{'inner_compiler': 'inductor'}}"
         )
+    ctx = ensure_process_group(cfg.ulysses_degree) if cfg.ulysses_degree > 1 else None
     prepare_meta(gm)
     num_nodes = len(gm.graph.nodes)
     tag = "graph_" + str(gm.meta.get("dynamo_compile_id", "0")).replace("/", "_")
-    rewritten, report = run_passes(gm, build_pipeline(cfg), dump_dir=cfg.dump_dir, graph_tag=tag)
-    RECORDS.append(CompileRecord(cfg, report, rewritten, num_nodes))
-    return compile_inner(rewritten, example_inputs, cfg.inner_compiler, mode=mode)
+    if ctx is not None:
+        tag += f"_rank{ctx.rank}"
+    rewritten, report = run_passes(gm, build_pipeline(cfg, ctx), dump_dir=cfg.dump_dir, graph_tag=tag)
+    RECORDS.append(CompileRecord(cfg, report, rewritten, num_nodes, ctx))
+    plan = rewritten.meta.get(SHARDING_META_KEY) if rewritten is not gm else None
+    if plan is None:
+        # no rewrite (or a fallback): every rank runs the captured graph on the full inputs
+        return compile_inner(rewritten, example_inputs, cfg.inner_compiler, mode=mode)
+    # the rewritten graph takes local shapes and extra inputs: compile it on its first real call
+    inner = compile_inner_lazily(rewritten, cfg.inner_compiler, mode=mode)
+    return UlyssesExecutor(inner, plan, ctx)

@@ -23,8 +23,6 @@ DUMP_DIR_ENV = "NPU_DIT_DUMP_DIR"
 # feature name -> the option that turns it on; removed from here as each pass lands.
 UNAVAILABLE_FEATURES: dict[str, str] = {
     "tensor_parallel": "tp_degree",
-    "ulysses": "ulysses_degree",
-    "async_ulysses": "async_ulysses",
     "cache": "cache",
     "attention_lowering": "attention_backend",
 }

@@ -1,15 +1,31 @@
 """The one ordered list of passes for a CompileConfig.
 
 Order matters and is written down here, not left to import side effects:
-(the list grows as the rewriting passes land; see docs/ARCHITECTURE.md)
+1. ulysses        — shards the token streams and wraps attention in all-to-all; everything after
+                    works on the sharded graph.
+2. async_ulysses  — reorders nodes so each all-to-all overlaps independent compute; it must see the
+                    collectives the Ulysses pass inserted, and it only moves nodes.
 """
 
 from __future__ import annotations
 
+import functools
+
 from npu_dit.config import CompileConfig
 from npu_dit.passes.infra import PassSpec
+from npu_dit.runtime.dist import ParallelContext
 
 
-def build_pipeline(cfg: CompileConfig) -> list[PassSpec]:
+def build_pipeline(cfg: CompileConfig, ctx: ParallelContext | None = None) -> list[PassSpec]:
     passes: list[PassSpec] = []
+    if cfg.ulysses_degree > 1:
+        from npu_dit.passes.ulysses import ulysses_pass
+
+        if ctx is None:
+            raise ValueError("the Ulysses pass needs a ParallelContext (rank, world size, group)")
+        passes.append(PassSpec("ulysses", functools.partial(ulysses_pass, ctx=ctx), preserves_numerics=False))
+        if cfg.async_ulysses:
+            from npu_dit.passes.async_ulysses import async_ulysses_pass
+
+            passes.append(PassSpec("async_ulysses", async_ulysses_pass))
     return passes

@@ -46,3 +46,26 @@ def _npugraph_ex() -> Callable:
             "this torch_npu has no 'npugraph_ex' Dynamo backend; upgrade torch_npu, or use "
             "inner_compiler='eager' or 'inductor'"
         ) from exc
+
+
+def compile_inner_lazily(gm: fx.GraphModule, name: str, *, mode: str | None = None) -> Callable:
+    """For a graph whose inputs no longer match Dynamo's example inputs (sharded shapes, extra
+    length inputs): eager runs it as is; the graph compilers trace it again on its first call, with
+    dynamic shapes, through Dynamo."""
+    if name == "eager":
+        return gm.forward
+    if name == "inductor":
+        import torch._dynamo
+
+        from npu_dit.tools.capture import no_duck_shaping
+
+        compiled = torch.compile(gm, backend="inductor", dynamic=True, mode=mode)
+
+        def run(*args: Any) -> Any:
+            with no_duck_shaping():
+                return compiled(*args)
+
+        return run
+    if name == "npugraph_ex":
+        return torch.compile(gm, backend=_npugraph_ex(), dynamic=True)
+    raise UserError(f"unknown inner compiler {name!r}; choose eager, inductor or npugraph_ex")

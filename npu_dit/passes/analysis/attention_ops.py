@@ -73,3 +73,18 @@ def node_value(node: object) -> object:
     if isinstance(node, fx.Node):
         return node.meta.get("val", node.meta.get("example_value"))
     return node
+
+
+def graph_fake_mode(gm: fx.GraphModule):
+    """The FakeTensorMode (and so the ShapeEnv) of the graph's own metadata.
+
+    Not `detect_fake_mode()`: inside a backend that returns the tracing context's mode, which Dynamo
+    keeps separate from the one its recorded example values live in.
+    """
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    for node in gm.graph.nodes:
+        value = node_value(node)
+        if isinstance(value, FakeTensor):
+            return value.fake_mode
+    return None

@@ -1,0 +1,381 @@
+"""Ulysses sequence parallelism as a graph rewrite (DeepSpeed-Ulysses, with Ulysses-Anything).
+
+Before (one rank computes everything):
+
+    q = permute(rope(norm(cat(add_q_proj(txt), to_q(img)))))          # [B, H, S_txt + S_img, D]
+    o = scaled_dot_product_attention(q, k, v, mask)
+    ... o ...
+
+After, on rank r of P (inputs arrive sequence-sharded from the executor):
+
+    q = permute(rope(norm(cat(add_q_proj(txt_r), to_q(img_r)))))      # [B, H, s_r, D]   s_r = local tokens
+    qh = seq_to_heads_wait(seq_to_heads_start(pad_heads(q), lens))     # [B, H/P, S, D]   all-to-all
+    ...same for k, v; mask key axis gathered...
+    oh = scaled_dot_product_attention(qh, kh, vh, mask_full)
+    o = strip_heads(heads_to_seq_wait(heads_to_seq_start(oh, lens)))  # [B, H, s_r, D]   all-to-all back
+    ... o ...
+
+Sharding propagates forward from the inputs, as DTensor does: a value is *local* in the sharded
+streams it derives from. Where a replicated tensor that carries a sharded stream (a RoPE table the
+graph builds from `img_shapes`, say) meets a local one, it is sliced to this rank's chunk (Replicate ->
+Shard, no communication). A replicated stream (static text) needs no exchange before attention, only a
+local head slice, and an all-gather over heads after. Sequence lengths of any size (uneven split
+sizes, computed in the graph from the global lengths the executor passes in) and head counts of any
+size (zero heads padded to a multiple of P, stripped after) give the serial result.
+
+Preconditions: the token dims are symbolic (dynamic=True); attention is SDPA in BHSD layout; each
+q/k/v sequence holds at most one run of sharded tokens. Anything else raises, and the runner falls
+back to the captured graph.
+Postconditions: `gm.meta["npu_dit.sharding"]` holds the ShardingPlan the executor applies.
+Pipeline position: first rewriting pass (async scheduling and attention lowering work on its output).
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable, Sequence
+
+import sympy
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_flatten, tree_map
+
+from npu_dit.passes.analysis.attention_ops import graph_fake_mode, is_sdpa, node_value, sdpa_args
+from npu_dit.passes.analysis.token_dims import TokenDims, token_dims
+from npu_dit.passes.infra import PassResult
+from npu_dit.passes.ulysses_plan import OutputGather, ShardingPlan, plan_streams
+from npu_dit.runtime import collectives as C
+from npu_dit.runtime.dist import ParallelContext
+
+SLICING_OPS = {"getitem", "split", "split_with_sizes", "chunk", "tensor_split", "unbind", "narrow", "select"}
+SHARDING_META_KEY = "npu_dit.sharding"
+
+
+def _op_name(node: fx.Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+
+
+class _Run:
+    """A stretch of a sequence dim: tokens of one or more streams, local (sharded) or full."""
+
+    def __init__(self, streams: tuple[int, ...], local: bool) -> None:
+        self.streams, self.local = streams, local
+
+
+class _Rewriter:
+    def __init__(self, gm: fx.GraphModule, tokens: TokenDims, plan: ShardingPlan, ctx: ParallelContext) -> None:
+        self.gm, self.graph, self.tokens, self.plan, self.ctx = gm, gm.graph, tokens, plan, ctx
+        self.world, self.rank = ctx.world_size, ctx.rank
+        self.atoms = tokens.flow.atoms
+        self.segment_of_atom = {s.atom: s.id for s in tokens.segments}
+        self.stream_of_segment = {seg: s.id for s in plan.streams for seg in s.segments}
+        self.sharded = {s.id for s in plan.streams if s.sharded}
+        self.local: dict[fx.Node, frozenset[int]] = {}
+        self.counts: dict[str, int] = {}
+        self.notes: list[str] = []
+        self.fake_mode = graph_fake_mode(gm)
+        self.global_len: dict[int, fx.Node] = {}  # stream id -> its global length (input / full length)
+        self.stream_len: dict[int, fx.Node] = {}  # stream id -> its length in this graph (local if sharded)
+        self.chunks: dict[int, fx.Node] = {}  # sharded stream id -> per-rank chunk lengths
+        self.cache: dict[tuple, fx.Node] = {}
+        self.setup_end: fx.Node | None = None
+
+    # -- small helpers ------------------------------------------------------------------------
+    def bump(self, key: str, n: int = 1) -> None:
+        self.counts[key] = self.counts.get(key, 0) + n
+
+    def val(self, arg: Any) -> Any:
+        return tree_map(lambda a: node_value(a) if isinstance(a, fx.Node) else a, arg)
+
+    def call(self, fn: Callable, args: tuple, kwargs: dict | None = None, *, val: Any = None) -> fx.Node:
+        """Insert `fn(*args)` at the graph's insert point, with meta["val"] computed on fake values."""
+        node = self.graph.call_function(fn, args, kwargs or {})
+        if val is None:
+            # never add guards to Dynamo's ShapeEnv: they would become guards of the user's frame
+            with self.fake_mode, self.fake_mode.shape_env.suppress_guards():
+                val = fn(*self.val(args), **self.val(kwargs or {}))
+        node.meta["val"] = val
+        return node
+
+    def seq_segments(self, node: fx.Node, dim: int) -> list[int]:
+        seq = self.tokens.flow.seq(node, dim) or ()
+        return [self.segment_of_atom.get(a, -1) for a in seq]
+
+    def streams_of(self, node: fx.Node) -> set[int]:
+        value = self.tokens.flow.values.get(node)
+        values = value if isinstance(value, list) else [value]
+        found: set[int] = set()
+        for v in values:
+            if not isinstance(v, tuple):
+                continue
+            for seq in v:
+                if seq is None:
+                    continue
+                for atom in self.atoms.normalize(seq):
+                    seg = self.segment_of_atom.get(atom)
+                    if seg is not None and seg in self.stream_of_segment:
+                        found.add(self.stream_of_segment[seg])
+        return found
+
+    def runs(self, node: fx.Node, dim: int, local: frozenset[int]) -> list[_Run]:
+        runs: list[_Run] = []
+        for seg in self.seq_segments(node, dim):
+            stream = self.stream_of_segment.get(seg)
+            if stream is None:
+                raise NotImplementedError(f"{node.name} dim {dim} holds tokens of no input stream")
+            is_local = stream in local
+            if runs and runs[-1].local == is_local and (is_local or runs[-1].streams[-1] == stream):
+                last = runs[-1]
+                if last.streams[-1] != stream:
+                    runs[-1] = _Run(last.streams + (stream,), is_local)
+            else:
+                runs.append(_Run((stream,), is_local))
+        return runs
+
+    # -- lengths ------------------------------------------------------------------------------
+    def add_length_inputs(self) -> None:
+        """Global lengths of the sharded streams become graph inputs (the executor passes them); every
+        stream's length in this graph (local if sharded) is read off one of its inputs."""
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        with self.graph.inserting_after(placeholders[-1]):
+            for stream in reversed(self.plan.sharded_streams):
+                node = self.graph.placeholder(f"ulysses_global_len_{stream.id}")
+                ph, dim = stream.inputs[0]
+                # the traced symbol's example value is the global length: reuse it (no new symbol)
+                node.meta["val"] = node_value(placeholders[ph]).shape[dim]
+                self.global_len[stream.id] = node
+        self.plan.global_lengths = [s.id for s in self.plan.sharded_streams]
+        first_op = next(n for n in self.graph.nodes if n.op != "placeholder")
+        with self.graph.inserting_before(first_op):
+            for stream in self.plan.streams:
+                ph, dim = stream.inputs[0]
+                self.stream_len[stream.id] = self.call(torch.ops.aten.sym_size.int, (placeholders[ph], dim))
+                if stream.sharded:
+                    self.chunks[stream.id] = self.call(C.chunk_lengths, (self.global_len[stream.id], self.world))
+                else:
+                    self.global_len[stream.id] = self.stream_len[stream.id]
+        self.setup_end = first_op
+
+    def _sum(self, nodes: list[fx.Node], key: tuple) -> fx.Node:
+        if len(nodes) == 1:
+            return nodes[0]
+        if key not in self.cache:
+            with self.graph.inserting_before(self.setup_end):
+                total = nodes[0]
+                for other in nodes[1:]:
+                    total = self.call(operator.add, (total, other))
+                self.cache[key] = total
+        return self.cache[key]
+
+    def run_length(self, run: _Run, *, gathered: bool) -> fx.Node:
+        """Length of a run: local tokens of its streams, or (gathered / replicated) all of them."""
+        table = self.global_len if gathered or not run.local else self.stream_len
+        return self._sum([table[s] for s in run.streams], ("len", run.streams, run.local, gathered))
+
+    def lengths_of(self, streams: tuple[int, ...]) -> fx.Node:
+        """Per-rank local lengths of a run of sharded streams (the all-to-all split sizes)."""
+        if len(streams) == 1:
+            return self.chunks[streams[0]]
+        key = ("chunks", streams)
+        if key not in self.cache:
+            with self.graph.inserting_before(self.setup_end):
+                self.cache[key] = self.call(C.add_lengths, tuple(self.chunks[s] for s in streams))
+        return self.cache[key]
+
+    def split_runs(self, t: fx.Node, dim: int, runs: list[_Run], *, gathered: bool) -> list[fx.Node]:
+        if len(runs) == 1:
+            return [t]
+        lengths = [self.run_length(r, gathered=gathered) for r in runs]
+        pieces = self.call(torch.split, (t, lengths, dim))
+        return [self.call(operator.getitem, (pieces, i)) for i in range(len(runs))]
+
+    # -- propagation --------------------------------------------------------------------------
+    def run(self) -> None:
+        self.add_length_inputs()
+        self.setup_nodes = set()
+        for node in self.graph.nodes:
+            if node is self.setup_end:
+                break
+            self.setup_nodes.add(node)
+        for node in list(self.graph.nodes):
+            if node.op == "placeholder":
+                self.local[node] = frozenset(s for s in self.streams_of(node) if s in self.sharded)
+            elif node.op == "output":
+                self.plan_outputs(node)
+            elif node.op in ("call_function", "call_method") and node not in self.setup_nodes:
+                if is_sdpa(node):
+                    self.rewrite_attention(node)
+                else:
+                    self.propagate(node)
+
+    def propagate(self, node: fx.Node) -> None:
+        present = self.streams_of(node) & self.sharded
+        carried: set[int] = set()
+        for inp in node.all_input_nodes:
+            carried |= self.local.get(inp, frozenset())
+        lost = carried - present
+        if lost and isinstance(node_value(node), torch.Tensor) and _op_name(node) not in SLICING_OPS:
+            raise NotImplementedError(
+                f"{node.name} ({_op_name(node)}) reduces over a sharded token dim; Ulysses does not "
+                f"insert the all-reduce this would need"
+            )
+        local = present & carried
+        for stream in present - carried:
+            # a tensor the graph creates (ones(B, s_img)): local if sized by a local length
+            is_source = not any(stream in self.streams_of(i) for i in node.all_input_nodes)
+            if is_source and self._sized_by_local_length(node, stream):
+                local.add(stream)
+        self.local[node] = frozenset(local)
+        for inp in list(node.all_input_nodes):
+            need = (self.streams_of(inp) & self.local[node]) - self.local.get(inp, frozenset())
+            if need and isinstance(node_value(inp), torch.Tensor):
+                node.replace_input_with(inp, self.localize(inp, frozenset(need), before=node))
+
+    def _sized_by_local_length(self, node: fx.Node, stream: int) -> bool:
+        symbols = next(s.symbols for s in self.plan.streams if s.id == stream)
+        value = node_value(node)
+        sizes = value.shape if isinstance(value, torch.Tensor) else ()
+        return any(isinstance(s, torch.SymInt) and s.node.expr.free_symbols & symbols for s in sizes)
+
+    def localize(self, node: fx.Node, streams: frozenset[int], *, before: fx.Node) -> fx.Node:
+        """Slice the sharded `streams` of a full tensor to this rank's chunk, on every token dim."""
+        result = node
+        value = node_value(node)
+        with self.graph.inserting_before(before):
+            for dim, _ in self.tokens.token_dims_of(node):
+                runs = self.runs(node, dim, self.local.get(node, frozenset()))
+                pieces = [(r, bool(set(r.streams) & streams)) for r in runs]
+                if not any(sharded for _, sharded in pieces):
+                    continue
+                lengths = [self.run_length(r, gathered=True) for r in runs]
+                local_lengths = [self.run_length(_Run(r.streams, sharded), gathered=False) for r, sharded in pieces]
+                shape = list(value.shape)
+                shape[dim] = sum(node_value(n) for n in local_lengths)
+                with self.fake_mode:
+                    fake = torch.empty(shape, dtype=value.dtype, device=value.device)
+                flags = [sharded for _, sharded in pieces]
+                result = self.call(C.localize, (result, dim, lengths, flags, self.world, self.rank), val=fake)
+                value = fake
+                self.bump("localize")
+        self.local[result] = self.local.get(node, frozenset()) | streams
+        return result
+
+    # -- attention -----------------------------------------------------------------------------
+    def rewrite_attention(self, node: fx.Node) -> None:
+        args = sdpa_args(node)
+        q, k, v, mask = args["query"], args["key"], args["value"], args["attn_mask"]
+        for t in (q, k, v):
+            self.propagate_input_only(t, node)
+        q, k, v = sdpa_args(node)["query"], sdpa_args(node)["key"], sdpa_args(node)["value"]
+        local = self.local.get(q, frozenset()) | self.local.get(k, frozenset()) | self.local.get(v, frozenset())
+        if not local:
+            self.local[node] = frozenset()
+            return  # attention over replicated tokens only: every rank computes it, no exchange
+        ndim = node_value(q).dim()
+        seq_dim, head_dim = ndim - 2, ndim - 3
+        num_heads = node_value(q).shape[head_dim]
+        if node_value(k).shape[head_dim] != num_heads or node_value(v).shape[head_dim] != num_heads:
+            raise NotImplementedError(f"{node.name}: q, k and v have different head counts")
+        padded = C.padded_heads(int(num_heads), self.world)
+        q_runs = self.runs(q, seq_dim, self.local.get(q, frozenset()))
+        with self.graph.inserting_before(node):
+            qh = self.to_heads(q, q_runs, seq_dim, head_dim, padded)
+            kh = self.to_heads(k, self.runs(k, seq_dim, self.local.get(k, frozenset())), seq_dim, head_dim, padded)
+            vh = self.to_heads(v, self.runs(v, seq_dim, self.local.get(v, frozenset())), seq_dim, head_dim, padded)
+            new_mask = mask
+            if isinstance(mask, fx.Node):
+                new_mask = self.gather_mask(mask, ndim)
+            kwargs = {**{k_: v_ for k_, v_ in args.items() if k_ not in ("query", "key", "value", "attn_mask")},
+                      "attn_mask": new_mask}
+            attention = self.call(node.target, (qh, kh, vh), kwargs)
+            attention.meta.update({k_: v_ for k_, v_ in node.meta.items() if k_ not in ("val", "example_value")})
+            out = self.from_heads(attention, q_runs, seq_dim, head_dim, int(num_heads), node_value(node))
+        node.replace_all_uses_with(out)
+        self.graph.erase_node(node)
+        self.local[out] = self.local.get(q, frozenset())
+        self.bump("attention_sites")
+
+    def propagate_input_only(self, t: fx.Node, user: fx.Node) -> None:
+        """Make q/k/v consistent: a full piece of a sharded stream is sliced to this rank's chunk."""
+        sharded_here = self.streams_of(t) & self.sharded
+        need = sharded_here - self.local.get(t, frozenset())
+        if need:
+            user.replace_input_with(t, self.localize(t, frozenset(need), before=user))
+
+    def to_heads(self, t: fx.Node, runs: list[_Run], seq_dim: int, head_dim: int, padded: int) -> fx.Node:
+        """Sequence-sharded -> head-sharded: all-to-all for local runs, a local head slice for full ones."""
+        padded_t = self.call(C.pad_heads, (t, head_dim, padded))
+        parts = []
+        for run, piece in zip(runs, self.split_runs(padded_t, seq_dim, runs, gathered=False)):
+            if run.local:
+                lengths = self.lengths_of(run.streams)
+                start = self.call(C.seq_to_heads_start, (piece, seq_dim, head_dim, lengths, self.world, self.ctx.group_name))
+                parts.append(self.call(C.seq_to_heads_wait, (start, seq_dim, head_dim)))
+                self.bump("all_to_all")
+            else:
+                parts.append(self.call(C.local_heads, (piece, head_dim, self.world, self.rank)))
+        return parts[0] if len(parts) == 1 else self.call(torch.cat, (parts, seq_dim))
+
+    def gather_mask(self, mask: fx.Node, ndim: int) -> fx.Node:
+        """The mask's key (and query) axis must cover the gathered sequence: all-gather local runs."""
+        value = node_value(mask)
+        result = mask
+        for dim in (value.dim() - 1, value.dim() - 2):
+            if dim < 0 or value.shape[dim] == 1:
+                continue
+            runs = self.runs(mask, dim, self.local.get(mask, frozenset()))
+            if not any(r.local for r in runs):
+                continue
+            parts = []
+            for run, piece in zip(runs, self.split_runs(result, dim, runs, gathered=False)):
+                if run.local:
+                    lengths = self.lengths_of(run.streams)
+                    start = self.call(C.gather_seq_start, (piece, dim, lengths, self.world, self.ctx.group_name))
+                    parts.append(self.call(C.gather_seq_wait, (start, dim, value.dtype)))
+                    self.bump("all_gather")
+                else:
+                    parts.append(piece)
+            result = parts[0] if len(parts) == 1 else self.call(torch.cat, (parts, dim))
+        return result
+
+    def from_heads(self, attention: fx.Node, runs: list[_Run], seq_dim: int, head_dim: int, num_heads: int, original: Any) -> fx.Node:
+        """Head-sharded -> the layout the graph had: all-to-all back for local runs, all-gather of
+        heads for full ones; padded heads stripped."""
+        parts = []
+        for run, piece in zip(runs, self.split_runs(attention, seq_dim, runs, gathered=True)):
+            if run.local:
+                lengths = self.lengths_of(run.streams)
+                start = self.call(C.heads_to_seq_start, (piece, seq_dim, head_dim, lengths, self.world, self.rank, self.ctx.group_name))
+                back = self.call(C.heads_to_seq_wait, (start, seq_dim, head_dim, self.world))
+                self.bump("all_to_all")
+            else:
+                start = self.call(C.gather_heads_start, (piece, head_dim, self.world, self.ctx.group_name))
+                back = self.call(C.gather_heads_wait, (start, head_dim))
+                self.bump("all_gather")
+            parts.append(self.call(C.strip_heads, (back, head_dim, num_heads)))
+        if len(parts) == 1:
+            parts[0].meta["val"] = original
+            return parts[0]
+        return self.call(torch.cat, (parts, seq_dim), val=original)
+
+    # -- outputs -------------------------------------------------------------------------------
+    def plan_outputs(self, output: fx.Node) -> None:
+        flat, _ = tree_flatten(output.args[0])
+        for index, out in enumerate(flat):
+            if not isinstance(out, fx.Node) or not self.local.get(out):
+                continue
+            for dim, _ in self.tokens.token_dims_of(out):
+                runs = self.runs(out, dim, self.local[out])
+                if not all(r.local for r in runs):
+                    raise NotImplementedError(f"output {index} mixes sharded and replicated tokens on dim {dim}")
+                streams = tuple(s for r in runs for s in r.streams)
+                self.plan.outputs.append(OutputGather(index, dim, streams))
+
+
+def ulysses_pass(gm: fx.GraphModule, *, ctx: ParallelContext) -> PassResult:
+    tokens = token_dims(gm)
+    plan = plan_streams(gm, tokens, world_size=ctx.world_size, rank=ctx.rank)
+    rewriter = _Rewriter(gm, tokens, plan, ctx)
+    rewriter.run()
+    gm.meta[SHARDING_META_KEY] = plan
+    return PassResult(gm, modified=True, counts=rewriter.counts, notes=plan.describe())

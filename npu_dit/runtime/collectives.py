@@ -1,0 +1,154 @@
+"""Traceable collectives for Ulysses sequence parallelism.
+
+The Ulysses pass inserts calls to these functions into the FX graph. Each collective is split into a
+`*_start` call (layout the tensor, issue the functional collective — `_c10d_functional.*`, which
+returns at once) and a `*_wait` call (`wait_tensor`, then restore the layout), so the async scheduling
+pass can move independent compute between the two. Everything here is functional and traceable:
+a rewritten graph can be handed to Dynamo/Inductor again.
+
+Sequence lengths need not divide the world size (Ulysses-Anything): rank j holds chunk j of
+`torch.tensor_split(stream, world)`, of length `(L + world - 1 - j) // world`, and the all-to-alls
+use those uneven split sizes. Head counts need not divide either: heads are zero-padded to a multiple
+of the world size before the exchange and stripped after (a zero head attends uniformly to zero
+values, so the padding never leaks into real heads). Gloo cannot all-gather uneven tensors, so the
+uneven gathers along the sequence are all-to-alls that send the same chunk to every rank.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+c10d = torch.ops._c10d_functional
+
+
+def chunk_lengths(length: int, world: int) -> list[int]:
+    """Lengths of `torch.tensor_split(x, world)` pieces of a dim of `length` (works on SymInts)."""
+    return [(length + world - 1 - j) // world for j in range(world)]
+
+
+def add_lengths(*lists: Sequence[int]) -> list[int]:
+    """Per-rank sums: the local length of a run made of several sharded streams."""
+    return [sum(values) for values in zip(*lists)]
+
+
+def padded_heads(num_heads: int, world: int) -> int:
+    return -(-num_heads // world) * world
+
+
+def pad_heads(x: torch.Tensor, head_dim: int, num_padded: int) -> torch.Tensor:
+    missing = num_padded - x.shape[head_dim]
+    if missing == 0:
+        return x
+    dim = head_dim % x.dim()
+    pad = [0, 0] * (x.dim() - 1 - dim) + [0, missing]
+    return F.pad(x, pad)
+
+
+def strip_heads(x: torch.Tensor, head_dim: int, num_heads: int) -> torch.Tensor:
+    if x.shape[head_dim] == num_heads:
+        return x
+    return x.narrow(head_dim, 0, num_heads)
+
+
+def local_heads(x: torch.Tensor, head_dim: int, world: int, rank: int) -> torch.Tensor:
+    """Replicated tokens need no exchange: each rank keeps its own slice of the (padded) heads."""
+    per_rank = x.shape[head_dim] // world
+    return x.narrow(head_dim, rank * per_rank, per_rank)
+
+
+def local_chunk(x: torch.Tensor, dim: int, world: int, rank: int) -> torch.Tensor:
+    """Replicate -> Shard: this rank's `tensor_split` chunk of a full tensor (no communication)."""
+    return torch.tensor_split(x, world, dim)[rank]
+
+
+def localize(
+    x: torch.Tensor, dim: int, lengths: Sequence[int], sharded: Sequence[bool], world: int, rank: int
+) -> torch.Tensor:
+    """Take this rank's chunk of every sharded piece of a full dim (pieces of `lengths` along `dim`).
+
+    A single sharded piece is plain `local_chunk`; replicated pieces are kept whole.
+    """
+    if len(lengths) == 1:
+        return local_chunk(x, dim, world, rank) if sharded[0] else x
+    parts = torch.split(x, list(lengths), dim)
+    kept = [local_chunk(p, dim, world, rank) if s else p for p, s in zip(parts, sharded)]
+    return torch.cat(kept, dim)
+
+
+# --- sequence-sharded -> head-sharded (Q, K, V) ----------------------------------------------------
+
+
+def seq_to_heads_start(
+    x: torch.Tensor, seq_dim: int, head_dim: int, recv_lengths: Sequence[int], world: int, group_name: str
+) -> torch.Tensor:
+    """[.., S_local, .., H, ..] -> issue the all-to-all that gathers the sequence and scatters heads."""
+    x = x.movedim((head_dim, seq_dim), (0, 1))  # [H, S_local, *rest]
+    heads, seq = x.shape[0], x.shape[1]
+    rest = x.shape[2:]
+    x = x.reshape(world, heads // world, seq, *rest).transpose(1, 2)  # [world, S_local, H/world, *rest]
+    x = x.reshape(world * seq, heads // world, *rest).contiguous()
+    return c10d.all_to_all_single(x, list(recv_lengths), [seq] * world, group_name)
+
+
+def seq_to_heads_wait(y: torch.Tensor, seq_dim: int, head_dim: int) -> torch.Tensor:
+    """-> [.., S_full, .., H/world, ..] in the input's layout (sequence in rank order)."""
+    y = c10d.wait_tensor(y)  # [S_full, H/world, *rest]
+    return y.transpose(0, 1).movedim((0, 1), (head_dim, seq_dim))
+
+
+# --- head-sharded -> sequence-sharded (attention output) -------------------------------------------
+
+
+def heads_to_seq_start(
+    y: torch.Tensor, seq_dim: int, head_dim: int, send_lengths: Sequence[int], world: int, rank: int, group_name: str
+) -> torch.Tensor:
+    """[.., S_full, .., H/world, ..] -> send each rank its tokens back, with this rank's heads."""
+    y = y.movedim((head_dim, seq_dim), (0, 1)).transpose(0, 1).contiguous()  # [S_full, H/world, *rest]
+    local = send_lengths[rank]
+    return c10d.all_to_all_single(y, [local] * world, list(send_lengths), group_name)
+
+
+def heads_to_seq_wait(z: torch.Tensor, seq_dim: int, head_dim: int, world: int) -> torch.Tensor:
+    """-> [.., S_local, .., H, ..] (heads of rank i at [i*H/world, (i+1)*H/world))."""
+    z = c10d.wait_tensor(z)  # [world * S_local, H/world, *rest]
+    per_rank_heads = z.shape[1]
+    rest = z.shape[2:]
+    z = z.reshape(world, -1, per_rank_heads, *rest).transpose(0, 1)  # [S_local, world, H/world, *rest]
+    z = z.reshape(z.shape[0], world * per_rank_heads, *rest).transpose(0, 1)  # [H, S_local, *rest]
+    return z.movedim((0, 1), (head_dim, seq_dim))
+
+
+# --- gathers ---------------------------------------------------------------------------------------
+
+
+def gather_heads_start(y: torch.Tensor, head_dim: int, world: int, group_name: str) -> torch.Tensor:
+    """Replicated tokens after attention: all-gather the head slices (even: every rank has H/world)."""
+    y = y.movedim(head_dim, 0).contiguous()
+    return c10d.all_gather_into_tensor(y, world, group_name)
+
+
+def gather_heads_wait(z: torch.Tensor, head_dim: int) -> torch.Tensor:
+    return c10d.wait_tensor(z).movedim(0, head_dim)
+
+
+def gather_seq_start(
+    x: torch.Tensor, seq_dim: int, recv_lengths: Sequence[int], world: int, group_name: str
+) -> torch.Tensor:
+    """All-gather uneven sequence chunks (e.g. a mask's key axis) as an all-to-all: Gloo-safe."""
+    x = x.movedim(seq_dim, 0)
+    if x.dtype == torch.bool:
+        x = x.to(torch.uint8)
+    local = x.shape[0]
+    x = x.unsqueeze(0).expand(world, *x.shape).reshape(world * local, *x.shape[1:]).contiguous()
+    return c10d.all_to_all_single(x, list(recv_lengths), [local] * world, group_name)
+
+
+def gather_seq_wait(z: torch.Tensor, seq_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    return c10d.wait_tensor(z).to(dtype).movedim(0, seq_dim)
+
+
+COLLECTIVE_STARTS = (seq_to_heads_start, heads_to_seq_start, gather_heads_start, gather_seq_start)
+COLLECTIVE_WAITS = (seq_to_heads_wait, heads_to_seq_wait, gather_heads_wait, gather_seq_wait)

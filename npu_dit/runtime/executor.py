@@ -1,0 +1,92 @@
+"""The executor: what runs on every rank, every step, around the rewritten graph.
+
+It shards each input along its inferred token dim (`tensor_split` chunk `rank`), refreshes the SymInt
+inputs that are local lengths, appends the global stream lengths the rewritten graph asks for, runs
+the compiled graph, and gathers the outputs along their token dims. Gloo cannot all-gather uneven
+tensors, so outputs are padded to the longest chunk, gathered, and trimmed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.distributed as dist
+
+from npu_dit.passes.ulysses_plan import ShardingPlan
+from npu_dit.runtime.collectives import chunk_lengths, local_chunk
+from npu_dit.runtime.dist import ParallelContext
+
+
+class DistributedRunError(RuntimeError):
+    """A collective failed: another rank exited, hung past the group timeout, or the link broke."""
+
+
+class UlyssesExecutor:
+    def __init__(self, compiled: Callable, plan: ShardingPlan, ctx: ParallelContext) -> None:
+        self.compiled = compiled
+        self.plan = plan
+        self.ctx = ctx
+
+    def shard_args(self, args: Sequence[Any]) -> tuple[list[Any], dict[int, int]]:
+        world, rank = self.ctx.world_size, self.ctx.rank
+        local = list(args)
+        global_lengths: dict[int, int] = {}
+        for index, dim, stream in self.plan.shard_inputs:
+            tensor = args[index]
+            length = tensor.shape[dim]
+            if global_lengths.setdefault(stream, length) != length:
+                raise ValueError(
+                    f"inputs of token stream {stream} disagree on its length ({global_lengths[stream]} vs "
+                    f"{length} at input {index} dim {dim})"
+                )
+            local[index] = local_chunk(tensor, dim, world, rank).contiguous()
+        for symint_index, tensor_index, dim in self.plan.local_symints:
+            local[symint_index] = local[tensor_index].shape[dim]
+        local.extend(global_lengths[s] for s in self.plan.global_lengths)
+        return local, global_lengths
+
+    def __call__(self, *args: Any) -> Any:
+        local_args, global_lengths = self.shard_args(args)
+        try:
+            outputs = self.compiled(*local_args)
+            return self.gather_outputs(outputs, global_lengths)
+        except RuntimeError as exc:
+            if isinstance(exc, DistributedRunError) or not _looks_distributed(exc):
+                raise
+            raise DistributedRunError(
+                f"npu_dit: rank {self.ctx.rank} of {self.ctx.world_size} ({self.ctx.backend}): a collective "
+                f"failed: {str(exc).splitlines()[0]}. Another rank has probably exited or is stuck (group "
+                f"timeout {self.ctx.timeout_s:.0f} s, set with NPU_DIT_GROUP_TIMEOUT); the run is aborted."
+            ) from exc
+
+    def gather_outputs(self, outputs: Any, global_lengths: dict[int, int]) -> Any:
+        if not self.plan.outputs:
+            return outputs
+        result = list(outputs)
+        for gather in self.plan.outputs:
+            tensor = result[gather.index]
+            per_stream = [chunk_lengths(global_lengths[s], self.ctx.world_size) for s in gather.streams]
+            pieces = torch.split(tensor, [lengths[self.ctx.rank] for lengths in per_stream], gather.dim)
+            gathered = [self._gather_uneven(p, gather.dim, lengths) for p, lengths in zip(pieces, per_stream)]
+            result[gather.index] = gathered[0] if len(gathered) == 1 else torch.cat(gathered, gather.dim)
+        return type(outputs)(result) if isinstance(outputs, tuple) else result
+
+    def _gather_uneven(self, tensor: torch.Tensor, dim: int, lengths: list[int]) -> torch.Tensor:
+        longest = max(lengths)
+        missing = longest - tensor.shape[dim]
+        if missing:
+            pad_shape = list(tensor.shape)
+            pad_shape[dim] = missing
+            tensor = torch.cat([tensor, tensor.new_zeros(pad_shape)], dim)
+        slots = [torch.empty_like(tensor) for _ in lengths]
+        dist.all_gather(slots, tensor.contiguous())
+        return torch.cat([slot.narrow(dim, 0, n) for slot, n in zip(slots, lengths)], dim)
+
+
+def _looks_distributed(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return any(
+        key in text
+        for key in ("gloo", "nccl", "hccl", "connection", "timed out", "timeout", "peer", "c10d", "socket", "broken pipe")
+    )
