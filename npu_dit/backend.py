@@ -20,7 +20,8 @@ from npu_dit.passes.infra import PipelineReport, UserError, run_passes
 from npu_dit.passes.pipeline import build_pipeline
 from npu_dit.passes.ulysses import SHARDING_META_KEY
 from npu_dit.runtime.dist import ParallelContext, ensure_process_group
-from npu_dit.runtime.executor import UlyssesExecutor
+from npu_dit.passes.scalar_inputs import SCALAR_INPUTS_KEY
+from npu_dit.runtime.executor import GraphExecutor
 from npu_dit.runtime.inner import compile_inner, compile_inner_lazily
 from npu_dit.tools.capture import prepare_meta
 
@@ -59,10 +60,15 @@ def npu_dit_backend(
         tag += f"_rank{ctx.rank}"
     rewritten, report = run_passes(gm, build_pipeline(cfg, ctx), dump_dir=cfg.dump_dir, graph_tag=tag)
     RECORDS.append(CompileRecord(cfg, report, rewritten, num_nodes, ctx))
-    plan = rewritten.meta.get(SHARDING_META_KEY) if rewritten is not gm else None
-    if plan is None:
+    if rewritten is gm:
         # no rewrite (or a fallback): every rank runs the captured graph on the full inputs
         return compile_inner(rewritten, example_inputs, cfg.inner_compiler, mode=mode)
-    # the rewritten graph takes local shapes and extra inputs: compile it on its first real call
+    # the rewritten graph takes other inputs (local shapes, scalars, lengths): the inner compiler
+    # gets it on its first real call
     inner = compile_inner_lazily(rewritten, cfg.inner_compiler, mode=mode)
-    return UlyssesExecutor(inner, plan, ctx)
+    return GraphExecutor(
+        inner,
+        scalar_inputs=rewritten.meta.get(SCALAR_INPUTS_KEY, ()),
+        plan=rewritten.meta.get(SHARDING_META_KEY),
+        ctx=ctx,
+    )

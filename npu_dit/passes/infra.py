@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.fx as fx
+from torch.fx._lazy_graph_module import _make_graph_module
 
 log = logging.getLogger("npu_dit")
 
@@ -85,7 +86,7 @@ def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     graph.output(output_value)
     for old, new in value_remap.items():
         new.meta = dict(old.meta)
-    clone = fx.GraphModule(gm, graph, class_name=type(gm).__name__)
+    clone = _make_graph_module(gm, graph)
     clone.meta = dict(getattr(gm, "meta", {}))
     clone.meta.pop(ANALYSIS_CACHE_KEY, None)
     return clone

@@ -1,6 +1,8 @@
 """The one ordered list of passes for a CompileConfig.
 
 Order matters and is written down here, not left to import side effects:
+0. scalar_inputs  — whenever the graph is rewritten: the rewritten graph is compiled again (Dynamo
+                    re-traces it), and `.item()` on 0-d inputs would break that graph.
 1. ulysses        — shards the token streams and wraps attention in all-to-all; everything after
                     works on the sharded graph.
 2. async_ulysses  — reorders nodes so each all-to-all overlaps independent compute; it must see the
@@ -18,6 +20,11 @@ from npu_dit.runtime.dist import ParallelContext
 
 def build_pipeline(cfg: CompileConfig, ctx: ParallelContext | None = None) -> list[PassSpec]:
     passes: list[PassSpec] = []
+    rewrites = cfg.ulysses_degree > 1
+    if rewrites:
+        from npu_dit.passes.scalar_inputs import scalar_inputs_pass
+
+        passes.append(PassSpec("scalar_inputs", scalar_inputs_pass))
     if cfg.ulysses_degree > 1:
         from npu_dit.passes.ulysses import ulysses_pass
 

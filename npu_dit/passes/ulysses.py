@@ -79,6 +79,7 @@ class _Rewriter:
         self.chunks: dict[int, fx.Node] = {}  # sharded stream id -> per-rank chunk lengths
         self.cache: dict[tuple, fx.Node] = {}
         self.setup_end: fx.Node | None = None
+        self.stack: dict | None = None  # nn_module_stack given to inserted nodes
 
     # -- small helpers ------------------------------------------------------------------------
     def bump(self, key: str, n: int = 1) -> None:
@@ -90,6 +91,8 @@ class _Rewriter:
     def call(self, fn: Callable, args: tuple, kwargs: dict | None = None, *, val: Any = None) -> fx.Node:
         """Insert `fn(*args)` at the graph's insert point, with meta["val"] computed on fake values."""
         node = self.graph.call_function(fn, args, kwargs or {})
+        if self.stack is not None:  # inserted nodes belong to the module they serve (blocks, dumps)
+            node.meta["nn_module_stack"] = self.stack
         if val is None:
             # never add guards to Dynamo's ShapeEnv: they would become guards of the user's frame
             with self.fake_mode, self.fake_mode.shape_env.suppress_guards():
@@ -229,7 +232,9 @@ class _Rewriter:
         for inp in list(node.all_input_nodes):
             need = (self.streams_of(inp) & self.local[node]) - self.local.get(inp, frozenset())
             if need and isinstance(node_value(inp), torch.Tensor):
+                self.stack = node.meta.get("nn_module_stack")
                 node.replace_input_with(inp, self.localize(inp, frozenset(need), before=node))
+                self.stack = None
 
     def _sized_by_local_length(self, node: fx.Node, stream: int) -> bool:
         symbols = next(s.symbols for s in self.plan.streams if s.id == stream)
@@ -262,6 +267,13 @@ class _Rewriter:
 
     # -- attention -----------------------------------------------------------------------------
     def rewrite_attention(self, node: fx.Node) -> None:
+        self.stack = node.meta.get("nn_module_stack")
+        try:
+            self._rewrite_attention(node)
+        finally:
+            self.stack = None
+
+    def _rewrite_attention(self, node: fx.Node) -> None:
         args = sdpa_args(node)
         q, k, v, mask = args["query"], args["key"], args["value"], args["attn_mask"]
         for t in (q, k, v):

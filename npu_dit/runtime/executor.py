@@ -1,9 +1,10 @@
 """The executor: what runs on every rank, every step, around the rewritten graph.
 
-It shards each input along its inferred token dim (`tensor_split` chunk `rank`), refreshes the SymInt
-inputs that are local lengths, appends the global stream lengths the rewritten graph asks for, runs
-the compiled graph, and gathers the outputs along their token dims. Gloo cannot all-gather uneven
-tensors, so outputs are padded to the longest chunk, gathered, and trimmed.
+It turns the 0-d scalar inputs the graph now takes as numbers into numbers (`scalar_inputs` pass),
+and, under Ulysses, shards each input along its inferred token dim (`tensor_split` chunk `rank`),
+refreshes the SymInt inputs that are local lengths, appends the global stream lengths the rewritten
+graph asks for, runs the compiled graph, and gathers the outputs along their token dims. Gloo cannot
+all-gather uneven tensors, so outputs are padded to the longest chunk, gathered, and trimmed.
 """
 
 from __future__ import annotations
@@ -22,11 +23,39 @@ class DistributedRunError(RuntimeError):
     """A collective failed: another rank exited, hung past the group timeout, or the link broke."""
 
 
-class UlyssesExecutor:
-    def __init__(self, compiled: Callable, plan: ShardingPlan, ctx: ParallelContext) -> None:
+class GraphExecutor:
+    def __init__(
+        self,
+        compiled: Callable,
+        *,
+        scalar_inputs: Sequence[int] = (),
+        plan: ShardingPlan | None = None,
+        ctx: ParallelContext | None = None,
+    ) -> None:
         self.compiled = compiled
+        self.scalar_inputs = tuple(scalar_inputs)
         self.plan = plan
         self.ctx = ctx
+
+    def __call__(self, *args: Any) -> Any:
+        if self.scalar_inputs:
+            args = list(args)
+            for index in self.scalar_inputs:
+                args[index] = args[index].item()
+        if self.plan is None:
+            return self.compiled(*args)
+        local_args, global_lengths = self.shard_args(args)
+        try:
+            outputs = self.compiled(*local_args)
+            return self.gather_outputs(outputs, global_lengths)
+        except RuntimeError as exc:
+            if isinstance(exc, DistributedRunError) or not _looks_distributed(exc):
+                raise
+            raise DistributedRunError(
+                f"npu_dit: rank {self.ctx.rank} of {self.ctx.world_size} ({self.ctx.backend}): a collective "
+                f"failed: {str(exc).splitlines()[0]}. Another rank has probably exited or is stuck (group "
+                f"timeout {self.ctx.timeout_s:.0f} s, set with NPU_DIT_GROUP_TIMEOUT); the run is aborted."
+            ) from exc
 
     def shard_args(self, args: Sequence[Any]) -> tuple[list[Any], dict[int, int]]:
         world, rank = self.ctx.world_size, self.ctx.rank
@@ -45,20 +74,6 @@ class UlyssesExecutor:
             local[symint_index] = local[tensor_index].shape[dim]
         local.extend(global_lengths[s] for s in self.plan.global_lengths)
         return local, global_lengths
-
-    def __call__(self, *args: Any) -> Any:
-        local_args, global_lengths = self.shard_args(args)
-        try:
-            outputs = self.compiled(*local_args)
-            return self.gather_outputs(outputs, global_lengths)
-        except RuntimeError as exc:
-            if isinstance(exc, DistributedRunError) or not _looks_distributed(exc):
-                raise
-            raise DistributedRunError(
-                f"npu_dit: rank {self.ctx.rank} of {self.ctx.world_size} ({self.ctx.backend}): a collective "
-                f"failed: {str(exc).splitlines()[0]}. Another rank has probably exited or is stuck (group "
-                f"timeout {self.ctx.timeout_s:.0f} s, set with NPU_DIT_GROUP_TIMEOUT); the run is aborted."
-            ) from exc
 
     def gather_outputs(self, outputs: Any, global_lengths: dict[int, int]) -> Any:
         if not self.plan.outputs:

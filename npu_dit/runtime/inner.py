@@ -49,23 +49,33 @@ def _npugraph_ex() -> Callable:
 
 
 def compile_inner_lazily(gm: fx.GraphModule, name: str, *, mode: str | None = None) -> Callable:
-    """For a graph whose inputs no longer match Dynamo's example inputs (sharded shapes, extra
-    length inputs): eager runs it as is; the graph compilers trace it again on its first call, with
-    dynamic shapes, through Dynamo."""
+    """For a graph whose inputs no longer match Dynamo's example inputs (sharded shapes, extra length
+    inputs, scalars): eager runs it as is; a graph compiler gets it on its first call, with the real
+    local inputs, once per input-shape signature (a denoising loop keeps its shapes for all steps)."""
     if name == "eager":
         return gm.forward
     if name == "inductor":
-        import torch._dynamo
+        from torch._inductor.compile_fx import compile_fx
 
-        from npu_dit.tools.capture import no_duck_shaping
+        patches = torch._inductor.list_mode_options(mode) if mode else None
 
-        compiled = torch.compile(gm, backend="inductor", dynamic=True, mode=mode)
+        def compile_for(args: list[Any]) -> Callable:
+            return compile_fx(gm, args, config_patches=patches)
 
-        def run(*args: Any) -> Any:
-            with no_duck_shaping():
-                return compiled(*args)
+    elif name == "npugraph_ex":
+        backend = _npugraph_ex()
 
-        return run
-    if name == "npugraph_ex":
-        return torch.compile(gm, backend=_npugraph_ex(), dynamic=True)
-    raise UserError(f"unknown inner compiler {name!r}; choose eager, inductor or npugraph_ex")
+        def compile_for(args: list[Any]) -> Callable:
+            return backend(gm, args)
+
+    else:
+        raise UserError(f"unknown inner compiler {name!r}; choose eager, inductor or npugraph_ex")
+    compiled: dict[tuple, Callable] = {}
+
+    def run(*args: Any) -> Any:
+        key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
+        if key not in compiled:
+            compiled[key] = compile_for(list(args))
+        return compiled[key](*args)
+
+    return run
