@@ -22,10 +22,10 @@ TINY_CALLS = {
 }
 
 
-def tiny_model_and_inputs(key: str, **overrides):
+def tiny_model_and_inputs(key: str, config_overrides: dict | None = None, **overrides):
     name, kwargs = TINY_CALLS[key]
     spec = get_model(name)
-    config = spec.config("tiny")
+    config = spec.config("tiny", **(config_overrides or {}))
     model = build_transformer(spec, config, seed=0)
     inputs = spec.example_inputs(config, **{**kwargs, **overrides})
     return spec, model, inputs

@@ -125,7 +125,7 @@ class _Rewriter:
         for seg in self.seq_segments(node, dim):
             stream = self.stream_of_segment.get(seg)
             if stream is None:
-                raise NotImplementedError(f"{node.name} dim {dim} holds tokens of no input stream")
+                stream = self.internal_stream(node, dim, seg)
             is_local = stream in local
             if runs and runs[-1].local == is_local and (is_local or runs[-1].streams[-1] == stream):
                 last = runs[-1]
@@ -134,6 +134,17 @@ class _Rewriter:
             else:
                 runs.append(_Run((stream,), is_local))
         return runs
+
+    def internal_stream(self, node: fx.Node, dim: int, seg: int) -> int:
+        """Tokens no input carries as a token dim (a length-1 stream that Dynamo specialised): a
+        replicated pseudo-stream of constant length, negative id."""
+        size = self.tokens.segments[seg].size if seg >= 0 else None
+        if size is None or size.free_symbols:
+            raise NotImplementedError(f"{node.name} dim {dim} holds tokens of no input stream")
+        pseudo = -1 - seg
+        self.stream_len.setdefault(pseudo, int(size))
+        self.global_len.setdefault(pseudo, int(size))
+        return pseudo
 
     # -- lengths ------------------------------------------------------------------------------
     def add_length_inputs(self) -> None:
@@ -222,6 +233,7 @@ class _Rewriter:
                 f"{node.name} ({_op_name(node)}) reduces over a sharded token dim; Ulysses does not "
                 f"insert the all-reduce this would need"
             )
+        self.check_placeable(node)
         local = present & carried
         for stream in present - carried:
             # a tensor the graph creates (ones(B, s_img)): local if sized by a local length
@@ -235,6 +247,24 @@ class _Rewriter:
                 self.stack = node.meta.get("nn_module_stack")
                 node.replace_input_with(inp, self.localize(inp, frozenset(need), before=node))
                 self.stack = None
+
+    def check_placeable(self, node: fx.Node) -> None:
+        """A dim holding sharded tokens next to tokens the analysis could not place (a length-1
+        stream Dynamo specialised, say) cannot be sharded correctly: refuse rather than guess."""
+        value = self.tokens.flow.values.get(node)
+        for dims in value if isinstance(value, list) else [value]:
+            if not isinstance(dims, tuple):
+                continue
+            for seq in dims:
+                if seq is None:
+                    continue
+                segments = [self.segment_of_atom.get(a) for a in self.atoms.normalize(seq)]
+                sharded = [s for s in segments if s is not None and self.stream_of_segment.get(s) in self.sharded]
+                if sharded and any(s is None for s in segments):
+                    raise NotImplementedError(
+                        f"{node.name} ({_op_name(node)}) holds sharded tokens next to tokens the token-dim "
+                        f"analysis could not place (a length-1 stream?)"
+                    )
 
     def _sized_by_local_length(self, node: fx.Node, stream: int) -> bool:
         symbols = next(s.symbols for s in self.plan.streams if s.id == stream)

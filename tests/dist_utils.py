@@ -1,0 +1,79 @@
+"""Run a function on N real processes with a Gloo group (what torchrun would do), with timeouts.
+
+Every rank gets RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (a free port) in its environment and a
+short NPU_DIT_GROUP_TIMEOUT, so a broken collective fails instead of hanging; the parent kills any
+rank still alive after `timeout` seconds and fails the test.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import socket
+import time
+import traceback
+from typing import Any, Callable
+
+import torch
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(fn: Callable, rank: int, world: int, port: int, group_timeout: float, out_dir: str, kwargs: dict) -> None:
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port), NPU_DIT_GROUP_TIMEOUT=str(group_timeout), OMP_NUM_THREADS="1",
+    )
+    torch.set_num_threads(1)
+    path = os.path.join(out_dir, f"rank{rank}.pt")
+    try:
+        result = fn(rank=rank, world_size=world, **kwargs)
+        torch.save({"ok": True, "result": result}, path)
+    except BaseException as exc:  # noqa: BLE001 - reported to the parent
+        torch.save({"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}, path)
+        raise SystemExit(1)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_ranks(fn: Callable, world_size: int, tmp_path, *, timeout: float = 600, group_timeout: float = 60,
+              allow_failures: bool = False, **kwargs: Any) -> list[dict]:
+    """Run `fn(rank=, world_size=, **kwargs)` on `world_size` processes; return each rank's record."""
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    out_dir = str(tmp_path)
+    procs = [
+        ctx.Process(target=_entry, args=(fn, r, world_size, port, group_timeout, out_dir, kwargs), daemon=False)
+        for r in range(world_size)
+    ]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    if hung:
+        raise AssertionError(f"ranks {hung} were still running after {timeout} s (hang)")
+    records = []
+    for r in range(world_size):
+        path = os.path.join(out_dir, f"rank{r}.pt")
+        record = torch.load(path, weights_only=False) if os.path.exists(path) else {"ok": False, "error": "no result", "traceback": ""}
+        record["exitcode"] = procs[r].exitcode
+        records.append(record)
+    if not allow_failures:
+        failed = [(r, rec) for r, rec in enumerate(records) if not rec["ok"]]
+        if failed:
+            r, rec = failed[0]
+            raise AssertionError(f"rank {r} failed: {rec['error']}\n{rec.get('traceback', '')}")
+    return records

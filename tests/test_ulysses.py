@@ -1,0 +1,217 @@
+"""Ulysses sequence parallelism: real multi-process runs on Gloo against the serial run, and the
+structure of the rewritten graph."""
+
+import functools
+import warnings
+
+import pytest
+import torch
+
+from npu_dit.passes.analysis import token_dims
+from npu_dit.passes.infra import PassSpec, UserError, run_passes
+from npu_dit.passes.scalar_inputs import scalar_inputs_pass
+from npu_dit.passes.ulysses import SHARDING_META_KEY, ulysses_pass
+from npu_dit.runtime import collectives as C
+from npu_dit.runtime.dist import inspection_context
+from npu_dit.tools.capture import capture_graph
+from tests.conftest import tiny_model_and_inputs
+from tests.dist_utils import run_ranks
+from tests.dist_workers import fail_midway, hypothesis_attention, run_cases
+
+UNEVEN = dict(height=112, width=80, prompt_len=7)  # 35 image tokens, 7 text tokens
+CASES = [
+    # name, tiny call, input overrides, config overrides, options
+    ("flux", "flux", {}, {}, {}),
+    ("flux-async", "flux", {}, {}, {"async_ulysses": True}),
+    ("flux-uneven", "flux", UNEVEN, {}, {}),
+    ("flux-uneven-async", "flux", UNEVEN, {}, {"async_ulysses": True}),
+    ("flux-3-heads", "flux", UNEVEN, {"num_attention_heads": 3}, {}),
+    ("qwen-edit", "qwen-edit", {}, {}, {}),
+    ("qwen-edit-uneven-async", "qwen-edit", UNEVEN, {}, {"async_ulysses": True}),
+    ("qwen-edit-static-text", "qwen-edit-masked", {}, {}, {}),
+    ("qwen-edit-static-text-uneven-async", "qwen-edit-masked", UNEVEN, {}, {"async_ulysses": True}),
+    ("qwen-edit-2509", "qwen-edit-2509", {}, {}, {}),
+    ("qwen-edit-2509-async", "qwen-edit-2509", {}, {}, {"async_ulysses": True}),
+]
+
+
+def serial_outputs(cases):
+    outputs = {}
+    for name, key, overrides, config_overrides, _ in cases:
+        _, model, inputs = tiny_model_and_inputs(key, config_overrides=config_overrides, **overrides)
+        with torch.no_grad():
+            outputs[name] = model(**inputs)[0]
+    return outputs
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_ulysses_matches_the_serial_run(world_size, tmp_path):
+    records = run_ranks(run_cases, world_size, tmp_path, timeout=900, cases=CASES)
+    expected = serial_outputs(CASES)
+    for name, *_ in CASES:
+        for rank, record in enumerate(records):
+            out, counts, fell_back, reason = record["result"][name]
+            assert not fell_back, (name, reason)
+            assert counts["attention_sites"] >= 3 and counts["all_to_all"] == 4 * counts["attention_sites"], (name, counts)
+            err = (out - expected[name]).abs().max().item()
+            assert err <= 1e-5, (name, rank, err)
+    for rank_result in (r["result"] for r in records):  # scheduling moves nodes, never changes values
+        for name in ("flux", "flux-uneven", "qwen-edit-2509"):
+            sync, asynchronous = rank_result[name][0], rank_result.get(name + "-async", (None,))[0]
+            if asynchronous is not None:
+                assert torch.equal(sync, asynchronous)
+
+
+def test_ulysses_with_inductor(tmp_path):
+    cases = [
+        ("flux-uneven-async-inductor", "flux", UNEVEN, {}, {"async_ulysses": True, "inner_compiler": "inductor"}),
+        ("qwen-static-text-inductor", "qwen-edit-masked", UNEVEN, {}, {"inner_compiler": "inductor"}),
+    ]
+    records = run_ranks(run_cases, 2, tmp_path, timeout=900, cases=cases)
+    expected = serial_outputs(cases)
+    for name, *_ in cases:
+        for record in records:
+            out, counts, fell_back, reason = record["result"][name]
+            assert not fell_back, reason
+            assert (out - expected[name]).abs().max().item() <= 1e-5, name
+
+
+@pytest.mark.parametrize("world_size, examples", [(2, 25), (3, 12), (4, 8)])
+def test_property_any_lengths_heads_and_world_sizes(world_size, examples, tmp_path):
+    """hypothesis draws text/image lengths (not multiples of the world size, shorter than it too),
+    head counts 1..5, head dims, batch and a text mask; every rank draws the same examples."""
+    records = run_ranks(hypothesis_attention, world_size, tmp_path, timeout=900, max_examples=examples)
+    for record in records:
+        assert record["result"] == [], record["result"][:3]
+
+
+def test_a_rank_failing_mid_run_ends_the_others_with_a_clear_error(tmp_path):
+    group_timeout = 20
+    records = run_ranks(fail_midway, 2, tmp_path, timeout=240, group_timeout=group_timeout, allow_failures=True)
+    survivor = records[0]
+    assert survivor["ok"], survivor.get("traceback")
+    result = survivor["result"]
+    assert result["first_output_finite"]
+    assert result["error_type"] == "DistributedRunError", result
+    assert "rank 0 of 2" in result["message"] and "Another rank has probably exited" in result["message"]
+    assert result["seconds"] < group_timeout + 30
+    assert records[1]["exitcode"] == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# single-process structure tests: the rewrite for rank r of P, without running collectives
+
+
+def rewrite(key, world_size=2, rank=0, passes=("ulysses",), **overrides):
+    _, model, inputs = tiny_model_and_inputs(key, **overrides)
+    cap = capture_graph(model, inputs)
+    ctx = inspection_context(world_size, rank)
+    specs = [PassSpec("scalar_inputs", scalar_inputs_pass), PassSpec("ulysses", functools.partial(ulysses_pass, ctx=ctx))]
+    if "async" in passes:
+        from npu_dit.passes.async_ulysses import async_ulysses_pass
+
+        specs.append(PassSpec("async_ulysses", async_ulysses_pass))
+    gm, report = run_passes(cap.gm, specs)
+    assert not report.fell_back, report.fallback_reason
+    return gm, report
+
+
+def calls(gm, fn):
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is fn]
+
+
+def test_flux_structure_every_site_wrapped_in_all_to_all():
+    gm, report = rewrite("flux")
+    plan = gm.meta[SHARDING_META_KEY]
+    assert [s.sharded for s in plan.streams] == [True, True]  # image and text, both dynamic
+    sdpa = [n for n in gm.graph.nodes if n.target is torch._C._nn.scaled_dot_product_attention]
+    assert len(sdpa) == 4
+    for node in sdpa:
+        assert all(arg.target is C.seq_to_heads_wait for arg in node.args[:3])
+        (user,) = node.users
+        assert user.target is C.heads_to_seq_start
+    assert len(calls(gm, C.seq_to_heads_start)) == 12 and len(calls(gm, C.heads_to_seq_start)) == 4
+    assert report.counts["all_to_all"] == 16
+    assert {(g.index, g.dim) for g in plan.outputs} == {(0, 1)}
+    shard_inputs = {(i, d) for i, d, _ in plan.shard_inputs}
+    assert len(shard_inputs) == 4  # hidden_states, encoder_hidden_states, img_ids, txt_ids
+
+
+@pytest.mark.parametrize("key, reason", [("qwen-edit-masked", "static length"), ("qwen-edit", "position table")])
+def test_qwen_text_stays_replicated_with_the_reason(key, reason):
+    gm, report = rewrite(key)
+    plan = gm.meta[SHARDING_META_KEY]
+    text = [s for s in plan.streams if not s.sharded]
+    assert len(text) == 1 and reason in text[0].reason
+    # replicated text: a local head slice before attention, an all-gather of heads after
+    assert len(calls(gm, C.local_heads)) == 9 and len(calls(gm, C.gather_heads_start)) == 3
+    # the RoPE tables built in the graph from img_shapes are sliced to this rank's chunk
+    assert report.counts["localize"] == 6 and len(calls(gm, C.localize)) == 6
+
+
+def test_qwen_mask_key_axis_is_gathered():
+    gm, report = rewrite("qwen-edit-masked")
+    assert report.counts["all_gather"] == 6  # per site: mask image part + text heads
+    assert len(calls(gm, C.gather_seq_start)) == 3
+
+
+def test_all_ranks_issue_the_same_collectives_in_the_same_order():
+    sequences = []
+    for rank in range(3):
+        gm, _ = rewrite("qwen-edit-masked", world_size=3, rank=rank, passes=("ulysses", "async"))
+        sequences.append([n.target.__name__ for n in gm.graph.nodes if n.op == "call_function" and n.target in C.COLLECTIVE_STARTS])
+    assert sequences[0] == sequences[1] == sequences[2] and len(sequences[0]) == 18
+
+
+def test_async_issues_v_then_q_then_k_and_overlaps_projections_and_the_mlp():
+    gm, report = rewrite("flux", passes=("ulysses", "async"))
+    order = list(gm.graph.nodes)
+    position = {n: i for i, n in enumerate(order)}
+    from npu_dit.passes.analysis.module_paths import module_path
+
+    def linears_between(start):
+        (wait,) = start.users
+        return [module_path(n) for n in order[position[start] + 1 : position[wait]] if n.target is torch._C._nn.linear]
+
+    sdpa = [n for n in order if n.target is torch._C._nn.scaled_dot_product_attention]
+    double, single = sdpa[0], sdpa[2]
+    starts = {}
+    for operand, arg in zip("qkv", double.args[:3]):
+        starts[operand] = arg.args[0]  # seq_to_heads_wait(start, ...)
+    assert position[starts["v"]] < position[starts["q"]] < position[starts["k"]]
+    # V's exchange overlaps the Q and K projections; Q's overlaps K's
+    assert {"transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k"} <= set(linears_between(starts["v"]))
+    assert "transformer_blocks.0.attn.to_k" in linears_between(starts["q"])
+    # the single block's output exchange overlaps its MLP branch
+    (out_start,) = single.users
+    assert "single_transformer_blocks.0.proj_mlp" in linears_between(out_start)
+    assert report.counts["overlapped_collectives"] == 16
+
+
+def test_static_shapes_are_a_clear_error():
+    _, model, inputs = tiny_model_and_inputs("flux")
+    cap = capture_graph(model, inputs, dynamic=False)
+    with pytest.raises(UserError, match="Pass dynamic=True"):
+        ulysses_pass(cap.gm, ctx=inspection_context(2, 0))
+
+
+def test_a_length_one_stream_falls_back_with_a_warning():
+    from tests.synthetic import JointAttention
+
+    model = JointAttention(heads=2, head_dim=4).eval()
+    cap = capture_graph(model, model.example_inputs(1, 1, 9, masked=False))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gm, report = run_passes(cap.gm, [PassSpec("ulysses", functools.partial(ulysses_pass, ctx=inspection_context(2, 0)))])
+    assert report.fell_back and gm is cap.gm and "could not place" in report.fallback_reason
+    assert sum("npu_dit" in str(w.message) for w in caught) == 1
+
+
+def test_without_torchrun_the_error_says_how_to_launch(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    model = torch.nn.Linear(4, 4)
+    compiled = torch.compile(model, backend="npu_dit", dynamic=True, options={"ulysses_degree": 2})
+    with pytest.raises(Exception) as info:
+        compiled(torch.randn(3, 4))
+    assert "torchrun --nproc-per-node 2" in str(info.value)
