@@ -13,7 +13,7 @@ def run_cli(capsys, *argv):
 
 def test_inspect_full_size_flux_on_the_meta_device(capsys):
     code, out, err = run_cli(capsys, "inspect", "flux.1-dev", "--height", "1024", "--width", "1024",
-                             "--prompt-len", "512", "--json")
+                             "--prompt-len", "512", "--ulysses-degree", "2", "--json")
     assert code == 0, err
     report = json.loads(out)
     assert report["parameters"]["count"] > 11.8e9  # FLUX.1-dev: 11.9 B parameters
@@ -29,6 +29,12 @@ def test_inspect_full_size_flux_on_the_meta_device(capsys):
     examples = sorted(s["example"] for s in report["token_dims"]["segments"])
     assert examples == [512, 4096]  # 512 text tokens, 4096 image tokens at 1024x1024
     assert report["timings"]["analysis_s"] < 5.0  # the figure is < 2 s (docs/BENCHMARKS.md); slack for CI load
+    # Ulysses-2: every site wrapped in 4 all-to-alls; the per-layer volume is DeepSpeed's 4*N*h/P
+    comm = report["communication"]
+    assert comm["collectives"]["all_to_all (seq->heads)"]["count"] == 3 * 57
+    assert comm["collectives"]["all_to_all (heads->seq)"]["count"] == 57
+    n, h, p, bf16 = 4096 + 512, 24 * 128, 2, 2
+    assert comm["all_to_all_bytes_per_layer"] == comm["deepspeed_formula_bytes_per_layer"] == 4 * n * h // p * bf16
 
 
 def test_inspect_tiny_qwen_edit_2509_text_report(capsys):

@@ -95,3 +95,12 @@ def ensure_process_group(degree: int, *, device: torch.device | None = None) -> 
 def inspection_context(degree: int, rank: int = 0) -> ParallelContext:
     """A context for tracing and inspecting what rank `rank` of `degree` would run (no group)."""
     return ParallelContext(rank=rank, world_size=degree, group_name="inspect", backend="none", timeout_s=0.0)
+
+
+def free_port() -> int:
+    """A free TCP port on localhost for a rendezvous (MASTER_PORT)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

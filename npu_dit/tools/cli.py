@@ -73,6 +73,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
 
     sub.add_parser("models", help="list the seed models")
+
+    b = sub.add_parser("bench", help="benchmarks; results go to docs/BENCHMARKS.md with --write")
+    bsub = b.add_subparsers(dest="bench", required=True)
+    u = bsub.add_parser("ulysses", help="serial vs Ulysses vs Async Ulysses (bench-size FLUX, Gloo on CPU)")
+    u.add_argument("--degree", type=int, default=2)
+    u.add_argument("--height", type=int, default=512)
+    u.add_argument("--width", type=int, default=512)
+    u.add_argument("--prompt-len", type=int, default=128)
+    u.add_argument("--warmup", type=int, default=2)
+    u.add_argument("--iters", type=int, default=5)
+    u.add_argument("--inner-compiler", default="eager", choices=("eager", "inductor"))
+    u.add_argument("--profile", metavar="DIR", default=None, help="also write a Chrome trace per rank here")
+    u.add_argument("--write", metavar="FILE", nargs="?", const="docs/BENCHMARKS.md", default=None,
+                   help="update the Ulysses section of FILE (default docs/BENCHMARKS.md)")
+    u.add_argument("--json", action="store_true")
     return parser
 
 
@@ -83,6 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             return _models()
         if args.command == "inspect":
             return _inspect(args)
+        if args.command == "bench":
+            return _bench(args, argv)
     except ValueError as exc:
         print(f"npu-dit: error: {exc}", file=sys.stderr)
         return 2
@@ -117,6 +134,25 @@ def _inspect(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=1, default=str))
     else:
         print(format_report(report))
+    return 0
+
+
+def _bench(args: argparse.Namespace, argv: list[str] | None) -> int:
+    from npu_dit.tools.bench import bench_ulysses, format_table, write_section
+
+    log = (lambda *a, **k: print(*a, file=sys.stderr, **k))
+    results = bench_ulysses(
+        degree=args.degree, height=args.height, width=args.width, prompt_len=args.prompt_len,
+        warmup=args.warmup, iters=args.iters, inner_compiler=args.inner_compiler, profile_dir=args.profile, log=log,
+    )
+    if args.json:
+        print(json.dumps(results, indent=1))
+    else:
+        print(format_table(results))
+    if args.write:
+        command = "npu-dit " + " ".join(argv if argv is not None else sys.argv[1:])
+        write_section(args.write, command, results)
+        print(f"wrote {args.write}", file=sys.stderr)
     return 0
 
 

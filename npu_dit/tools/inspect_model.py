@@ -21,7 +21,10 @@ from npu_dit.passes.analysis import attention_sites, parameter_placeholders, tok
 from npu_dit.passes.analysis.attention_ops import node_value
 from npu_dit.passes.infra import dump_graph, run_passes
 from npu_dit.passes.pipeline import build_pipeline
+from npu_dit.passes.ulysses import SHARDING_META_KEY
+from npu_dit.runtime.dist import inspection_context
 from npu_dit.tools.capture import capture_graph
+from npu_dit.tools.collective_report import collective_report
 
 
 @contextlib.contextmanager
@@ -97,9 +100,16 @@ def inspect_model(
     timings["analysis_token_dims_s"] = t3 - t2
     timings["analysis_s"] = t3 - t0
 
+    ctx = inspection_context(cfg.ulysses_degree, rank=0) if cfg.ulysses_degree > 1 else None
     t0 = time.perf_counter()
-    rewritten, report = run_passes(gm, build_pipeline(cfg), dump_dir=dump_dir, graph_tag="graph")
+    rewritten, report = run_passes(gm, build_pipeline(cfg, ctx), dump_dir=dump_dir, graph_tag="graph")
     timings["passes_s"] = time.perf_counter() - t0
+    communication = None
+    plan = rewritten.meta.get(SHARDING_META_KEY) if rewritten is not gm else None
+    if plan is not None:
+        with progress("Measuring what rank 0 sends (the rewritten graph on meta tensors)", quiet=quiet):
+            hidden = sites[0].num_heads * sites[0].head_dim if sites else 0
+            communication = collective_report(rewritten, plan, ctx, captured.real_inputs, len(sites), hidden)
 
     graph_params = parameter_placeholders(gm)
     graph_param_bytes = sum(_nbytes(node_value(n)) for n in graph_params)
@@ -135,6 +145,7 @@ def inspect_model(
             ],
             "counts": report.counts,
         },
+        "communication": communication,
         "timings": timings,
     }
 
@@ -201,6 +212,17 @@ def format_report(r: dict[str, Any]) -> str:
         add("  passes: none enabled by these options (the backend would run the captured graph as is)")
     if ps["fell_back"]:
         add(f"  FALLBACK: {ps['fallback_reason']}")
+    comm = r.get("communication")
+    if comm:
+        add(f"  communication of rank {comm['rank']} of {comm['world_size']} per transformer call:")
+        for line in comm["streams"]:
+            add(f"    {line}")
+        for kind, entry in comm["collectives"].items():
+            add(f"    {entry['count']:5d} x {kind:<34} {_human_bytes(entry['bytes'])}")
+        add(f"    total sent per step: {_human_bytes(comm['bytes_per_step'])}")
+        add(f"    all-to-all per attention layer: {_human_bytes(comm['all_to_all_bytes_per_layer'])} "
+            f"(DeepSpeed-Ulysses 4*N*h/P with N={comm['tokens']}, h={comm['hidden']}: "
+            f"{_human_bytes(comm['deepspeed_formula_bytes_per_layer'])})")
     tm = r["timings"]
     add(f"  time: build {tm['build_s']:.1f} s, trace {tm['trace_s']:.1f} s, analyses {tm['analysis_s']:.2f} s "
         f"(blocks {tm['analysis_blocks_s']:.2f}, attention {tm['analysis_attention_s']:.2f}, "
