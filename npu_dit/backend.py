@@ -20,7 +20,11 @@ from npu_dit.passes.infra import PipelineReport, UserError, run_passes
 from npu_dit.passes.pipeline import build_pipeline
 from npu_dit.passes.ulysses import SHARDING_META_KEY
 from npu_dit.runtime.dist import ParallelContext, ensure_process_group
+import torch.distributed as dist
+
+from npu_dit.passes.cache_regions import CACHE_PLAN_KEY
 from npu_dit.passes.scalar_inputs import SCALAR_INPUTS_KEY
+from npu_dit.runtime.cache import CacheController
 from npu_dit.runtime.executor import GraphExecutor
 from npu_dit.runtime.inner import compile_inner, compile_inner_lazily
 from npu_dit.tools.capture import prepare_meta
@@ -65,7 +69,12 @@ def npu_dit_backend(
         return compile_inner(rewritten, example_inputs, cfg.inner_compiler, mode=mode)
     # the rewritten graph takes other inputs (local shapes, scalars, lengths): the inner compiler
     # gets it on its first real call
-    inner = compile_inner_lazily(rewritten, cfg.inner_compiler, mode=mode)
+    cache_plan = rewritten.meta.get(CACHE_PLAN_KEY)
+    if cache_plan is not None:
+        regions = tuple(compile_inner_lazily(r.gm, cfg.inner_compiler, mode=mode) for r in cache_plan.regions)
+        inner = CacheController(cache_plan, cfg.cache, regions, group=dist.group.WORLD if ctx is not None else None)
+    else:
+        inner = compile_inner_lazily(rewritten, cfg.inner_compiler, mode=mode)
     return GraphExecutor(
         inner,
         scalar_inputs=rewritten.meta.get(SCALAR_INPUTS_KEY, ()),

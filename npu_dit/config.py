@@ -23,7 +23,6 @@ DUMP_DIR_ENV = "NPU_DIT_DUMP_DIR"
 # feature name -> the option that turns it on; removed from here as each pass lands.
 UNAVAILABLE_FEATURES: dict[str, str] = {
     "tensor_parallel": "tp_degree",
-    "cache": "cache",
     "attention_lowering": "attention_backend",
 }
 
@@ -84,6 +83,7 @@ class CacheConfig:
     max_continuous_cached_steps: int = -1
     taylorseer_order: int = 0
     steps_mask: str | tuple[int, ...] | None = None
+    steps_mask_policy: str = "dynamic"  # "static": masked-out steps always cache
     num_inference_steps: int | None = None
     separate_cfg: bool | None = None
 
@@ -120,6 +120,8 @@ class CacheConfig:
             kw["taylorseer_order"] = order
         if "steps_mask" in o:
             kw["steps_mask"] = _parse_steps_mask(o["steps_mask"])
+        if "steps_mask_policy" in o:
+            kw["steps_mask_policy"] = _check_choice("cache.steps_mask_policy", o["steps_mask_policy"], ("dynamic", "static"))
         if o.get("num_inference_steps") is not None:
             kw["num_inference_steps"] = _check_int(
                 "cache.num_inference_steps", o["num_inference_steps"], minimum=1

@@ -7,6 +7,8 @@ Order matters and is written down here, not left to import side effects:
                     works on the sharded graph.
 2. async_ulysses  — reorders nodes so each all-to-all overlaps independent compute; it must see the
                     collectives the Ulysses pass inserted, and it only moves nodes.
+3. cache_regions  — last: it cuts the final graph (sharded, scheduled) into front/middle/back regions
+                    at block boundaries; it changes no node.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from npu_dit.runtime.dist import ParallelContext
 
 def build_pipeline(cfg: CompileConfig, ctx: ParallelContext | None = None) -> list[PassSpec]:
     passes: list[PassSpec] = []
-    rewrites = cfg.ulysses_degree > 1
+    rewrites = cfg.ulysses_degree > 1 or cfg.cache is not None
     if rewrites:
         from npu_dit.passes.scalar_inputs import scalar_inputs_pass
 
@@ -35,4 +37,8 @@ def build_pipeline(cfg: CompileConfig, ctx: ParallelContext | None = None) -> li
             from npu_dit.passes.async_ulysses import async_ulysses_pass
 
             passes.append(PassSpec("async_ulysses", async_ulysses_pass))
+    if cfg.cache is not None:
+        from npu_dit.passes.cache_regions import cache_regions_pass
+
+        passes.append(PassSpec("cache_regions", functools.partial(cache_regions_pass, cfg=cfg.cache)))
     return passes
