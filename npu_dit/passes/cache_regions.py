@@ -9,10 +9,13 @@ Each region is its own GraphModule, compiled on its own by the inner compiler: n
 `.item()` inside any of them (the `scalar_inputs` pass runs first). The host-side controller
 (`runtime/cache.py`) decides between regions whether the middle runs. The pass finds, without naming
 a model:
-  - the image stream (the stream the graph's output carries, by token segments) entering block 0
-    (h_0) and leaving block Fn-1 (h_Fn): R = h_Fn - h_0 is the residual the decision compares;
-  - each middle output and the middle input of the same stream (same token segments and shape): the
-    middle residual is output - input, stored on computed steps and added back on cached ones.
+  - the image stream (the activation whose leading dims — batch and tokens — are the graph output's,
+    as symbolic sizes) entering block 0 (h_0) and leaving block Fn-1 (h_Fn): R = h_Fn - h_0 is the
+    residual the decision compares;
+  - each middle output and the middle input of the same stream (same symbolic shape): the middle
+    residual is output - input, stored on computed steps and added back on cached ones.
+Shapes, not the token-dim analysis, so the pass works on graphs other passes rewrote (Ulysses keeps
+every existing node's metadata).
 FLUX's 19 double + 38 single blocks are one list of 57 for Fn/Bn.
 Preconditions: blocks are contiguous; everything the middle hands to the back is a block stream.
 Postcondition: `gm.meta["npu_dit.cache_plan"]` (the graph itself is not changed).
@@ -31,7 +34,6 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from npu_dit.config import CacheConfig
 from npu_dit.passes.analysis.attention_ops import node_value
 from npu_dit.passes.analysis.blocks import transformer_blocks
-from npu_dit.passes.analysis.token_dims import token_dims
 from npu_dit.passes.infra import PassResult, UserError
 
 CACHE_PLAN_KEY = "npu_dit.cache_plan"
@@ -81,10 +83,16 @@ def _extract(gm: fx.GraphModule, name: str, nodes: list[fx.Node], inputs: list[f
     return region
 
 
-def _image_segments(tokens) -> tuple[int, ...]:
-    if not tokens.outputs:
-        raise NotImplementedError("the graph's output has no token dim: no image stream to cache on")
-    return tokens.outputs[0].segments
+def _shape(node: fx.Node) -> tuple | None:
+    value = node_value(node)
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else None
+
+
+def _same_tokens(a: tuple | None, b: tuple | None) -> bool:
+    """Same batch and token dims (all but the channel dim), compared as symbolic sizes."""
+    return a is not None and b is not None and len(a) == len(b) >= 2 and all(
+        str(x) == str(y) for x, y in zip(a[:-1], b[:-1])
+    )
 
 
 def cache_regions_pass(gm: fx.GraphModule, *, cfg: CacheConfig) -> PassResult:
@@ -97,8 +105,10 @@ def cache_regions_pass(gm: fx.GraphModule, *, cfg: CacheConfig) -> PassResult:
         )
     if not all(b.contiguous for b in blocks):
         raise NotImplementedError("transformer blocks are interleaved in the graph; cannot cut regions")
-    tokens = token_dims(gm)
-    image = _image_segments(tokens)
+    flat_out, _ = tree_flatten(list(gm.graph.nodes)[-1].args[0])
+    image_like = _shape(flat_out[0]) if flat_out and isinstance(flat_out[0], fx.Node) else None
+    if image_like is None:
+        raise NotImplementedError("the graph's first output is not a tensor: no image stream to cache on")
 
     order = list(gm.graph.nodes)
     position = {n: i for i, n in enumerate(order)}
@@ -133,11 +143,10 @@ def cache_regions_pass(gm: fx.GraphModule, *, cfg: CacheConfig) -> PassResult:
 
     # the image stream entering block 0 and leaving block Fn-1
     def is_image_activation(node: fx.Node, like: fx.Node | None = None) -> bool:
-        dims = tokens.token_dims_of(node)
-        value = node_value(node)
-        if not (isinstance(value, torch.Tensor) and dims and dims[0][1] and _segments(tokens, dims[0][1]) == image):
+        shape = _shape(node)
+        if not _same_tokens(shape, image_like):
             return False
-        return like is None or node_value(like).shape == value.shape
+        return like is None or str(_shape(like)) == str(shape)
 
     block0 = blocks[0]
     block_fn = blocks[fn - 1]
@@ -179,19 +188,13 @@ def cache_regions_pass(gm: fx.GraphModule, *, cfg: CacheConfig) -> PassResult:
     middle_in_position = {n: i for i, n in enumerate(external_inputs("middle"))}
     candidates = [n for n in middle_inputs if block_fn.first <= position.get(n, -1) <= block_fn.last]
     for j, out in enumerate(middle_outputs):
-        dims = tokens.token_dims_of(out)
-        match = [
-            n for n in candidates
-            if tokens.token_dims_of(n) and dims
-            and _segments(tokens, tokens.token_dims_of(n)[0][1]) == _segments(tokens, dims[0][1])
-            and node_value(n).shape == node_value(out).shape
-        ]
+        match = [n for n in candidates if str(_shape(n)) == str(_shape(out))]
         if len(match) != 1:
             raise NotImplementedError(
                 f"middle output {out.name} has no unique same-stream input ({len(match)} candidates); "
                 f"the cache can only skip blocks that hand streams to each other"
             )
-        stream = "image" if _segments(tokens, dims[0][1]) == image else "text"
+        stream = "image" if _same_tokens(_shape(out), image_like) else "text"
         pairs.append((j, middle_in_position[match[0]], stream))
 
     timestep = next((i for i, n in enumerate(placeholders) if n.meta.get("npu_dit.input_name") == "timestep"), None)
@@ -210,11 +213,6 @@ def cache_regions_pass(gm: fx.GraphModule, *, cfg: CacheConfig) -> PassResult:
         for r in plan.regions
     ] + [f"middle residuals: {', '.join(s for _, _, s in pairs)}"]
     return PassResult(gm, modified=False, counts={"cache_regions": 3}, notes=notes)
-
-
-def _segments(tokens, atoms) -> tuple[int, ...]:
-    by_atom = {s.atom: s.id for s in tokens.segments}
-    return tuple(by_atom.get(a, -1) for a in tokens.flow.atoms.normalize(atoms))
 
 
 def rebuild_outputs(plan: CachePlan, values: dict[str, tuple]) -> object:

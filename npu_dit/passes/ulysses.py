@@ -174,11 +174,13 @@ class _Rewriter:
         if len(nodes) == 1:
             return nodes[0]
         if key not in self.cache:
+            stack, self.stack = self.stack, None  # setup nodes belong to no block
             with self.graph.inserting_before(self.setup_end):
                 total = nodes[0]
                 for other in nodes[1:]:
                     total = self.call(operator.add, (total, other))
                 self.cache[key] = total
+            self.stack = stack
         return self.cache[key]
 
     def run_length(self, run: _Run, *, gathered: bool) -> fx.Node:
@@ -192,8 +194,10 @@ class _Rewriter:
             return self.chunks[streams[0]]
         key = ("chunks", streams)
         if key not in self.cache:
+            stack, self.stack = self.stack, None  # setup nodes belong to no block
             with self.graph.inserting_before(self.setup_end):
                 self.cache[key] = self.call(C.add_lengths, tuple(self.chunks[s] for s in streams))
+            self.stack = stack
         return self.cache[key]
 
     def split_runs(self, t: fx.Node, dim: int, runs: list[_Run], *, gathered: bool) -> list[fx.Node]:

@@ -45,6 +45,7 @@ class StepRecord:
     computed: bool
     reason: str
     diff: float | None
+    local_diff: float | None = None  # this rank's diff before the all-reduce (equal to diff without one)
 
 
 class CacheController:
@@ -102,14 +103,15 @@ class CacheController:
         return self.states[branch]
 
     # -- the decision ------------------------------------------------------------------------------
-    def _diff(self, previous: torch.Tensor, current: torch.Tensor) -> float:
+    def _diff(self, previous: torch.Tensor, current: torch.Tensor) -> tuple[float, float]:
+        """(diff, this rank's diff): mean|R_prev - R| / mean|R_prev| over all ranks' tokens."""
         stats = torch.stack(
             [(previous - current).abs().sum(), previous.abs().sum(), torch.tensor(float(previous.numel()), device=previous.device)]
         ).to(torch.float64)
+        local = _ratio(stats)
         if self.group is not None:
             dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=self.group)
-        mean_diff, mean_prev = stats[0] / stats[2], stats[1] / stats[2]
-        return float(mean_diff / mean_prev) if float(mean_prev) > 0 else float("inf")
+        return _ratio(stats), local
 
     # -- the call ---------------------------------------------------------------------------------
     def __call__(self, *args: Any) -> Any:
@@ -120,8 +122,11 @@ class CacheController:
         middle_in = [values[k][i] for k, i in self.plan.middle.inputs]
         residual = values["front"][self.plan.image_fn] - values["front"][self.plan.image_in]
         decision = state.policy.pre_check(step)
+        local_diff = None
         if decision is None:
-            diff = self._diff(state.residual_prev, residual) if state.residual_prev is not None else None
+            diff = None
+            if state.residual_prev is not None:
+                diff, local_diff = self._diff(state.residual_prev, residual)
             decision = state.policy.by_diff(step, diff)
         state.policy.record(decision)
         if decision.compute:
@@ -140,7 +145,7 @@ class CacheController:
                 outs[out_pos] = middle_in[in_pos] + delta
             values["middle"] = tuple(outs)
         values["back"] = self.back(*[values[k][i] for k, i in self.plan.back.inputs])
-        self.records.append(StepRecord(self.generation, branch, step, decision.compute, decision.reason, decision.diff))
+        self.records.append(StepRecord(self.generation, branch, step, decision.compute, decision.reason, decision.diff, local_diff))
         return rebuild_outputs(self.plan, values)
 
     # -- observability ----------------------------------------------------------------------------
@@ -175,6 +180,11 @@ class CacheController:
         b = self.summary(generation)["branches"].get(branch, {"computed": [], "cached": []})
         total = len(b["computed"]) + len(b["cached"])
         return "".join("1" if step in b["computed"] else "0" for step in range(total))
+
+
+def _ratio(stats: torch.Tensor) -> float:
+    mean_diff, mean_prev = stats[0] / stats[2], stats[1] / stats[2]
+    return float(mean_diff / mean_prev) if float(mean_prev) > 0 else float("inf")
 
 
 def controllers() -> list[CacheController]:
