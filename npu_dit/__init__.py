@@ -11,4 +11,20 @@ from npu_dit.config import CacheConfig, CompileConfig
 
 __version__ = "0.1.0"
 
-__all__ = ["CacheConfig", "CompileConfig", "__version__"]
+
+def cache_summaries() -> list[dict]:
+    """Per live cache controller: which steps of the current generation computed, cached, and the diffs."""
+    from npu_dit.runtime.cache import summaries
+
+    return summaries()
+
+
+def reset_cache() -> None:
+    """Start a new generation on every cache controller (generations are also detected from the
+    timesteps going back up)."""
+    from npu_dit.runtime.cache import reset_all
+
+    reset_all()
+
+
+__all__ = ["CacheConfig", "CompileConfig", "__version__", "cache_summaries", "reset_cache"]

@@ -75,3 +75,16 @@ def test_models_lists_the_zoo(capsys):
     for name in ["flux.1-dev", "qwen-image-edit", "qwen-image-edit-2509", "qwen-image-lightning",
                  "qwen-image-edit-lightning", "qwen-image-edit-2509-lightning"]:
         assert name in out
+
+
+def test_inspect_shows_cache_regions_with_parameter_and_flop_shares(capsys):
+    code, out, err = run_cli(capsys, "inspect", "flux.1-dev", "--size", "tiny", "--height", "64", "--width", "64",
+                             "--prompt-len", "8", "--dtype", "float32", "--quiet", "--json",
+                             "--cache", '{"Fn_compute_blocks": 1, "Bn_compute_blocks": 1}')
+    assert code == 0, err
+    regions = json.loads(out)["cache_regions"]
+    assert [r["region"] for r in regions] == ["front", "middle", "back"]
+    assert [r["blocks"] for r in regions] == [1, 2, 1]
+    assert abs(sum(r["parameter_share"] for r in regions) - 1) < 1e-9
+    assert abs(sum(r["flop_share"] for r in regions) - 1) < 1e-9
+    assert regions[1]["flops"] > regions[0]["flops"] > 0

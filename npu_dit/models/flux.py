@@ -89,6 +89,16 @@ def make_inputs(
     return inputs
 
 
+# the full depth (19 double + 38 single blocks) at a small width, for cache benchmarks: the share of
+# work in the first/last blocks is what it is in FLUX.1-dev
+BENCH_DEEP_CONFIG: dict[str, Any] = {
+    **FULL_CONFIG,
+    "attention_head_dim": 128,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 256,
+    "pooled_projection_dim": 128,
+}
+
 FLUX_1_DEV = ModelSpec(
     name="flux.1-dev",
     hf_repo="black-forest-labs/FLUX.1-dev",
@@ -97,6 +107,7 @@ FLUX_1_DEV = ModelSpec(
     full_config=FULL_CONFIG,
     tiny_config=TINY_CONFIG,
     bench_config=BENCH_CONFIG,
+    extra_configs={"bench-deep": BENCH_DEEP_CONFIG},
     default_steps=28,
     true_cfg=False,
     embedded_guidance=3.5,

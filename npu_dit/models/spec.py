@@ -33,6 +33,7 @@ class ModelSpec:
     default_prompt_len: int
     make_inputs: Callable[..., dict[str, Any]]
     bench_config: dict[str, Any] | None = None
+    extra_configs: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     aliases: tuple[str, ...] = ()
     notes: str = ""
 
@@ -43,8 +44,10 @@ class ModelSpec:
             base = self.tiny_config
         elif size == "bench" and self.bench_config is not None:
             base = self.bench_config
+        elif size in self.extra_configs:
+            base = self.extra_configs[size]
         else:
-            known = "full, tiny" + (", bench" if self.bench_config is not None else "")
+            known = ", ".join(["full", "tiny"] + (["bench"] if self.bench_config is not None else []) + list(self.extra_configs))
             raise ValueError(f"model {self.name!r} has no {size!r} config; choose one of: {known}")
         return {**base, **overrides}
 

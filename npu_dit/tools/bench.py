@@ -125,3 +125,128 @@ def write_section(path: str, command: str, results: dict[str, Any]) -> None:
         text = text.rstrip("\n") + "\n\n## Ulysses on CPU (issue #3)\n\n" + body + "\n"
     with open(path, "w") as f:
         f.write(text)
+
+
+# --------------------------------------------------------------------------------------------
+# hybrid cache
+
+CACHE_MARK_START = "<!-- bench:cache:start -->"
+CACHE_MARK_END = "<!-- bench:cache:end -->"
+
+
+def cache_configs(size: str, threshold_f1: float, threshold_f8: float) -> list[tuple[str, dict[str, Any] | None]]:
+    base = {"max_warmup_steps": 4, "residual_diff_threshold": threshold_f1}
+    configs: list[tuple[str, dict[str, Any] | None]] = [
+        ("no cache", None),
+        ("F1B0", {**base, "Fn_compute_blocks": 1, "Bn_compute_blocks": 0}),
+        ("F1B0 + TaylorSeer(1)", {**base, "Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "taylorseer_order": 1}),
+        ("F1B0 + fast mask", {**base, "Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "steps_mask": "fast"}),
+    ]
+    if size != "tiny":
+        f8 = {"max_warmup_steps": 4, "residual_diff_threshold": threshold_f8, "Fn_compute_blocks": 8, "Bn_compute_blocks": 0}
+        configs += [
+            ("F8B0", f8),
+            ("F8B0 + TaylorSeer(1) + fast mask", {**f8, "taylorseer_order": 1, "steps_mask": "fast"}),
+        ]
+    return configs
+
+
+def bench_cache(
+    *,
+    size: str = "bench-deep",
+    height: int = 256,
+    width: int = 256,
+    prompt_len: int = 64,
+    steps: int = 28,
+    threshold_f1: float = 0.42,
+    threshold_f8: float = 0.5,
+    threads: int = 1,
+    log=print,
+) -> dict[str, Any]:
+    """28-step FlowMatch Euler generations with each cache configuration, against no cache."""
+    import warnings
+
+    from npu_dit.models import build_transformer, get_model
+    from npu_dit.runtime import cache as cache_runtime
+    from npu_dit.tools.capture import no_duck_shaping
+    from npu_dit.tools.denoise import denoise
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(threads)
+    spec = get_model("flux.1-dev")
+    config = spec.config(size)
+    model = build_transformer(spec, config, seed=0)
+    inputs = spec.example_inputs(config, height=height, width=width, prompt_len=prompt_len, seed=0)
+    rows = []
+    reference = None
+    uncached_s = None
+    for name, cache in cache_configs(size, threshold_f1, threshold_f8):
+        torch._dynamo.reset()
+        options = {"cache": cache} if cache is not None else {}
+        compiled = torch.compile(model, backend="npu_dit", dynamic=True, options=options)
+        with torch.no_grad(), no_duck_shaping():
+            denoise(compiled, inputs, steps=2, height=height, width=width)  # compile and warm up
+            cache_runtime.reset_all()
+            start = time.perf_counter()
+            latents = denoise(compiled, inputs, steps=steps, height=height, width=width)
+            seconds = time.perf_counter() - start
+        controller = cache_runtime.latest() if cache is not None else None
+        pattern = controller.pattern() if controller is not None else "1" * steps
+        computed = pattern.count("1")
+        if reference is None:
+            reference, uncached_s = latents, seconds
+        err = (latents - reference).abs().max().item()
+        rel = ((latents - reference).norm() / reference.norm()).item()
+        cached = steps - computed
+        bound = ((steps - cached + 1) / steps + 0.05) * uncached_s
+        rows.append({"config": name, "options": cache, "seconds": seconds, "computed": computed, "steps": steps,
+                     "pattern": pattern, "max_abs_err": err, "rel_l2_err": rel, "bound_s": bound,
+                     "within_bound": seconds <= bound})
+        log(f"  {name:<34} {seconds:6.2f} s  computed {computed}/{steps}  [{pattern}]  rel err {rel:.2e}")
+        if controller is not None:
+            log("    " + controller.format_summary().replace("\n", "\n    "))
+    return {
+        "rows": rows,
+        "setup": {"size": size, "config": config, "tokens": {"image": (height // 16) * (width // 16), "text": prompt_len},
+                  "steps": steps, "threads": threads,
+                  "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"},
+    }
+
+
+def format_cache_table(results: dict[str, Any]) -> str:
+    lines = [
+        "| configuration | wall (28 steps) | steps computed | speed-up | bound (N-k+1)/N·T + 5 % | within | max abs err | rel L2 err | pattern |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    base = results["rows"][0]["seconds"]
+    for r in results["rows"]:
+        lines.append(
+            f"| {r['config']} | {r['seconds']:.2f} s | {r['computed']}/{r['steps']} | {base / r['seconds']:.2f}x | "
+            f"{r['bound_s']:.2f} s | {'yes' if r['within_bound'] else 'NO'} | {r['max_abs_err']:.2e} | {r['rel_l2_err']:.2e} | `{r['pattern']}` |"
+        )
+    return "\n".join(lines)
+
+
+def write_cache_section(path: str, command: str, results_by_size: list[dict[str, Any]]) -> None:
+    parts = [CACHE_MARK_START, f"Command: `{command}`  "]
+    for results in results_by_size:
+        setup = results["setup"]
+        cfg = setup["config"]
+        parts += [
+            "",
+            f"**{setup['size']}** FLUX config ({cfg['num_layers']} double + {cfg['num_single_layers']} single blocks, "
+            f"{cfg['num_attention_heads']} x {cfg['attention_head_dim']} heads), {setup['tokens']['image']} image + "
+            f"{setup['tokens']['text']} text tokens, {setup['steps']} FlowMatch Euler steps, {setup['threads']} thread; "
+            f"{setup['machine']}.",
+            "",
+            format_cache_table(results),
+        ]
+    parts.append(CACHE_MARK_END)
+    body = "\n".join(parts)
+    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    if CACHE_MARK_START in text:
+        text = re.sub(re.escape(CACHE_MARK_START) + r".*?" + re.escape(CACHE_MARK_END), lambda _: body, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + "\n\n## Hybrid cache (issue #4)\n\n" + body + "\n"
+    with open(path, "w") as f:
+        f.write(text)

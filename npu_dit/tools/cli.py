@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="trace a full-size model on the meta device and show what the passes do")
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"one of: {', '.join(MODELS)} (default {DEFAULT_MODEL})")
-    p.add_argument("--size", default="full", choices=("full", "tiny", "bench"), help="which config of the model")
+    p.add_argument("--size", default="full", help="which config of the model: full, tiny, bench, bench-deep")
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--prompt-len", type=int, default=None, help="text tokens (default: the model's pipeline default)")
@@ -88,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--write", metavar="FILE", nargs="?", const="docs/BENCHMARKS.md", default=None,
                    help="update the Ulysses section of FILE (default docs/BENCHMARKS.md)")
     u.add_argument("--json", action="store_true")
+    c = bsub.add_parser("cache", help="28-step denoising with DBCache/TaylorSeer/steps-mask configs vs no cache")
+    c.add_argument("--sizes", default="tiny,bench-deep", help="FLUX configs to run, comma-separated")
+    c.add_argument("--steps", type=int, default=28)
+    c.add_argument("--threshold-f1", type=float, default=0.42, help="residual_diff_threshold of the F1B0 configs")
+    c.add_argument("--threshold-f8", type=float, default=0.5, help="residual_diff_threshold of the F8B0 configs")
+    c.add_argument("--write", metavar="FILE", nargs="?", const="docs/BENCHMARKS.md", default=None)
+    c.add_argument("--json", action="store_true")
     return parser
 
 
@@ -141,6 +148,8 @@ def _bench(args: argparse.Namespace, argv: list[str] | None) -> int:
     from npu_dit.tools.bench import bench_ulysses, format_table, write_section
 
     log = (lambda *a, **k: print(*a, file=sys.stderr, **k))
+    if args.bench == "cache":
+        return _bench_cache(args, argv, log)
     results = bench_ulysses(
         degree=args.degree, height=args.height, width=args.width, prompt_len=args.prompt_len,
         warmup=args.warmup, iters=args.iters, inner_compiler=args.inner_compiler, profile_dir=args.profile, log=log,
@@ -152,6 +161,24 @@ def _bench(args: argparse.Namespace, argv: list[str] | None) -> int:
     if args.write:
         command = "npu-dit " + " ".join(argv if argv is not None else sys.argv[1:])
         write_section(args.write, command, results)
+        print(f"wrote {args.write}", file=sys.stderr)
+    return 0
+
+
+def _bench_cache(args: argparse.Namespace, argv: list[str] | None, log) -> int:
+    from npu_dit.tools.bench import bench_cache, format_cache_table, write_cache_section
+
+    all_results = []
+    for size in [s.strip() for s in args.sizes.split(",") if s.strip()]:
+        geometry = {"height": 128, "width": 128, "prompt_len": 16} if size == "tiny" else {}
+        log(f"{size}:")
+        results = bench_cache(size=size, steps=args.steps, threshold_f1=args.threshold_f1,
+                              threshold_f8=args.threshold_f8, log=log, **geometry)
+        all_results.append(results)
+        print(json.dumps(results, indent=1, default=str) if args.json else format_cache_table(results))
+    if args.write:
+        command = "npu-dit " + " ".join(argv if argv is not None else sys.argv[1:])
+        write_cache_section(args.write, command, all_results)
         print(f"wrote {args.write}", file=sys.stderr)
     return 0
 

@@ -21,10 +21,12 @@ from npu_dit.passes.analysis import attention_sites, parameter_placeholders, tok
 from npu_dit.passes.analysis.attention_ops import node_value
 from npu_dit.passes.infra import dump_graph, run_passes
 from npu_dit.passes.pipeline import build_pipeline
+from npu_dit.passes.cache_regions import CACHE_PLAN_KEY
 from npu_dit.passes.ulysses import SHARDING_META_KEY
 from npu_dit.runtime.dist import inspection_context
 from npu_dit.tools.capture import capture_graph
 from npu_dit.tools.collective_report import collective_report
+from npu_dit.tools.region_report import region_costs
 
 
 @contextlib.contextmanager
@@ -105,6 +107,10 @@ def inspect_model(
     rewritten, report = run_passes(gm, build_pipeline(cfg, ctx), dump_dir=dump_dir, graph_tag="graph")
     timings["passes_s"] = time.perf_counter() - t0
     communication = None
+    regions = None
+    cache_plan = rewritten.meta.get(CACHE_PLAN_KEY) if rewritten is not gm else None
+    if cache_plan is not None:
+        regions = region_costs(cache_plan, rewritten)
     plan = rewritten.meta.get(SHARDING_META_KEY) if rewritten is not gm else None
     if plan is not None:
         with progress("Measuring what rank 0 sends (the rewritten graph on meta tensors)", quiet=quiet):
@@ -146,6 +152,7 @@ def inspect_model(
             "counts": report.counts,
         },
         "communication": communication,
+        "cache_regions": regions,
         "timings": timings,
     }
 
@@ -212,6 +219,12 @@ def format_report(r: dict[str, Any]) -> str:
         add("  passes: none enabled by these options (the backend would run the captured graph as is)")
     if ps["fell_back"]:
         add(f"  FALLBACK: {ps['fallback_reason']}")
+    if r.get("cache_regions"):
+        add("  cache regions (per transformer call):")
+        for row in r["cache_regions"]:
+            add(f"    {row['region']:<7} {row['blocks']:3d} blocks {row['nodes']:6d} nodes  parameters "
+                f"{_human_bytes(row['parameter_bytes']):>11} ({100 * row['parameter_share']:5.1f} %)  "
+                f"FLOPs {row['flops'] / 1e12:8.3f} T ({100 * row['flop_share']:5.1f} %)")
     comm = r.get("communication")
     if comm:
         add(f"  communication of rank {comm['rank']} of {comm['world_size']} per transformer call:")
