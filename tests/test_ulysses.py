@@ -27,11 +27,17 @@ CASES = [
     ("flux-uneven-async", "flux", UNEVEN, {}, {"async_ulysses": True}),
     ("flux-3-heads", "flux", UNEVEN, {"num_attention_heads": 3}, {}),
     ("qwen-edit", "qwen-edit", {}, {}, {}),
+    ("qwen-edit-async", "qwen-edit", {}, {}, {"async_ulysses": True}),
+    ("qwen-edit-uneven", "qwen-edit", UNEVEN, {}, {}),
     ("qwen-edit-uneven-async", "qwen-edit", UNEVEN, {}, {"async_ulysses": True}),
     ("qwen-edit-static-text", "qwen-edit-masked", {}, {}, {}),
+    ("qwen-edit-static-text-async", "qwen-edit-masked", {}, {}, {"async_ulysses": True}),
+    ("qwen-edit-static-text-uneven", "qwen-edit-masked", UNEVEN, {}, {}),
     ("qwen-edit-static-text-uneven-async", "qwen-edit-masked", UNEVEN, {}, {"async_ulysses": True}),
     ("qwen-edit-2509", "qwen-edit-2509", {}, {}, {}),
     ("qwen-edit-2509-async", "qwen-edit-2509", {}, {}, {"async_ulysses": True}),
+    ("qwen-edit-2509-uneven", "qwen-edit-2509", UNEVEN, {}, {}),
+    ("qwen-edit-2509-uneven-async", "qwen-edit-2509", UNEVEN, {}, {"async_ulysses": True}),
 ]
 
 
@@ -56,7 +62,8 @@ def test_ulysses_matches_the_serial_run(world_size, tmp_path):
             err = (out - expected[name]).abs().max().item()
             assert err <= 1e-5, (name, rank, err)
     for rank_result in (r["result"] for r in records):  # scheduling moves nodes, never changes values
-        for name in ("flux", "flux-uneven", "qwen-edit-2509"):
+        for name in ("flux", "flux-uneven", "qwen-edit", "qwen-edit-uneven", "qwen-edit-static-text",
+                     "qwen-edit-static-text-uneven", "qwen-edit-2509", "qwen-edit-2509-uneven"):
             sync, asynchronous = rank_result[name][0], rank_result.get(name + "-async", (None,))[0]
             if asynchronous is not None:
                 assert torch.equal(sync, asynchronous)

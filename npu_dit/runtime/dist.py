@@ -82,14 +82,29 @@ def ensure_process_group(degree: int, *, device: torch.device | None = None) -> 
             f"ulysses_degree={degree} but the process group has {world} ranks; set ulysses_degree={world} "
             f"or launch {degree} processes (torchrun --nproc-per-node {degree})"
         )
-    group = dist.group.WORLD
+    mesh = _ulysses_mesh(degree, device)
+    group = mesh.get_group("ulysses")
     return ParallelContext(
-        rank=dist.get_rank(),
+        rank=dist.get_rank(group),
         world_size=world,
         group_name=group.group_name,
         backend=dist.get_backend(group),
         timeout_s=timeout_s,
     )
+
+
+_MESHES: dict[tuple[int, str], object] = {}
+
+
+def _ulysses_mesh(degree: int, device: torch.device | None):
+    """A 1-D DeviceMesh named "ulysses" over the world (a tensor-parallel axis would be a second dim)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    kind = {"hccl": "npu", "nccl": "cuda"}.get(device_backend(device), "cpu")
+    key = (degree, kind)
+    if key not in _MESHES:
+        _MESHES[key] = init_device_mesh(kind, (degree,), mesh_dim_names=("ulysses",))
+    return _MESHES[key]
 
 
 def inspection_context(degree: int, rank: int = 0) -> ParallelContext:
