@@ -26,6 +26,7 @@ import torch.fx as fx
 
 from npu_dit.passes.analysis.attention_ops import is_sdpa
 from npu_dit.passes.analysis.blocks import transformer_blocks
+from npu_dit.passes.analysis.walk import first_reached
 from npu_dit.passes.infra import PassResult
 from npu_dit.runtime import collectives as C
 
@@ -39,20 +40,7 @@ def _is_start(node: fx.Node) -> bool:
 
 def _starts_feeding(node: fx.Node, region: set[fx.Node]) -> list[fx.Node]:
     """Collective starts among `node`'s ancestors inside the region (not crossing other starts)."""
-    found: list[fx.Node] = []
-    seen: set[fx.Node] = set()
-    stack = [node]
-    while stack:
-        n = stack.pop()
-        for inp in n.all_input_nodes:
-            if inp in seen or inp not in region:
-                continue
-            seen.add(inp)
-            if _is_start(inp):
-                found.append(inp)
-            else:
-                stack.append(inp)
-    return found
+    return first_reached(node, forward=False, within=region, stop=_is_start)
 
 
 def _descendants(node: fx.Node, region: set[fx.Node]) -> set[fx.Node]:

@@ -118,11 +118,17 @@ def write_section(path: str, command: str, results: dict[str, Any]) -> None:
         format_table(results),
         MARK_END,
     ])
+    replace_section(path, MARK_START, MARK_END, body, heading="## Ulysses on CPU (issue #3)")
+
+
+def replace_section(path: str, start: str, end: str, body: str, *, heading: str) -> None:
+    """Put `body` (which starts with `start` and ends with `end`) in place of that section of `path`,
+    or append it under `heading`."""
     text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    if MARK_START in text:
-        text = re.sub(re.escape(MARK_START) + r".*?" + re.escape(MARK_END), lambda _: body, text, flags=re.S)
+    if start in text:
+        text = re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: body, text, flags=re.S)
     else:
-        text = text.rstrip("\n") + "\n\n## Ulysses on CPU (issue #3)\n\n" + body + "\n"
+        text = text.rstrip("\n") + f"\n\n{heading}\n\n" + body + "\n"
     with open(path, "w") as f:
         f.write(text)
 
@@ -243,10 +249,4 @@ def write_cache_section(path: str, command: str, results_by_size: list[dict[str,
         ]
     parts.append(CACHE_MARK_END)
     body = "\n".join(parts)
-    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
-    if CACHE_MARK_START in text:
-        text = re.sub(re.escape(CACHE_MARK_START) + r".*?" + re.escape(CACHE_MARK_END), lambda _: body, text, flags=re.S)
-    else:
-        text = text.rstrip("\n") + "\n\n## Hybrid cache (issue #4)\n\n" + body + "\n"
-    with open(path, "w") as f:
-        f.write(text)
+    replace_section(path, CACHE_MARK_START, CACHE_MARK_END, body, heading="## Hybrid cache (issue #4)")

@@ -31,6 +31,7 @@ from npu_dit.passes.analysis.attention_ops import (
 )
 from npu_dit.passes.analysis.blocks import block_index_of, transformer_blocks
 from npu_dit.passes.analysis.module_paths import module_path, module_stack
+from npu_dit.passes.analysis.walk import first_reached
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,19 +165,7 @@ def _sequence_order(projections: list[fx.Node], chain: set[fx.Node], order: dict
 
 
 def _out_projections(call: fx.Node, in_block: set[fx.Node]) -> tuple[fx.Node, ...]:
-    found: list[fx.Node] = []
-    seen: set[fx.Node] = set()
-    frontier = [call]
-    while frontier:
-        node = frontier.pop()
-        for user in node.users:
-            if user in seen or user not in in_block:
-                continue
-            seen.add(user)
-            if is_linear(user):
-                found.append(user)
-            else:
-                frontier.append(user)
+    found = first_reached(call, forward=True, within=in_block, stop=is_linear)
     order = {n: i for i, n in enumerate(call.graph.nodes)}
     return tuple(sorted(found, key=order.__getitem__))
 

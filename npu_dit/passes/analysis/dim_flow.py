@@ -246,27 +246,26 @@ class _Flow:
         out = _shape(node)
         if out is None:
             return None
-        ndim = len(out)
+        values = [v for v in (self.dims(a) for a in tensor_args) if v is not None]
+        return tuple(self.join(node, values, out))
+
+    def join(self, node: fx.Node, values: Sequence[tuple], shape: list[Size]) -> list[Seq | None]:
+        """Right-aligned broadcasting of dim values onto `shape`: aligned dims are unified; a dim no
+        value carries gets a fresh atom (or None when its size is 1)."""
         result: list[Seq | None] = []
-        for d in range(ndim):
-            if out[d].is_one:
-                result.append(None)
-                continue
+        for d in range(len(shape)):
             candidates = []
-            for arg in tensor_args:
-                arg_dims = self.dims(arg)
-                if arg_dims is None:
-                    continue
-                ad = d - (ndim - len(arg_dims))
-                if ad >= 0 and arg_dims[ad] is not None:
-                    candidates.append(arg_dims[ad])
+            for value in values:
+                vd = d - (len(shape) - len(value))
+                if vd >= 0 and value[vd] is not None:
+                    candidates.append(value[vd])
             if not candidates:
-                result.append(self.fresh(node, out, d))
+                result.append(None if shape[d].is_one else (self.atoms.new(shape[d], (node, d)),))
                 continue
             for other in candidates[1:]:
                 self.atoms.unify(candidates[0], other, node)
             result.append(self.atoms.normalize(candidates[0]))
-        return tuple(result)
+        return result
 
     def tensor_args(self, node: fx.Node) -> list[fx.Node]:
         return [a for a in node.all_input_nodes if isinstance(node_value(a), torch.Tensor)]
@@ -457,13 +456,8 @@ class _Flow:
                     joined.extend(self.atoms.normalize(seq))
                 result.append(tuple(joined) if not out[d].is_one else None)
             else:
-                candidates = [self.dims(p)[d] for p in pieces if self.dims(p) is not None and self.dims(p)[d] is not None]
-                if not candidates:
-                    result.append(self.fresh(node, out, d))
-                    continue
-                for other in candidates[1:]:
-                    self.atoms.unify(candidates[0], other, node)
-                result.append(self.atoms.normalize(candidates[0]))
+                values = [(self.dims(p)[d],) for p in pieces if self.dims(p) is not None]
+                result.append(self.join(node, values, [out[d]])[0])
         return tuple(result)
 
     def rule_stack(self, node: fx.Node) -> DimsValue | None:
@@ -471,22 +465,10 @@ class _Flow:
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         out = _shape(node)
         dim = _dim(int(dim), len(out))
-        inner = self.broadcast_like(node, pieces, [s for d, s in enumerate(out) if d != dim])
-        inner = list(inner)
+        inner = self.join(node, [v for v in (self.dims(p) for p in pieces) if v is not None],
+                          [s for d, s in enumerate(out) if d != dim])
         inner.insert(dim, self.fresh(node, out, dim))
         return tuple(inner)
-
-    def broadcast_like(self, node: fx.Node, pieces: list[fx.Node], shape: list[Size]) -> list[Seq | None]:
-        result: list[Seq | None] = []
-        for d in range(len(shape)):
-            candidates = [self.dims(p)[d] for p in pieces if self.dims(p) is not None and self.dims(p)[d] is not None]
-            if not candidates:
-                result.append(None if shape[d].is_one else (self.atoms.new(shape[d], (node, d)),))
-                continue
-            for other in candidates[1:]:
-                self.atoms.unify(candidates[0], other, node)
-            result.append(self.atoms.normalize(candidates[0]))
-        return result
 
     def rule_reduce(self, node: fx.Node) -> DimsValue | None:
         src = self.dims(node.args[0])
@@ -516,25 +498,9 @@ class _Flow:
         out = _shape(node)
         if a is None or b is None or len(a) < 2 or len(b) < 2:
             return self.fresh_all(node)
-        self.atoms.unify(a[-1], b[-2], node) if a[-1] and b[-2] else None
-        batch = list(self.broadcast_dims(node, [a[:-2], b[:-2]], out[:-2]))
-        return tuple(batch) + (a[-2], b[-1])
-
-    def broadcast_dims(self, node: fx.Node, values: list[tuple], shape: list[Size]) -> list[Seq | None]:
-        result = []
-        for d in range(len(shape)):
-            candidates = []
-            for v in values:
-                vd = d - (len(shape) - len(v))
-                if vd >= 0 and v[vd] is not None:
-                    candidates.append(v[vd])
-            if not candidates:
-                result.append(None if shape[d].is_one else (self.atoms.new(shape[d], (node, d)),))
-                continue
-            for other in candidates[1:]:
-                self.atoms.unify(candidates[0], other, node)
-            result.append(self.atoms.normalize(candidates[0]))
-        return result
+        if a[-1] and b[-2]:
+            self.atoms.unify(a[-1], b[-2], node)
+        return tuple(self.join(node, [a[:-2], b[:-2]], out[:-2])) + (a[-2], b[-1])
 
     def rule_attention(self, node: fx.Node) -> DimsValue | None:
         q, k, v = attention_qkv(node)
