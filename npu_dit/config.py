@@ -24,7 +24,6 @@ DUMP_DIR_ENV = "NPU_DIT_DUMP_DIR"
 UNAVAILABLE_FEATURES: dict[str, str] = {
     "tensor_parallel": "tp_degree",
     "cache": "cache",
-    "attention_lowering": "attention_backend",
 }
 
 

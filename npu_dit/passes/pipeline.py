@@ -7,6 +7,11 @@ Order matters and is written down here, not left to import side effects:
                     works on the sharded graph.
 2. async_ulysses  — reorders nodes so each all-to-all overlaps independent compute; it must see the
                     collectives the Ulysses pass inserted, and it only moves nodes.
+3. attention_lowering — replaces each SDPA call by a kernel (torch_npu's fused attention, PyTorch's
+                    flash/cuDNN/efficient); last, because it lowers the attention Ulysses wrapped (in
+                    the BSND layout the all-to-all can deliver without transposes) and because the
+                    Ulysses and async passes recognise attention as SDPA. Only in the pipeline when it
+                    may fire: `auto` on a machine without an accelerator keeps SDPA.
 """
 
 from __future__ import annotations
@@ -19,8 +24,11 @@ from npu_dit.runtime.dist import ParallelContext
 
 
 def build_pipeline(cfg: CompileConfig, ctx: ParallelContext | None = None) -> list[PassSpec]:
+    from npu_dit.passes.attention_lowering import lowering_may_fire
+
     passes: list[PassSpec] = []
-    rewrites = cfg.ulysses_degree > 1
+    lowering = lowering_may_fire(cfg)
+    rewrites = cfg.ulysses_degree > 1 or lowering
     if rewrites:
         from npu_dit.passes.scalar_inputs import scalar_inputs_pass
 
@@ -35,4 +43,10 @@ def build_pipeline(cfg: CompileConfig, ctx: ParallelContext | None = None) -> li
             from npu_dit.passes.async_ulysses import async_ulysses_pass
 
             passes.append(PassSpec("async_ulysses", async_ulysses_pass))
+    if lowering:
+        from npu_dit.passes.attention_lowering import attention_lowering_pass
+
+        passes.append(
+            PassSpec("attention_lowering", functools.partial(attention_lowering_pass, cfg=cfg), preserves_numerics=False)
+        )
     return passes
