@@ -23,7 +23,6 @@ DUMP_DIR_ENV = "NPU_DIT_DUMP_DIR"
 # feature name -> the option that turns it on; removed from here as each pass lands.
 UNAVAILABLE_FEATURES: dict[str, str] = {
     "tensor_parallel": "tp_degree",
-    "attention_lowering": "attention_backend",
 }
 
 

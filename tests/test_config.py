@@ -10,6 +10,14 @@ def test_defaults():
     assert cfg.cache is None and cfg.dump_dir is None
 
 
+@pytest.mark.parametrize("backend", ["auto", "sdpa", "npu_fia", "npu_fa", "flash", "cudnn", "efficient", "math"])
+def test_attention_backend_choices(backend):
+    # attention lowering has landed: every kernel can be asked for (the pass refuses, per call site and
+    # with the reason, a kernel that cannot run a call)
+    assert "attention_lowering" not in UNAVAILABLE_FEATURES
+    assert CompileConfig.from_options({"attention_backend": backend}).attention_backend == backend
+
+
 @pytest.mark.parametrize("inner", ["eager", "inductor", "npugraph_ex"])
 def test_inner_compiler_choices(inner):
     assert CompileConfig.from_options({"inner_compiler": inner}).inner_compiler == inner

@@ -7,8 +7,13 @@ Order matters and is written down here, not left to import side effects:
                     works on the sharded graph.
 2. async_ulysses  — reorders nodes so each all-to-all overlaps independent compute; it must see the
                     collectives the Ulysses pass inserted, and it only moves nodes.
-3. cache_regions  — last: it cuts the final graph (sharded, scheduled) into front/middle/back regions
-                    at block boundaries; it changes no node.
+3. attention_lowering — replaces each SDPA call by a kernel (torch_npu's fused attention, PyTorch's
+                    flash/cuDNN/efficient); after the Ulysses passes, because it lowers the attention
+                    Ulysses wrapped (in the BSND layout the all-to-all can deliver without transposes)
+                    and because the Ulysses and async passes recognise attention as SDPA. Only in the
+                    pipeline when it may fire: `auto` on a machine without an accelerator keeps SDPA.
+4. cache_regions  — last: it cuts the final graph (sharded, scheduled, lowered) into front/middle/back
+                    regions at block boundaries; it changes no node.
 """
 
 from __future__ import annotations
@@ -21,8 +26,11 @@ from npu_dit.runtime.dist import ParallelContext
 
 
 def build_pipeline(cfg: CompileConfig, ctx: ParallelContext | None = None) -> list[PassSpec]:
+    from npu_dit.passes.attention_lowering import lowering_may_fire
+
     passes: list[PassSpec] = []
-    rewrites = cfg.ulysses_degree > 1 or cfg.cache is not None
+    lowering = lowering_may_fire(cfg)
+    rewrites = cfg.ulysses_degree > 1 or lowering or cfg.cache is not None
     if rewrites:
         from npu_dit.passes.scalar_inputs import scalar_inputs_pass
 
@@ -37,6 +45,12 @@ def build_pipeline(cfg: CompileConfig, ctx: ParallelContext | None = None) -> li
             from npu_dit.passes.async_ulysses import async_ulysses_pass
 
             passes.append(PassSpec("async_ulysses", async_ulysses_pass))
+    if lowering:
+        from npu_dit.passes.attention_lowering import attention_lowering_pass
+
+        passes.append(
+            PassSpec("attention_lowering", functools.partial(attention_lowering_pass, cfg=cfg), preserves_numerics=False)
+        )
     if cfg.cache is not None:
         from npu_dit.passes.cache_regions import cache_regions_pass
 

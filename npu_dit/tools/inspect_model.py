@@ -19,6 +19,7 @@ from npu_dit.config import CompileConfig
 from npu_dit.models import build_transformer, count_parameters, get_model
 from npu_dit.passes.analysis import attention_sites, parameter_placeholders, token_dims, transformer_blocks
 from npu_dit.passes.analysis.attention_ops import node_value
+from npu_dit.passes.attention_lowering import KERNELS_META_KEY, attention_environment, attention_kernel_choices
 from npu_dit.passes.infra import dump_graph, run_passes
 from npu_dit.passes.pipeline import build_pipeline
 from npu_dit.passes.cache_regions import CACHE_PLAN_KEY
@@ -117,6 +118,16 @@ def inspect_model(
             hidden = sites[0].num_heads * sites[0].head_dim if sites else 0
             communication = collective_report(rewritten, plan, ctx, captured.real_inputs, len(sites), hidden)
 
+    # the kernel each site got: from the lowering pass when it ran, else the selection it would make
+    # (`auto` without an accelerator, or `sdpa`: every site keeps SDPA; the reasons still show)
+    kernels = rewritten.meta.get(KERNELS_META_KEY) if rewritten is not gm else None
+    if kernels is None:
+        choices = attention_kernel_choices(gm, backend=cfg.attention_backend, env=attention_environment(cfg))
+        kernels = [{"site": c.call.index, "module": c.call.module, **c.summary()} for c in choices]
+    site_summaries = [s.summary() for s in sites]
+    for summary, kernel in zip(site_summaries, kernels):
+        summary["kernel"] = {k: v for k, v in kernel.items() if k not in ("site", "module")}
+
     graph_params = parameter_placeholders(gm)
     graph_param_bytes = sum(_nbytes(node_value(n)) for n in graph_params)
     block_kinds: dict[str, int] = {}
@@ -140,7 +151,7 @@ def inspect_model(
         "graph": {"nodes": len(gm.graph.nodes), "graphs": captured.num_graphs, "nodes_after_passes": len(rewritten.graph.nodes)},
         "blocks": {"count": len(blocks), "by_kind": block_kinds, "all_contiguous": all(b.contiguous for b in blocks),
                    "order": [b.path for b in blocks]},
-        "attention": {"count": len(sites), "by_kind": site_kinds, "sites": [s.summary() for s in sites]},
+        "attention": {"count": len(sites), "by_kind": site_kinds, "sites": site_summaries},
         "token_dims": tokens.summary(),
         "passes": {
             "fell_back": report.fell_back,
@@ -155,6 +166,13 @@ def inspect_model(
         "cache_regions": regions,
         "timings": timings,
     }
+
+
+def _kernel_text(kernel: dict[str, Any]) -> str:
+    """`npu_fia [BSND, reference op] (npu_fa: ...; flash: ...)`, as KernelChoice.describe() writes it."""
+    head = f"{kernel['kernel']} [{kernel['layout']}{', reference op' if kernel['reference'] else ''}]"
+    refused = "; ".join(f"{name}: {reason}" for name, reason in kernel["refused"].items())
+    return f"{head} ({refused})" if refused else head
 
 
 def _nbytes(value: Any) -> int:
@@ -193,6 +211,15 @@ def format_report(r: dict[str, Any]) -> str:
         add(f"    e.g. {s['module']}: {s['heads']} heads x {s['head_dim']}, q from {', '.join(s['q_proj'])}; "
             f"qk-norm {'yes' if s['qk_norm'] else 'no'}, rope {'yes' if s['rope'] else 'no'}, "
             f"out {', '.join(s['out_proj'])}{', masked' if s['mask'] else ''}")
+    kernels: dict[str, int] = {}
+    for s in a["sites"]:
+        if "kernel" in s:
+            text = _kernel_text(s["kernel"])
+            kernels[text] = kernels.get(text, 0) + 1
+    if kernels:
+        add("  attention kernels (why the others refused):")
+        for text, n in kernels.items():
+            add(f"    {n:4d} x {text}")
     t = r["token_dims"]
     add(f"  token segments (attention sequence = {' | '.join(t['attention_lengths'])}):")
     for seg in t["segments"]:

@@ -21,13 +21,13 @@ import torch.fx as fx
 
 from npu_dit.passes.analysis._cache import cached_analysis
 from npu_dit.passes.analysis.attention_ops import (
+    attention_layout,
+    attention_mask,
     attention_qkv,
     is_attention_call,
     is_linear,
     is_norm,
     node_value,
-    sdpa_args,
-    is_sdpa,
 )
 from npu_dit.passes.analysis.blocks import block_index_of, transformer_blocks
 from npu_dit.passes.analysis.module_paths import module_path, module_stack
@@ -193,7 +193,8 @@ def attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
         k_chain = _walk_projection_chain(k, region, params)
         v_chain = _walk_projection_chain(v, region, params)
         q_shape = node_value(q).shape
-        mask = sdpa_args(node).get("attn_mask") if is_sdpa(node) else None
+        head_axis = attention_layout(node).index("N") - 4  # -3 in BNSD, -2 in BSND
+        mask = attention_mask(node)
         sites.append(
             AttentionSite(
                 index=len(sites),
@@ -207,7 +208,7 @@ def attention_sites(gm: fx.GraphModule) -> list[AttentionSite]:
                 k=k_chain,
                 v=v_chain,
                 out_projections=_out_projections(node, region),
-                num_heads=int(q_shape[-3]),
+                num_heads=int(q_shape[head_axis]),
                 head_dim=int(q_shape[-1]),
                 mask=mask if isinstance(mask, fx.Node) else None,
             )

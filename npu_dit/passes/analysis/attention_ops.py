@@ -20,9 +20,14 @@ SDPA_TARGETS: set[object] = {
     torch._C._nn.scaled_dot_product_attention,
     torch.ops.aten.scaled_dot_product_attention.default,
 }
-# targets of lowered attention calls (registered by passes/attention_lowering); each maps to a
+# targets of lowered attention calls (registered by passes/attention_kernels.py); each maps to a
 # function node -> (query, key, value) in BNSD-or-BSND terms, see `attention_qkv`
 LOWERED_ATTENTION_TARGETS: dict[object, object] = {}
+# and to a function node -> its mask node or None (a lowered mask may have another polarity: only its
+# shape [.., Sq, Skv] matters to the analyses)
+LOWERED_ATTENTION_MASKS: dict[object, object] = {}
+# node.meta key naming the layout a lowered call reads q/k/v in ("BNSD" when absent, SDPA's)
+ATTENTION_LAYOUT_KEY = "npu_dit.attention_layout"
 
 LINEAR_TARGETS: set[object] = {F.linear, torch._C._nn.linear, torch.ops.aten.linear.default}
 NORM_TARGETS: set[object] = {
@@ -66,6 +71,19 @@ def attention_qkv(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node]:
         return args["query"], args["key"], args["value"]
     reader = LOWERED_ATTENTION_TARGETS[node.target]
     return reader(node)  # type: ignore[operator]
+
+
+def attention_mask(node: fx.Node) -> object:
+    """The mask argument of an attention call (SDPA or lowered), or None."""
+    if is_sdpa(node):
+        return sdpa_args(node)["attn_mask"]
+    reader = LOWERED_ATTENTION_MASKS.get(node.target)
+    return reader(node) if reader is not None else None  # type: ignore[operator]
+
+
+def attention_layout(node: fx.Node) -> str:
+    """"BNSD" (SDPA) or "BSND": which axes of q/k/v hold the heads and the sequence."""
+    return node.meta.get(ATTENTION_LAYOUT_KEY, "BNSD")
 
 
 def node_value(node: object) -> object:

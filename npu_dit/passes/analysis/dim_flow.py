@@ -32,9 +32,9 @@ from npu_dit.passes.analysis.attention_ops import (
     LINEAR_TARGETS,
     SDPA_TARGETS,
     LOWERED_ATTENTION_TARGETS,
+    attention_mask,
     attention_qkv,
     node_value,
-    sdpa_args,
 )
 
 Seq = tuple[int, ...]  # atoms of one dim, in order
@@ -307,6 +307,10 @@ class _Flow:
     def visit(self, node: fx.Node) -> Any:
         target = node.target
         value = node_value(node)
+        if node.op == "call_function" and target in LOWERED_ATTENTION_TARGETS and isinstance(value, (tuple, list)):
+            # a lowered kernel returning (out, lse, ...): the attention rule gives out's dims
+            out = self.rule_attention(node)
+            return [out] + [self.fresh_all_value(node, v, k) for k, v in enumerate(value) if k > 0]
         if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
             return self.visit_multi(node)
         if node.op == "call_function" and target is operator.getitem:
@@ -511,8 +515,7 @@ class _Flow:
         seq_q, seq_k = _attention_seq_dims(node, len(qd))
         if kd[seq_k] is not None and vd[seq_k] is not None:
             self.atoms.unify(kd[seq_k], vd[seq_k], node)
-        mask = sdpa_args(node).get("attn_mask") if node.target in SDPA_TARGETS else None
-        md = self.dims(mask)
+        md = self.dims(attention_mask(node))
         if md is not None:
             if md[-1] is not None and kd[seq_k] is not None:
                 self.atoms.unify(md[-1], kd[seq_k], node)
