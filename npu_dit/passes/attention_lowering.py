@@ -25,8 +25,8 @@ a CPU, so with no accelerator the pipeline does not include this pass.
 Preconditions: attention is SDPA with example values (meta["val"]).
 Postconditions: lowered calls carry meta["npu_dit.attention_layout"]; gm.meta["npu_dit.attention_kernels"]
 lists each site's kernel, layout and the reasons the others refused.
-Pipeline position: last, after ulysses and async_ulysses (it lowers the attention Ulysses wrapped; the
-async scheduler only knows SDPA).
+Pipeline position: after ulysses and async_ulysses (it lowers the attention Ulysses wrapped; the
+async scheduler only knows SDPA), before cache_regions (which cuts the final graph).
 """
 
 from __future__ import annotations
