@@ -4,41 +4,56 @@ Registered as `npu_dit` in the `torch_dynamo_backends` entry-point group, so
 
     torch.compile(transformer, backend="npu_dit", dynamic=True, options={...})
 
-works in a fresh interpreter without importing npu_dit first.
+works in a fresh interpreter without importing npu_dit first. Dynamo traces the frames compiled
+with this backend without duck shaping (`npu_dit.tracing`), so token lengths that happen to equal a
+weight's width stay symbolic.
+
+Every graph either runs rewritten on every rank or unrewritten on every rank: a pass that cannot
+prove its rewrite exact refuses (one warning, the captured graph runs), and under parallelism the
+ranks compare their plans before the first run (`runtime/agreement.py`).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import warnings
 from typing import Any, Callable
 
+import torch.distributed as dist
 import torch.fx as fx
 
+from npu_dit import tracing
 from npu_dit.config import CompileConfig
-from npu_dit.passes.infra import PipelineReport, UserError, run_passes
-from npu_dit.passes.pipeline import build_pipeline
-from npu_dit.passes.ulysses import SHARDING_META_KEY
-from npu_dit.runtime.dist import ParallelContext, ensure_process_group
-import torch.distributed as dist
-
+from npu_dit.errors import UserError
 from npu_dit.passes.cache_regions import CACHE_PLAN_KEY
+from npu_dit.passes.infra import PipelineReport, run_passes
+from npu_dit.passes.pipeline import build_pipeline
+from npu_dit.passes.prepare import prepare_meta
 from npu_dit.passes.scalar_inputs import SCALAR_INPUTS_KEY
+from npu_dit.plans import SHARDING_META_KEY
+from npu_dit.runtime import agreement
 from npu_dit.runtime.cache import CacheController
+from npu_dit.runtime.dist import ParallelContext, ensure_process_group
 from npu_dit.runtime.executor import GraphExecutor
 from npu_dit.runtime.inner import compile_inner, compile_inner_lazily
-from npu_dit.tools.capture import prepare_meta
 
 
 @dataclasses.dataclass
 class CompileRecord:
-    """What one backend call did; the latest few are kept in `RECORDS` for tools and tests."""
+    """What one backend call did; the latest few are kept in `RECORDS` for tools, tests, `explain()`."""
 
     config: CompileConfig
     report: PipelineReport
     graph: fx.GraphModule
     num_nodes_captured: int
     parallel: ParallelContext | None
+    tag: str = "graph"
+
+    def explain(self) -> str:
+        from npu_dit.explain import format_record
+
+        return format_record(self)
 
 
 RECORDS: collections.deque[CompileRecord] = collections.deque(maxlen=16)
@@ -63,9 +78,12 @@ def npu_dit_backend(
     if ctx is not None:
         tag += f"_rank{ctx.rank}"
     rewritten, report = run_passes(gm, build_pipeline(cfg, ctx), dump_dir=cfg.dump_dir, graph_tag=tag)
-    RECORDS.append(CompileRecord(cfg, report, rewritten, num_nodes, ctx))
+    if ctx is not None:
+        rewritten = _agree_across_ranks(gm, rewritten, report, example_inputs)
+    _warn_fixable(rewritten, report)
+    RECORDS.append(CompileRecord(cfg, report, rewritten, num_nodes, ctx, tag))
     if rewritten is gm:
-        # no rewrite (or a fallback): every rank runs the captured graph on the full inputs
+        # no rewrite (or a refusal): every rank runs the captured graph on the full inputs
         return compile_inner(rewritten, example_inputs, cfg.inner_compiler, mode=mode)
     # the rewritten graph takes other inputs (local shapes, scalars, lengths): the inner compiler
     # gets it on its first real call
@@ -81,3 +99,44 @@ def npu_dit_backend(
         plan=rewritten.meta.get(SHARDING_META_KEY),
         ctx=ctx,
     )
+
+
+npu_dit_backend.backend_ctx_ctor = tracing.backend_tracing_context  # type: ignore[attr-defined]
+tracing.install()
+
+
+def _agree_across_ranks(
+    captured: fx.GraphModule, rewritten: fx.GraphModule, report: PipelineReport, example_inputs: list[Any]
+) -> fx.GraphModule:
+    """Every rank runs the rewrite, or every rank runs the captured graph; different graphs or
+    plans raise the same RankMismatchError on every rank (never a hang)."""
+    plan = rewritten.meta.get(SHARDING_META_KEY)
+    graph = f"{len(captured.graph.nodes)} nodes|{agreement.call_signature(example_inputs)}"
+    what = plan.fingerprint() if plan is not None and not report.fell_back else "none"
+    records = agreement.exchange(agreement.COMPILE, what, graph=graph, fell_back=report.fell_back)
+    detail = "fell back" if report.fell_back else f"plan {plan.describe() if plan else 'none'}"
+    # a graph that differs between ranks is an error even where some rank fell back
+    agreement.check_records(records, agreement.COMPILE, detail, ignore_plans=True)
+    if report.fell_back:
+        return captured
+    if any(r[3] for r in records):
+        report.fell_back = True
+        report.fallback_reason = "another rank could not rewrite this graph; every rank runs it unrewritten"
+        warnings.warn(f"npu_dit: {report.fallback_reason} (see the warning on that rank).", RuntimeWarning, stacklevel=3)
+        return captured
+    agreement.check_records(records, agreement.COMPILE, detail)
+    return rewritten
+
+
+def _warn_fixable(rewritten: fx.GraphModule, report: PipelineReport) -> None:
+    plan = rewritten.meta.get(SHARDING_META_KEY)
+    if plan is None:
+        return
+    for stream in plan.streams:
+        if not stream.sharded and stream.fix:
+            warnings.warn(
+                f"npu_dit: token stream {stream.id} ({stream.name}, e.g. {stream.example_length} tokens) stays "
+                f"replicated: {stream.reason}. {stream.fix}",
+                RuntimeWarning,
+                stacklevel=3,
+            )

@@ -28,7 +28,7 @@ from npu_dit.passes.infra import UserError, clone_graph_module, run_passes
 from npu_dit.passes.pipeline import build_pipeline
 from npu_dit.runtime.dist import inspection_context
 from npu_dit.runtime.npu_attention import fused_infer_attention_op, fusion_attention_op
-from npu_dit.tools.capture import capture_graph, no_duck_shaping
+from npu_dit.tools.capture import capture_graph
 from npu_dit.tools.cli import main as cli_main
 from tests.conftest import tiny_model_and_inputs
 from tests.dist_utils import run_ranks
@@ -217,7 +217,7 @@ def compiled_output(key, options, **overrides):
     _, model, inputs = tiny_model_and_inputs(key, **overrides)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="npu_dit", dynamic=True, options=options)
-    with torch.no_grad(), no_duck_shaping():
+    with torch.no_grad():
         expected = model(**inputs)[0]
         actual = compiled(**inputs)[0]
     return actual, expected, RECORDS[-1]

@@ -12,7 +12,6 @@ from npu_dit.config import CacheConfig, CompileConfig
 from npu_dit.passes.infra import UserError
 from npu_dit.runtime import cache as cache_runtime
 from npu_dit.runtime.cache_policy import DBCachePolicy, TaylorSeer, steps_mask
-from npu_dit.tools.capture import no_duck_shaping
 from npu_dit.tools.denoise import denoise
 from tests.conftest import tiny_model_and_inputs
 from tests.dist_utils import run_ranks
@@ -137,7 +136,7 @@ def compile_cached(model, cache, **extra):
 def run_loop(fn, key, steps=12, true_cfg=False, **overrides):
     _, _, inputs = tiny_model_and_inputs(key, **overrides)
     height = overrides.get("height", 128)
-    with torch.no_grad(), no_duck_shaping():
+    with torch.no_grad():
         return denoise(fn, inputs, steps=steps, height=height, width=overrides.get("width", 128), true_cfg=true_cfg)
 
 
@@ -189,7 +188,7 @@ def test_generations_reset_from_the_timesteps_and_on_request():
     assert controller.pattern(0) == controller.pattern(1) and torch.equal(first, second)
     cache_runtime.reset_all()
     _, _, inputs = tiny_model_and_inputs("flux")
-    with torch.no_grad(), no_duck_shaping():
+    with torch.no_grad():
         # a low timestep (as the loop passes it: an expanded view), but a reset was asked for
         compiled(**dict(inputs, timestep=torch.tensor(0.01).expand(1)))
     assert controller.generation == 2 and controller.records[-1].step == 0
@@ -215,7 +214,7 @@ def test_regions_have_no_graph_breaks_and_no_item():
 
     counters.clear()
     compiled = compile_cached(model, {"Fn_compute_blocks": 1, "Bn_compute_blocks": 1})
-    with torch.no_grad(), no_duck_shaping():
+    with torch.no_grad():
         compiled(**inputs)
     assert counters["stats"]["unique_graphs"] == 1  # one Dynamo graph for the whole call
     plan = cache_runtime.latest().plan
@@ -237,7 +236,7 @@ def test_regions_compile_with_inductor():
 def test_no_middle_blocks_is_a_clear_error():
     _, model, inputs = tiny_model_and_inputs("flux")
     compiled = compile_cached(model, {"Fn_compute_blocks": 3, "Bn_compute_blocks": 1})
-    with pytest.raises(Exception) as info, torch.no_grad(), no_duck_shaping():
+    with pytest.raises(Exception) as info, torch.no_grad():
         compiled(**inputs)
     assert "leaves no middle blocks" in str(info.value)
 

@@ -1,9 +1,11 @@
 import pytest
+
+from npu_dit.errors import Refusal
 import torch
 
 from npu_dit.passes.analysis import attention_sites, require_dynamic_token_dims, token_dims
 from npu_dit.passes.infra import UserError
-from npu_dit.tools.capture import capture_graph, no_duck_shaping, prepare_meta
+from npu_dit.tools.capture import capture_graph, prepare_meta
 from tests.conftest import tiny_model_and_inputs
 
 
@@ -110,7 +112,7 @@ def test_dynamic_token_dims_vary_without_recompiling_static_ones_do_not(key, cha
 
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=record, dynamic=True)
-    with torch.no_grad(), no_duck_shaping():
+    with torch.no_grad():
         compiled(**inputs)
         out = compiled(**changed)[0]
         expected = model(**changed)[0]
@@ -122,12 +124,12 @@ def test_dynamic_token_dims_vary_without_recompiling_static_ones_do_not(key, cha
     assert next(t for t in tokens.inputs if t.name == changed_input).dynamic == (not recompiles)
 
 
-def test_static_token_dims_are_a_clear_error_for_parallelism():
+def test_static_token_dims_are_a_refusal_that_names_the_fix():
     _, model, inputs = tiny_model_and_inputs("flux")
     cap = capture_graph(model, inputs, dynamic=False)
     tokens = token_dims(cap.gm)
     assert dims(tokens.inputs) == {("hidden_states", 1), ("encoder_hidden_states", 1), ("img_ids", 0), ("txt_ids", 0)}
     assert not any(t.dynamic for t in tokens.inputs)
-    with pytest.raises(UserError, match=r"Pass dynamic=True to torch.compile"):
+    with pytest.raises(Refusal, match=r"Pass dynamic=True to torch.compile"):
         require_dynamic_token_dims(tokens, "Ulysses sequence parallelism")
     require_dynamic_token_dims(token_dims(capture_graph(model, inputs).gm), "Ulysses")  # dynamic: fine

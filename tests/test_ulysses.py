@@ -10,7 +10,8 @@ import torch
 from npu_dit.passes.analysis import token_dims
 from npu_dit.passes.infra import PassSpec, UserError, run_passes
 from npu_dit.passes.scalar_inputs import scalar_inputs_pass
-from npu_dit.passes.ulysses import SHARDING_META_KEY, ulysses_pass
+from npu_dit.passes.ulysses import ulysses_pass
+from npu_dit.plans import SHARDING_META_KEY
 from npu_dit.runtime import collectives as C
 from npu_dit.runtime.dist import inspection_context
 from npu_dit.tools.capture import capture_graph

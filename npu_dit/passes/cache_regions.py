@@ -34,7 +34,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from npu_dit.config import CacheConfig
 from npu_dit.passes.analysis.attention_ops import node_value
 from npu_dit.passes.analysis.blocks import transformer_blocks
-from npu_dit.passes.infra import PassResult, UserError
+from npu_dit.passes.infra import PassResult, Refusal, UserError
 
 CACHE_PLAN_KEY = "npu_dit.cache_plan"
 
@@ -98,8 +98,11 @@ def _same_tokens(a: tuple | None, b: tuple | None) -> bool:
 def cache_regions_pass(gm: fx.GraphModule, *, cfg: CacheConfig) -> PassResult:
     blocks = transformer_blocks(gm)
     fn, bn = cfg.Fn_compute_blocks, cfg.Bn_compute_blocks
+    if not blocks:
+        raise Refusal("the hybrid cache found no transformer block list in this graph (a piece of the model "
+                      "after a graph break?)")
     if fn + bn >= len(blocks):
-        raise UserError(
+        raise Refusal(
             f"cache Fn_compute_blocks={fn} + Bn_compute_blocks={bn} leaves no middle blocks to cache in this "
             f"{len(blocks)}-block transformer; lower them so that Fn + Bn < {len(blocks)}"
         )

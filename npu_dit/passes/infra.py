@@ -3,8 +3,9 @@
 A pass is a plain function `xxx_pass(gm, *, cfg, ...) -> PassResult`, bound with `functools.partial`
 into the ordered list that `pipeline.build_pipeline` returns. Passes never print, time themselves or
 recompile: `run_passes` lints, recompiles, times, counts what fired and dumps the graph before and
-after each pass when asked. If a pass raises anything but a `UserError`, the runner drops the whole
-rewrite and returns the unrewritten graph with one warning: a graph we cannot handle runs as it was
+after each pass when asked. If a pass refuses (`Refusal`: it cannot prove its rewrite exact here) or
+raises anything but a `UserError`, the runner drops the whole rewrite and returns the unrewritten
+graph with one warning: a graph we cannot handle runs as it was
 captured, never as a wrong program.
 """
 
@@ -23,11 +24,11 @@ import torch
 import torch.fx as fx
 from torch.fx._lazy_graph_module import _make_graph_module
 
+from npu_dit.errors import Refusal, UserError  # noqa: F401 - re-exported for the passes
+
 log = logging.getLogger("npu_dit")
 
 
-class UserError(ValueError):
-    """A problem the user can fix (bad option, static token dim, wrong world size): always raised."""
 
 
 @dataclasses.dataclass
@@ -165,6 +166,16 @@ def run_passes(
                 invalidate_analyses(result.graph_module)
         except UserError:
             raise
+        except Refusal as exc:  # the pass cannot prove its rewrite exact for this graph
+            reason = f"{spec.name} refused: {exc}"
+            warnings.warn(
+                f"npu_dit: {reason}. Running this graph without npu_dit's rewrites (results stay correct).",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            report.fell_back = True
+            report.fallback_reason = reason
+            return gm, report
         except Exception as exc:  # noqa: BLE001 - any failure falls back to the captured graph
             reason = f"pass {spec.name!r} failed: {type(exc).__name__}: {exc}"
             log.debug("npu_dit fallback traceback:\n%s", traceback.format_exc())

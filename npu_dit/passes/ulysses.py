@@ -42,13 +42,22 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from npu_dit.passes.analysis.attention_ops import graph_fake_mode, is_sdpa, node_value, sdpa_args
 from npu_dit.passes.analysis.token_dims import TokenDims, token_dims
-from npu_dit.passes.infra import PassResult
+from npu_dit.passes.infra import PassResult, Refusal
 from npu_dit.passes.ulysses_plan import OutputGather, ShardingPlan, plan_streams
+from npu_dit.plans import SHARDING_META_KEY
 from npu_dit.runtime import collectives as C
 from npu_dit.runtime.dist import ParallelContext
 
 SLICING_OPS = {"getitem", "split", "split_with_sizes", "chunk", "tensor_split", "unbind", "narrow", "select"}
-SHARDING_META_KEY = "npu_dit.sharding"
+# ops whose output does not depend on positions along the dims they create
+CONSTANT_FILLS = {
+    "ones", "zeros", "full", "empty", "ones_like", "zeros_like", "full_like", "empty_like",
+    "new_ones", "new_zeros", "new_full", "new_empty",
+}
+_SYM_ARITHMETIC = {
+    operator.add, operator.sub, operator.mul, operator.floordiv, operator.neg, operator.mod,
+    torch.sym_max, torch.sym_min, torch.sym_sum,
+}
 
 
 def _op_name(node: fx.Node) -> str:
@@ -140,7 +149,7 @@ class _Rewriter:
         replicated pseudo-stream of constant length, negative id."""
         size = self.tokens.segments[seg].size if seg >= 0 else None
         if size is None or size.free_symbols:
-            raise NotImplementedError(f"{node.name} dim {dim} holds tokens of no input stream")
+            raise Refusal(f"{node.name} dim {dim} holds tokens of no input stream")
         pseudo = -1 - seg
         self.stream_len.setdefault(pseudo, int(size))
         self.global_len.setdefault(pseudo, int(size))
@@ -231,26 +240,98 @@ class _Rewriter:
         carried: set[int] = set()
         for inp in node.all_input_nodes:
             carried |= self.local.get(inp, frozenset())
+        self.check_rules(node)
         lost = carried - present
         if lost and isinstance(node_value(node), torch.Tensor) and _op_name(node) not in SLICING_OPS:
-            raise NotImplementedError(
-                f"{node.name} ({_op_name(node)}) reduces over a sharded token dim; Ulysses does not "
-                f"insert the all-reduce this would need"
+            raise Refusal(
+                f"{self.where(node)} drops the sharded token dim of stream(s) {sorted(lost)}; Ulysses does "
+                f"not insert the all-reduce or gather this would need"
             )
         self.check_placeable(node)
         local = present & carried
         for stream in present - carried:
-            # a tensor the graph creates (ones(B, s_img)): local if sized by a local length
+            # a tensor the graph creates from a length: a constant fill (ones(B, s_img)) sized by the
+            # local length is this rank's chunk; anything else (positions, a slice of a RoPE table) is
+            # built at the global length below and sliced where it meets local tokens
             is_source = not any(stream in self.streams_of(i) for i in node.all_input_nodes)
-            if is_source and self._sized_by_local_length(node, stream):
+            if is_source and _op_name(node) in CONSTANT_FILLS and self._sized_by_local_length(node, stream):
                 local.add(stream)
         self.local[node] = frozenset(local)
+        self.globalize_lengths(node, present - local)
         for inp in list(node.all_input_nodes):
             need = (self.streams_of(inp) & self.local[node]) - self.local.get(inp, frozenset())
             if need and isinstance(node_value(inp), torch.Tensor):
                 self.stack = node.meta.get("nn_module_stack")
                 node.replace_input_with(inp, self.localize(inp, frozenset(need), before=node))
                 self.stack = None
+
+    def where(self, node: fx.Node) -> str:
+        from npu_dit.passes.analysis.module_paths import module_path
+
+        path = module_path(node)
+        return f"{_op_name(node)} ({node.name}{' in ' + path if path else ''})"
+
+    def holds_local_tokens(self, inp: Any, dim: int) -> bool:
+        if not isinstance(inp, fx.Node) or not self.local.get(inp):
+            return False
+        dims = self.tokens.flow.dims(inp)
+        if dims is None or dim >= len(dims) or dims[dim] is None:
+            return False
+        segments = {self.segment_of_atom.get(a) for a in self.atoms.normalize(dims[dim])}
+        return any(self.stream_of_segment.get(s) in self.local[inp] for s in segments if s is not None)
+
+    def check_rules(self, node: fx.Node) -> None:
+        """Refuse whatever the rule table cannot prove exact on sharded tokens: an op with no rule,
+        mixing positions along a sharded dim (softmax, cumsum, flip, a reduction, a contraction), or a
+        slice that does not cut at a stream boundary."""
+        flow = self.tokens.flow
+        if node in flow.opaque_set and any(self.local.get(i) for i in node.all_input_nodes):
+            raise Refusal(f"{self.where(node)} has no sharding rule and reads sharded tokens")
+        for inp, dim in flow.mixing.get(node, ()):
+            if self.holds_local_tokens(inp, dim):
+                raise Refusal(f"{self.where(node)} combines positions along a sharded token dim (dim {dim})")
+        for inp, dim in flow.inexact_slices.get(node, ()):
+            if self.holds_local_tokens(inp, dim):
+                raise Refusal(f"{self.where(node)} slices a sharded token dim (dim {dim}) inside a stream")
+
+    def globalize_lengths(self, node: fx.Node, streams: set[int]) -> None:
+        """A value built at full size for `streams` must use their global lengths: its SymInt
+        arguments that mention a (now local) stream symbol are recomputed from the global lengths."""
+        symbols = frozenset().union(*(s.symbols for s in self.plan.streams if s.id in streams)) if streams else frozenset()
+        if not symbols:
+            return
+
+        def mentions(arg: Any) -> bool:
+            value = node_value(arg) if isinstance(arg, fx.Node) else None
+            return isinstance(value, torch.SymInt) and bool(value.node.expr.free_symbols & symbols)
+
+        if not any(mentions(a) for a in node.all_input_nodes):
+            return
+        with self.graph.inserting_before(node):
+            node.args = fx.node.map_arg(node.args, lambda a: self.global_symint(a, symbols) if mentions(a) else a)
+            node.kwargs = fx.node.map_arg(node.kwargs, lambda a: self.global_symint(a, symbols) if mentions(a) else a)
+        self.bump("global_tables")
+
+    def global_symint(self, node: fx.Node, symbols: frozenset) -> fx.Node:
+        key = ("global", node)
+        if key in self.cache:
+            return self.cache[key]
+        expr = node_value(node).node.expr
+        stream = next((s for s in self.plan.streams if s.sharded and expr in s.symbols), None)
+        if stream is not None:
+            result = self.global_len[stream.id]
+        elif node.op == "call_function" and node.target in _SYM_ARITHMETIC:
+            def swap(a: Any) -> Any:
+                value = node_value(a) if isinstance(a, fx.Node) else None
+                if isinstance(value, torch.SymInt) and value.node.expr.free_symbols & symbols:
+                    return self.global_symint(a, symbols)
+                return a
+            result = self.call(node.target, tuple(swap(a) for a in node.args))
+        else:
+            raise Refusal(f"{self.where(node)}: a table is built from a local length that Ulysses cannot "
+                          f"recompute at the global length")
+        self.cache[key] = result
+        return result
 
     def check_placeable(self, node: fx.Node) -> None:
         """A dim holding sharded tokens next to tokens the analysis could not place (a length-1
@@ -265,7 +346,7 @@ class _Rewriter:
                 segments = [self.segment_of_atom.get(a) for a in self.atoms.normalize(seq)]
                 sharded = [s for s in segments if s is not None and self.stream_of_segment.get(s) in self.sharded]
                 if sharded and any(s is None for s in segments):
-                    raise NotImplementedError(
+                    raise Refusal(
                         f"{node.name} ({_op_name(node)}) holds sharded tokens next to tokens the token-dim "
                         f"analysis could not place (a length-1 stream?)"
                     )
@@ -321,7 +402,7 @@ class _Rewriter:
         seq_dim, head_dim = ndim - 2, ndim - 3
         num_heads = node_value(q).shape[head_dim]
         if node_value(k).shape[head_dim] != num_heads or node_value(v).shape[head_dim] != num_heads:
-            raise NotImplementedError(f"{node.name}: q, k and v have different head counts")
+            raise Refusal(f"{node.name}: q, k and v have different head counts")
         padded = C.padded_heads(int(num_heads), self.world)
         q_runs = self.runs(q, seq_dim, self.local.get(q, frozenset()))
         with self.graph.inserting_before(node):
@@ -413,7 +494,7 @@ class _Rewriter:
             for dim, _ in self.tokens.token_dims_of(out):
                 runs = self.runs(out, dim, self.local[out])
                 if not all(r.local for r in runs):
-                    raise NotImplementedError(f"output {index} mixes sharded and replicated tokens on dim {dim}")
+                    raise Refusal(f"output {index} mixes sharded and replicated tokens on dim {dim}")
                 streams = tuple(s for r in runs for s in r.streams)
                 self.plan.outputs.append(OutputGather(index, dim, streams))
 

@@ -15,7 +15,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from npu_dit.passes.infra import UserError
+from npu_dit.errors import UserError
 
 TIMEOUT_ENV = "NPU_DIT_GROUP_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0

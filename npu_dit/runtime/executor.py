@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from npu_dit.passes.ulysses_plan import ShardingPlan
+from npu_dit.plans import ShardingPlan
 from npu_dit.runtime.collectives import chunk_lengths, local_chunk
 from npu_dit.runtime.dist import ParallelContext
 

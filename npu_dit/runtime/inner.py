@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from npu_dit.passes.infra import UserError
+from npu_dit.errors import UserError
 
 
 def compile_inner(gm: fx.GraphModule, example_inputs: list[Any], name: str, *, mode: str | None = None) -> Callable:

@@ -174,7 +174,6 @@ def bench_cache(
 
     from npu_dit.models import build_transformer, get_model
     from npu_dit.runtime import cache as cache_runtime
-    from npu_dit.tools.capture import no_duck_shaping
     from npu_dit.tools.denoise import denoise
 
     warnings.filterwarnings("ignore")
@@ -190,7 +189,7 @@ def bench_cache(
         torch._dynamo.reset()
         options = {"cache": cache} if cache is not None else {}
         compiled = torch.compile(model, backend="npu_dit", dynamic=True, options=options)
-        with torch.no_grad(), no_duck_shaping():
+        with torch.no_grad():
             denoise(compiled, inputs, steps=2, height=height, width=width)  # compile and warm up
             cache_runtime.reset_all()
             start = time.perf_counter()

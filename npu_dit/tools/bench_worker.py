@@ -42,7 +42,6 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     torch.set_num_threads(args.threads)
     from npu_dit.models import build_transformer, get_model
-    from npu_dit.tools.capture import no_duck_shaping
 
     spec = get_model(args.model)
     config = spec.config(args.size)
@@ -60,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.distributed.barrier()
 
     times = []
-    with torch.no_grad(), no_duck_shaping():
+    with torch.no_grad():
         for _ in range(args.warmup):
             out = compiled(**inputs)[0]
         for _ in range(args.iters):

@@ -6,12 +6,14 @@ graph is exactly the one `backend="npu_dit"` would receive.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from typing import Any
 
 import torch
 import torch.fx as fx
+
+from npu_dit.passes.prepare import prepare_meta
+from npu_dit.tracing import backend_tracing_context
 
 
 @dataclasses.dataclass
@@ -45,7 +47,8 @@ def capture_graph(model: torch.nn.Module, inputs: dict[str, Any], *, dynamic: bo
 
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=record, dynamic=dynamic)
-    with torch.no_grad(), no_duck_shaping():
+    # trace exactly as backend="npu_dit" does (no duck shaping; see npu_dit/tracing.py)
+    with torch.no_grad(), backend_tracing_context():
         outputs = compiled(**inputs)
     if not graphs:
         raise RuntimeError("Dynamo captured no graph for this call")
@@ -56,32 +59,3 @@ def capture_graph(model: torch.nn.Module, inputs: dict[str, Any], *, dynamic: bo
         )
     gm, example_inputs = graphs[0]
     return Captured(gm, example_inputs, real_inputs[0], len(graphs), outputs)
-
-
-@contextlib.contextmanager
-def no_duck_shaping():
-    """Give every dynamic dim its own symbol while tracing.
-
-    With duck shaping Dynamo shares one symbol between dims of equal size; at 1024x1024 FLUX has
-    4096 image tokens and a 4096-wide T5 stream, so the image length would be tied to a weight's
-    width and specialised to a constant. Token dims must stay symbolic for sequence parallelism.
-    """
-    import torch.fx.experimental._config as fx_config
-
-    with fx_config.patch(use_duck_shape=False):
-        yield
-
-
-def prepare_meta(gm: fx.GraphModule) -> None:
-    """Normalise Dynamo's metadata before any pass runs.
-
-    Every node gets `meta["val"]` (Dynamo records `example_value`; passes keep `val` up to date), and
-    every placeholder its user-facing input name (Dynamo drops its `grapharg` after compiling).
-    """
-    from npu_dit.passes.analysis.token_dims import source_name
-
-    for node in gm.graph.nodes:
-        if "val" not in node.meta and "example_value" in node.meta:
-            node.meta["val"] = node.meta["example_value"]
-        if node.op == "placeholder" and "npu_dit.input_name" not in node.meta:
-            node.meta["npu_dit.input_name"] = source_name(node)

@@ -23,7 +23,7 @@ from npu_dit.passes.attention_lowering import KERNELS_META_KEY, attention_enviro
 from npu_dit.passes.infra import dump_graph, run_passes
 from npu_dit.passes.pipeline import build_pipeline
 from npu_dit.passes.cache_regions import CACHE_PLAN_KEY
-from npu_dit.passes.ulysses import SHARDING_META_KEY
+from npu_dit.plans import SHARDING_META_KEY
 from npu_dit.runtime.dist import inspection_context
 from npu_dit.tools.capture import capture_graph
 from npu_dit.tools.collective_report import collective_report

@@ -85,10 +85,25 @@ def sizes_equal(a: Size, b: Size) -> bool:
     return _expr_eq(a.expr, b.expr)
 
 
+def facts_equal(shape_env: Any, a: sympy.Expr, b: sympy.Expr) -> bool:
+    """a == b, proven: structurally, by expansion, or from the ShapeEnv's guards and replacements
+    (Dynamo asserts `s50 == s8*s47` when it traces a broadcast of the two). Equal example sizes
+    prove nothing."""
+    if _expr_eq(a, b):
+        return True
+    if shape_env is None:
+        return False
+    try:
+        return bool(shape_env._maybe_evaluate_static(sympy.Eq(a, b)) == sympy.true)
+    except Exception:  # noqa: BLE001 - an expression the ShapeEnv cannot reason about
+        return False
+
+
 class Atoms:
     """Union-find over atoms, with expansions (an atom that stands for a concatenation of atoms)."""
 
-    def __init__(self) -> None:
+    def __init__(self, shape_env: Any = None) -> None:
+        self.shape_env = shape_env
         self.parent: list[int] = []
         self.size: list[Size] = []
         self.origin: list[tuple[fx.Node, int]] = []
@@ -166,12 +181,11 @@ class Atoms:
         while i < len(a) and j < len(b):
             gi, gj = [a[i]], [b[j]]
             i, j = i + 1, j + 1
-            while not _expr_eq(self.seq_size(tuple(gi)), self.seq_size(tuple(gj))):
+            while not facts_equal(self.shape_env, self.seq_size(tuple(gi)), self.seq_size(tuple(gj))):
+                # the example sizes only choose which side to extend; equality must be proven
                 hint_a = sum(self.size[self.find(x)].hint or 0 for x in gi)
                 hint_b = sum(self.size[self.find(x)].hint or 0 for x in gj)
-                if hint_a == hint_b and hint_a > 0:
-                    break  # equal at run time (Dynamo asserts it), spelled differently (s50 vs s8*s47)
-                if hint_a < hint_b and i < len(a):
+                if hint_a <= hint_b and i < len(a):
                     gi.append(a[i])
                     i += 1
                 elif j < len(b):
@@ -189,7 +203,17 @@ class Atoms:
 class FlowResult:
     atoms: Atoms
     values: dict[fx.Node, Any]  # node -> DimsValue (tensor), list of DimsValue (tuple) or None
-    opaque: list[fx.Node]
+    opaque: list[fx.Node]  # ops with no rule: fresh atoms for their outputs
+    # node -> [(input node, dim)] the op combines positions along: softmax, cumsum, flip, norms over
+    # the last dims, reductions, a matmul's contracted dims. A sharded dim cannot be mixed locally.
+    mixing: dict[fx.Node, list[tuple[fx.Node, int]]] = dataclasses.field(default_factory=dict)
+    # node -> [(input node, dim)] sliced with cut points inside an atom (x[:, :1] of the image
+    # tokens): not at a stream boundary
+    inexact_slices: dict[fx.Node, list[tuple[fx.Node, int]]] = dataclasses.field(default_factory=dict)
+
+    @functools.cached_property
+    def opaque_set(self) -> frozenset:
+        return frozenset(self.opaque)
 
     def dims(self, node: fx.Node) -> DimsValue | None:
         value = self.values.get(node)
@@ -216,10 +240,15 @@ def _shape(node: Any) -> list[Size] | None:
 
 class _Flow:
     def __init__(self, gm: fx.GraphModule) -> None:
+        from npu_dit.passes.analysis.attention_ops import graph_fake_mode
+
         self.gm = gm
-        self.atoms = Atoms()
+        mode = graph_fake_mode(gm)
+        self.atoms = Atoms(getattr(mode, "shape_env", None))
         self.values: dict[fx.Node, Any] = {}
         self.opaque: list[fx.Node] = []
+        self.mixing: dict[fx.Node, list[tuple[fx.Node, int]]] = {}
+        self.inexact_slices: dict[fx.Node, list[tuple[fx.Node, int]]] = {}
 
     # -- helpers ------------------------------------------------------------------------------
     def fresh(self, node: fx.Node, shape: list[Size], dim: int) -> Seq | None:
@@ -270,27 +299,38 @@ class _Flow:
     def tensor_args(self, node: fx.Node) -> list[fx.Node]:
         return [a for a in node.all_input_nodes if isinstance(node_value(a), torch.Tensor)]
 
-    def slice_seq(self, node: fx.Node, seq: Seq | None, start: Size, stop: Size, out_size: Size, dim: int) -> Seq | None:
-        """The atoms of `seq[start:stop]`; exact when the cut falls on atom boundaries."""
-        if out_size.is_one:
-            return None
+    def slice_seq(self, node: fx.Node, seq: Seq | None, start: Size, stop: Size, out_size: Size, dim: int,
+                  source: tuple[fx.Node, int] | None = None) -> Seq | None:
+        """The atoms of `seq[start:stop]`; exact when the cut falls on atom boundaries. An inexact
+        cut of `source` (input node, dim) is recorded."""
         if seq is None:
-            return (self.atoms.new(out_size, (node, dim)),)
+            return None if out_size.is_one else (self.atoms.new(out_size, (node, dim)),)
+        if out_size.is_one:
+            if source is not None:  # one position out of a stretch of tokens
+                self.inexact_slices.setdefault(node, []).append(source)
+            return None
         seq = self.atoms.normalize(seq)
         offset = sympy.Integer(0)
         picked: list[int] = []
         started = _expr_eq(start.expr, sympy.Integer(0))
         for atom in seq:
-            if not started and _expr_eq(offset, start.expr):
+            if not started and self._eq(offset, start.expr):
                 started = True
             if started:
                 picked.append(atom)
             offset = offset + self.atoms.size[atom].expr
-            if started and _expr_eq(offset, stop.expr):
+            if started and self._eq(offset, stop.expr):
                 return tuple(picked)
-        if len(seq) == 1 and _expr_eq(start.expr, 0) and _expr_eq(self.atoms.size[seq[0]].expr, stop.expr):
+        if len(seq) == 1 and _expr_eq(start.expr, 0) and self._eq(self.atoms.size[seq[0]].expr, stop.expr):
             return seq
+        if self._eq(out_size.expr, self.atoms.seq_size(seq)):
+            return seq  # the whole dim (a slice spelled with bounds)
+        if source is not None:
+            self.inexact_slices.setdefault(node, []).append(source)
         return (self.atoms.new(out_size, (node, dim)),)
+
+    def _eq(self, a: sympy.Expr, b: sympy.Expr) -> bool:
+        return facts_equal(self.atoms.shape_env, a, b)
 
     # -- rules --------------------------------------------------------------------------------
     def run(self) -> FlowResult:
@@ -302,7 +342,7 @@ class _Flow:
             elif node.op == "call_module":
                 self.values[node] = self.fresh_all(node)
                 self.opaque.append(node)
-        return FlowResult(self.atoms, self.values, self.opaque)
+        return FlowResult(self.atoms, self.values, self.opaque, self.mixing, self.inexact_slices)
 
     def visit(self, node: fx.Node) -> Any:
         target = node.target
@@ -330,6 +370,7 @@ class _Flow:
             out = _shape(node)
             if x is None:
                 return self.fresh_all(node)
+            self.mixing[node] = [(args[0], len(x) - 1)]  # the contracted input features
             return tuple(x[:-1]) + (self.fresh(node, out, len(out) - 1),)
         if name in _SAME_AS_SELF:
             return self.dims(args[0]) if self.dims(args[0]) is not None else self.fresh_all(node)
@@ -376,13 +417,35 @@ class _Flow:
             return self.fresh_all(node)
         if name.endswith("_like") and args:
             return self.broadcast(node, [args[0]])
-        # pointwise fallback: the output is the broadcast of the tensor arguments
+        if name in _MIXING_ALONG_DIM or name in _NORMS:
+            return self.rule_mixing(node, name)
         tensors = self.tensor_args(node)
         out = _shape(node)
-        if tensors and _is_broadcast_of(out, [_shape(t) for t in tensors]):
+        if is_pointwise(node) and tensors and _is_broadcast_of(out, [_shape(t) for t in tensors], self._eq):
             return self.broadcast(node, tensors)
-        self.opaque.append(node)
+        self.opaque.append(node)  # no rule: fresh dims, and a pass that needs a dim through it refuses
         return self.fresh_all(node)
+
+    def rule_mixing(self, node: fx.Node, name: str) -> DimsValue | None:
+        """Shape-preserving ops that mix positions along some dims: the dims are carried, and the
+        mixed ones recorded (sharding one of them would change the result)."""
+        src = self.dims(node.args[0]) if node.args else None
+        out = _shape(node)
+        if src is None or out is None or len(src) != len(out):
+            self.opaque.append(node)
+            return self.fresh_all(node)
+        ndim = len(src)
+        if name in _NORMS:
+            mixed = _norm_dims(node, name, ndim)
+        else:
+            dims = node.kwargs.get("dims", node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None))
+            if dims is None:  # flip/roll with no dim: every dim
+                mixed = tuple(range(ndim))
+            else:
+                dims = dims if isinstance(dims, (list, tuple)) else [dims]
+                mixed = tuple(_dim(int(d), ndim) for d in dims)
+        self.mixing[node] = [(node.args[0], d) for d in mixed]
+        return tuple(src)
 
     def _reorder(self, node: fx.Node, src_node: Any, order: list[int]) -> DimsValue | None:
         src = self.dims(src_node)
@@ -403,7 +466,7 @@ class _Flow:
         while i < len(ins) and j < len(outs):
             gi, gj = [ins[i]], [outs[j]]
             i, j = i + 1, j + 1
-            while not _expr_eq(_prod(in_shape, gi), _prod(out_shape, gj)):
+            while not self._eq(_prod(in_shape, gi), _prod(out_shape, gj)):
                 hi, hj = _prod_hint(in_shape, gi), _prod_hint(out_shape, gj)
                 if hi is not None and hj is not None and hi < hj and i < len(ins):
                     gi.append(ins[i])
@@ -411,8 +474,6 @@ class _Flow:
                 elif hi is not None and hj is not None and hj < hi and j < len(outs):
                     gj.append(outs[j])
                     j += 1
-                elif hi == hj and hi is not None:
-                    break  # equal at the example sizes; the symbolic forms differ only in spelling
                 else:
                     return self.fresh_all(node)
             if len(gi) == 1 and len(gj) == 1:
@@ -482,8 +543,10 @@ class _Flow:
         dims_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
         if dims_arg is None:
+            self.mixing[node] = [(node.args[0], d) for d in range(len(src))]
             return tuple(None for _ in out) if keepdim else self.fresh_all(node)
         reduced = {_dim(int(d), len(src)) for d in (dims_arg if isinstance(dims_arg, (list, tuple)) else [dims_arg])}
+        self.mixing[node] = [(node.args[0], d) for d in sorted(reduced)]
         if keepdim:
             return tuple(None if d in reduced else src[d] for d in range(len(src)))
         return tuple(src[d] for d in range(len(src)) if d not in reduced)
@@ -504,6 +567,7 @@ class _Flow:
             return self.fresh_all(node)
         if a[-1] and b[-2]:
             self.atoms.unify(a[-1], b[-2], node)
+        self.mixing[node] = [(node.args[0], len(a) - 1), (node.args[1], len(b) - 2)]  # contracted
         return tuple(self.join(node, [a[:-2], b[:-2]], out[:-2])) + (a[-2], b[-1])
 
     def rule_attention(self, node: fx.Node) -> DimsValue | None:
@@ -562,8 +626,9 @@ class _Flow:
                 else:
                     start = _bound(i.start, in_shape[d], default=0)
                     stop = _bound(i.stop, in_shape[d], default=None)
-                    result.append(self.slice_seq(node, src[d], start, stop, out_shape[out_d], out_d))
-            # an int or SymInt index drops the dim
+                    result.append(self.slice_seq(node, src[d], start, stop, out_shape[out_d], out_d, (base, d)))
+            elif src[d] is not None:  # an int or SymInt index picks one position of the dim
+                self.inexact_slices.setdefault(node, []).append((base, d))
             d += 1
         return tuple(result)
 
@@ -584,12 +649,14 @@ class _Flow:
             for piece in value:
                 size = as_size(piece.shape[dim])
                 stop = Size(offset.expr + size.expr, (offset.hint or 0) + (size.hint or 0))
-                seq = self.slice_seq(node, src[dim], offset, stop, size, dim)
+                seq = self.slice_seq(node, src[dim], offset, stop, size, dim, (src_node, dim))
                 outs.append(tuple(seq if d == dim else src[d] for d in range(len(src))))
                 offset = stop
             return outs
         if name == "unbind":
             dim = _dim(int(node.args[1]) if len(node.args) > 1 else int(node.kwargs.get("dim", 0)), len(src))
+            if src[dim] is not None:
+                self.inexact_slices.setdefault(node, []).append((src_node, dim))
             return [tuple(src[d] for d in range(len(src)) if d != dim) for _ in value]
         if name in _REDUCTIONS:  # max/min with dim -> (values, indices)
             reduced = self.rule_reduce(node)
@@ -623,6 +690,56 @@ _CREATION = {
     "arange", "ones", "zeros", "full", "empty", "randn", "rand", "randint", "tensor", "as_tensor",
     "new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "linspace", "eye", "scalar_tensor",
 }
+
+
+# shape-preserving ops that mix positions along the dims they are given
+_MIXING_ALONG_DIM = {
+    "softmax", "log_softmax", "_softmax", "cumsum", "cumprod", "cummax", "cummin", "logcumsumexp",
+    "flip", "fliplr", "flipud", "roll", "sort", "argsort", "_log_softmax",
+}
+_NORMS = {"layer_norm", "rms_norm", "group_norm", "normalize", "local_response_norm"}
+_OPERATOR_ATEN = {
+    "add": "add", "iadd": "add", "sub": "sub", "isub": "sub", "mul": "mul", "imul": "mul",
+    "truediv": "div", "itruediv": "div", "floordiv": "floor_divide", "pow": "pow", "neg": "neg",
+    "mod": "remainder", "eq": "eq", "ne": "ne", "lt": "lt", "le": "le", "gt": "gt", "ge": "ge",
+    "and_": "bitwise_and", "or_": "bitwise_or", "xor": "bitwise_xor", "invert": "bitwise_not", "abs": "abs",
+}
+# torch-level names whose aten op is not tagged pointwise but is elementwise
+_POINTWISE_EXTRA = {"dropout", "type_as", "masked_fill", "where", "clamp", "clip", "lerp", "addcmul", "addcdiv"}
+
+
+@functools.lru_cache(maxsize=None)
+def _aten_pointwise(name: str) -> bool:
+    op = getattr(torch.ops.aten, name, None)
+    if op is None:
+        return False
+    try:
+        overloads = [getattr(op, o) for o in op.overloads()]
+    except Exception:  # noqa: BLE001
+        return False
+    return any(torch.Tag.pointwise in getattr(o, "tags", ()) for o in overloads)
+
+
+def is_pointwise(node: fx.Node) -> bool:
+    """Elementwise with broadcasting: the aten op of the same name is tagged `pointwise` (gelu, silu,
+    add, rsqrt, ...) or it is one of a few elementwise ops without the tag (dropout, where)."""
+    target = node.target
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    if getattr(target, "__module__", None) in ("_operator", "operator"):
+        name = _OPERATOR_ATEN.get(name, "")
+    name = name.rstrip("_") if name.endswith("_") and not name.startswith("_") else name
+    return name in _POINTWISE_EXTRA or _aten_pointwise(name)
+
+
+def _norm_dims(node: fx.Node, name: str, ndim: int) -> tuple[int, ...]:
+    if name in ("layer_norm", "rms_norm"):
+        shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+        count = len(shape) if isinstance(shape, (list, tuple)) else 1
+        return tuple(range(ndim - count, ndim))
+    if name == "normalize":
+        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 1)
+        return (_dim(int(dim), ndim),)
+    return tuple(range(1, ndim))  # group_norm, local_response_norm: channels and space
 
 
 def _int_list(args: Sequence[Any]) -> list[int]:
@@ -663,7 +780,7 @@ def _split_dim(node: fx.Node) -> int:
     return int(node.args[2]) if len(node.args) > 2 else 0
 
 
-def _is_broadcast_of(out: list[Size] | None, shapes: list[list[Size] | None]) -> bool:
+def _is_broadcast_of(out: list[Size] | None, shapes: list[list[Size] | None], eq: Any = None) -> bool:
     if out is None or any(s is None for s in shapes):
         return False
     if any(len(s) > len(out) for s in shapes):
@@ -674,7 +791,7 @@ def _is_broadcast_of(out: list[Size] | None, shapes: list[list[Size] | None]) ->
             if sizes:
                 return False
             continue
-        if not sizes or not all(sizes_equal(s, out[-d]) or s.hint == out[-d].hint for s in sizes):
+        if not sizes or not all(sizes_equal(s, out[-d]) or (eq is not None and eq(s.expr, out[-d].expr)) for s in sizes):
             return False
     return True
 

@@ -24,7 +24,7 @@ from npu_dit.passes.analysis._cache import cached_analysis
 from npu_dit.passes.analysis.attention_ops import attention_qkv, is_attention_call, node_value
 from npu_dit.passes.analysis.dim_flow import FlowResult, Seq, _attention_seq_dims, dim_flow
 from npu_dit.passes.analysis.module_paths import module_path
-from npu_dit.passes.infra import UserError
+from npu_dit.errors import Refusal
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,14 +140,16 @@ def _name(node: fx.Node) -> str:
 
 
 def require_dynamic_token_dims(tokens: TokenDims, feature: str) -> None:
-    """Raise a UserError if no token segment is dynamic (the graph was traced with static shapes)."""
+    """Refuse if no token segment is dynamic (the graph was traced with static shapes)."""
+    if not tokens.attention:
+        raise Refusal(f"{feature}: this graph has no attention call (a piece of the model after a graph break?)")
     if any(s.dynamic for s in tokens.segments):
         return
     static = ", ".join(t.describe() for t in tokens.inputs) or "none found"
-    raise UserError(
+    raise Refusal(
         f"{feature} needs the token dims to be symbolic, but every token dim of this graph is static "
-        f"({static}); the graph was captured with constant sequence lengths. Pass dynamic=True to "
-        f"torch.compile (or torch._dynamo.mark_dynamic(tensor, dim) on the token dims) and compile again."
+        f"({static}); the graph was captured with constant sequence lengths",
+        fix="Pass dynamic=True to torch.compile (or torch._dynamo.mark_dynamic(tensor, dim) on the token dims).",
     )
 
 

@@ -1,0 +1,67 @@
+"""Plan types the passes write and the runtime executes (neutral: imports neither side).
+
+`ShardingPlan` is what the Ulysses pass decided for one graph on one rank: which token streams are
+sharded, which inputs to shard on which dim, which SymInt inputs become local lengths, which global
+lengths the rewritten graph takes as extra inputs, and which outputs to gather. The executor applies
+it around every call; `fingerprint()` is what the ranks compare before the first run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+
+SHARDING_META_KEY = "npu_dit.sharding"  # gm.meta key of the ShardingPlan
+
+
+@dataclasses.dataclass
+class Stream:
+    id: int
+    segments: tuple[int, ...]
+    inputs: list[tuple[int, int]]  # (placeholder index, dim) of the input token dims carrying it
+    sharded: bool
+    reason: str  # why it is replicated, or "dynamic length"
+    symbols: frozenset  # sympy symbols of its length, local on every rank once sharded
+    example_length: int | None
+    name: str = ""  # the inputs carrying it, e.g. "hidden_states[1], img_ids[0]"
+    fix: str | None = None  # what the user can do to have it sharded, when replicated for a fixable reason
+
+
+@dataclasses.dataclass
+class OutputGather:
+    index: int  # position in the graph's output tuple
+    dim: int
+    streams: tuple[int, ...]  # stream ids along `dim`, in order
+
+
+@dataclasses.dataclass
+class ShardingPlan:
+    world_size: int
+    rank: int
+    streams: list[Stream]
+    shard_inputs: list[tuple[int, int, int]]  # (placeholder index, dim, stream id)
+    local_symints: list[tuple[int, int, int]]  # (SymInt placeholder index, tensor placeholder index, dim)
+    global_lengths: list[int] = dataclasses.field(default_factory=list)  # stream ids of the appended inputs
+    outputs: list[OutputGather] = dataclasses.field(default_factory=list)
+
+    @property
+    def sharded_streams(self) -> list[Stream]:
+        return [s for s in self.streams if s.sharded]
+
+    def fingerprint(self) -> str:
+        """What must be equal on every rank for the rewritten graphs to exchange matching collectives."""
+        streams = [(s.id, s.segments, s.inputs, s.sharded) for s in self.streams]
+        return repr((self.world_size, streams, self.shard_inputs, self.local_symints, self.global_lengths,
+                     [(o.index, o.dim, o.streams) for o in self.outputs]))
+
+    def describe(self) -> list[str]:
+        lines = []
+        for s in self.streams:
+            state = "sharded" if s.sharded else f"replicated ({s.reason})"
+            lines.append(f"stream {s.id} (segments {list(s.segments)}, e.g. {s.example_length} tokens): {state}")
+        return lines
+
+
+def stable_hash(text: str) -> int:
+    """A 63-bit hash of `text`, equal on every rank and every run (unlike `hash()`)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
