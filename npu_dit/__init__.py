@@ -19,6 +19,14 @@ def cache_summaries() -> list[dict]:
     return summaries()
 
 
+def explain(last: int | None = None) -> str:
+    """What the backend did to each recent graph: passes, streams sharded or replicated and why,
+    collectives inserted, fallbacks with their reasons."""
+    from npu_dit.explain import explain as _explain
+
+    return _explain(last)
+
+
 def reset_cache() -> None:
     """Start a new generation on every cache controller (generations are also detected from the
     timesteps going back up)."""
@@ -27,4 +35,4 @@ def reset_cache() -> None:
     reset_all()
 
 
-__all__ = ["CacheConfig", "CompileConfig", "__version__", "cache_summaries", "reset_cache"]
+__all__ = ["CacheConfig", "CompileConfig", "__version__", "cache_summaries", "explain", "reset_cache"]

@@ -46,3 +46,31 @@ class JointAttention(torch.nn.Module):
             mask[-1, text_len // 2 + 1 :] = False
             inputs["text_mask"] = mask
         return inputs
+
+
+class TokenMixing(JointAttention):
+    """JointAttention followed by one op that mixes positions along the image tokens (or, for
+    `kind="matmul_attention"`, attention written as matmul + softmax instead of SDPA). Sharding the
+    image tokens through any of these would be wrong; the Ulysses pass must refuse them."""
+
+    KINDS = ("first_token", "cumsum", "flip", "matmul_attention", "token_mean")
+
+    def __init__(self, kind: str, heads: int = 2, head_dim: int = 8) -> None:
+        super().__init__(heads, head_dim)
+        self.kind = kind
+
+    def forward(self, image, text, text_mask=None):
+        (joint,) = super().forward(image, text, text_mask)
+        img = joint[:, text.shape[1]:]
+        if self.kind == "first_token":
+            return (img + img[:, :1],)
+        if self.kind == "cumsum":
+            return (img.cumsum(dim=1),)
+        if self.kind == "flip":
+            return (img.flip(1),)
+        if self.kind == "token_mean":
+            return (img - img.mean(dim=1, keepdim=True),)
+        if self.kind == "matmul_attention":
+            scores = (img @ img.transpose(1, 2)) / img.shape[-1] ** 0.5
+            return (scores.softmax(dim=-1) @ img,)
+        raise ValueError(self.kind)

@@ -145,16 +145,27 @@ def test_flux_structure_every_site_wrapped_in_all_to_all():
     assert len(shard_inputs) == 4  # hidden_states, encoder_hidden_states, img_ids, txt_ids
 
 
-@pytest.mark.parametrize("key, reason", [("qwen-edit-masked", "static length"), ("qwen-edit", "position table")])
-def test_qwen_text_stays_replicated_with_the_reason(key, reason):
-    gm, report = rewrite(key)
+def test_qwen_text_with_a_mask_stays_replicated_with_the_reason():
+    gm, report = rewrite("qwen-edit-masked")
     plan = gm.meta[SHARDING_META_KEY]
     text = [s for s in plan.streams if not s.sharded]
-    assert len(text) == 1 and reason in text[0].reason
+    assert len(text) == 1 and "constant" in text[0].reason
     # replicated text: a local head slice before attention, an all-gather of heads after
     assert len(calls(gm, C.local_heads)) == 9 and len(calls(gm, C.gather_heads_start)) == 3
     # the RoPE tables built in the graph from img_shapes are sliced to this rank's chunk
     assert report.counts["localize"] == 6 and len(calls(gm, C.localize)) == 6
+
+
+def test_qwen_text_rope_table_is_built_at_the_global_length_and_sliced():
+    """Qwen-Image builds the text RoPE table from the text length; once that length is local the
+    table must still be built from the global length, then sliced to this rank's rows."""
+    gm, report = rewrite("qwen-edit")
+    plan = gm.meta[SHARDING_META_KEY]
+    assert [s.sharded for s in plan.streams] == [True, True]
+    assert report.counts["global_tables"] >= 1
+    global_lengths = [n for n in gm.graph.nodes if n.op == "placeholder" and n.name.startswith("ulysses_global_len")]
+    table_users = {u for g in global_lengths for u in g.users}
+    assert table_users, "no node reads the global lengths"
 
 
 def test_qwen_mask_key_axis_is_gathered():

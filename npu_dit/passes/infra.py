@@ -47,6 +47,9 @@ class PassSpec:
     fn: Callable[[fx.GraphModule], PassResult]
     # numerics-preserving passes are tested bitwise against the unrewritten graph
     preserves_numerics: bool = True
+    # passes that change shapes (sharding) promise true local shapes in meta["val"]; the runner
+    # checks the promise by propagating the rewritten graph again
+    changes_shapes: bool = False
 
 
 @dataclasses.dataclass
@@ -134,6 +137,21 @@ def dump_graph(gm: fx.GraphModule, dump_dir: str, stem: str) -> str:
     return path
 
 
+# the meta lint propagates the whole graph once more: always on graphs this size (tests, small
+# models), on full-size graphs (~7,000 nodes: seconds) only with NPU_DIT_LINT=1
+LINT_MAX_NODES = 3000
+
+
+def _lint_meta(gm: fx.GraphModule, name: str) -> None:
+    from npu_dit.passes.analysis.fake_prop import meta_mismatches
+
+    if len(gm.graph.nodes) > LINT_MAX_NODES and os.environ.get("NPU_DIT_LINT") != "1":
+        return
+    problems = meta_mismatches(gm)
+    if problems:
+        raise AssertionError(f"pass {name} left stale shapes in meta['val']: " + "; ".join(problems))
+
+
 def run_passes(
     gm: fx.GraphModule,
     passes: Sequence[PassSpec],
@@ -164,6 +182,8 @@ def run_passes(
                 result.graph_module.graph.lint()
                 result.graph_module.recompile()
                 invalidate_analyses(result.graph_module)
+                if spec.changes_shapes:
+                    _lint_meta(result.graph_module, spec.name)
         except UserError:
             raise
         except Refusal as exc:  # the pass cannot prove its rewrite exact for this graph

@@ -40,7 +40,8 @@ def build_pipeline(cfg: CompileConfig, ctx: ParallelContext | None = None) -> li
 
         if ctx is None:
             raise ValueError("the Ulysses pass needs a ParallelContext (rank, world size, group)")
-        passes.append(PassSpec("ulysses", functools.partial(ulysses_pass, ctx=ctx), preserves_numerics=False))
+        passes.append(PassSpec("ulysses", functools.partial(ulysses_pass, ctx=ctx), preserves_numerics=False,
+                               changes_shapes=True))
         if cfg.async_ulysses:
             from npu_dit.passes.async_ulysses import async_ulysses_pass
 

@@ -499,10 +499,51 @@ class _Rewriter:
                 self.plan.outputs.append(OutputGather(index, dim, streams))
 
 
+def refresh_local_shapes(gm: fx.GraphModule, plan: ShardingPlan) -> None:
+    """Every node's meta["val"] becomes the value this rank computes: the global-length inputs get a
+    global symbol G per stream, sharded token dims and the SymInt inputs the executor refreshes the
+    local length (G + P - 1 - rank) // P (an expression of G, so the all-to-alls' split sizes and the
+    local shapes agree symbolically), and the whole graph is propagated again."""
+    from npu_dit.passes.analysis.fake_prop import SymbolMap, copied_placeholder_values, repropagate
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    symbols = SymbolMap()
+    local: dict[int, Any] = {}  # stream id -> local length (SymInt)
+    global_: dict[int, Any] = {}  # stream id -> global length (SymInt)
+    for stream in plan.sharded_streams:
+        length = max(stream.example_length or 2, 2)  # a hint of 0/1 would be specialised
+        symbol = symbols.new_symbol(f"global_len_{stream.id}", length)
+        global_[stream.id] = symbols.env.create_symintnode(symbol, hint=length)
+        local[stream.id] = C.chunk_lengths(global_[stream.id], plan.world_size)[plan.rank]
+        for old in stream.symbols:
+            symbols.bind(old, local[stream.id].node.expr)
+        
+    shard_dims = {(ph, dim): stream for ph, dim, stream in plan.shard_inputs}
+    local_symints = {i: (ph, dim) for i, ph, dim in plan.local_symints}
+    first_global = len(placeholders) - len(plan.global_lengths)
+
+    def override(i: int, node: fx.Node) -> Any:
+        if i >= first_global:
+            return global_[plan.global_lengths[i - first_global]]
+        if i in local_symints:
+            return local[shard_dims[local_symints[i]]]
+        value = node_value(node)
+        if isinstance(value, torch.Tensor) and any((i, d) in shard_dims for d in range(value.dim())):
+            sizes = [local[shard_dims[(i, d)]] if (i, d) in shard_dims else symbols.size(s)
+                     for d, s in enumerate(value.shape)]
+            return symbols.tensor(value, sizes)
+        return None
+
+    repropagate(gm, copied_placeholder_values(gm, symbols, override))
+
+
 def ulysses_pass(gm: fx.GraphModule, *, ctx: ParallelContext) -> PassResult:
     tokens = token_dims(gm)
     plan = plan_streams(gm, tokens, world_size=ctx.world_size, rank=ctx.rank)
     rewriter = _Rewriter(gm, tokens, plan, ctx)
     rewriter.run()
     gm.meta[SHARDING_META_KEY] = plan
+    gm.graph.lint()
+    gm.recompile()
+    refresh_local_shapes(gm, plan)
     return PassResult(gm, modified=True, counts=rewriter.counts, notes=plan.describe())

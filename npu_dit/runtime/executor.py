@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from npu_dit.plans import ShardingPlan
+from npu_dit.runtime.agreement import CALL, call_signature, check_records, exchange
 from npu_dit.runtime.collectives import chunk_lengths, local_chunk
 from npu_dit.runtime.dist import ParallelContext
 
@@ -44,6 +45,9 @@ class GraphExecutor:
                 args[index] = args[index].item()
         if self.plan is None:
             return self.compiled(*args)
+        # every rank must shard the same global shapes: one small all-gather, compared on every rank
+        signature = call_signature(args)
+        check_records(exchange(CALL, signature), CALL, f"inputs {signature}")
         local_args, global_lengths = self.shard_args(args)
         try:
             outputs = self.compiled(*local_args)

@@ -1,0 +1,50 @@
+"""`npu_dit.explain()`: what the backend did to each graph it compiled, in words.
+
+For every recent compile: the passes that ran (with what fired and how long they took), each token
+stream sharded or replicated and why, the collectives inserted, and any refusal or fallback with its
+reason. `npu-dit inspect` prints the same report for the graph it traces.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from npu_dit.plans import SHARDING_META_KEY
+
+_COLLECTIVES = ("all_to_all", "all_gather", "localize", "global_tables")
+
+
+def format_record(record: Any) -> str:
+    cfg, report = record.config, record.report
+    where = f" on rank {record.parallel.rank} of {record.parallel.world_size}" if record.parallel else ""
+    lines = [f"{record.tag}: {record.num_nodes_captured} nodes captured{where}"]
+    if report.fell_back:
+        lines.append(f"  runs UNREWRITTEN: {report.fallback_reason}")
+    elif not report.records:
+        lines.append("  no rewriting pass enabled: runs as captured")
+    for r in report.records:
+        fired = ", ".join(f"{k}={v}" for k, v in sorted(r.counts.items())) or "-"
+        state = "modified" if r.modified else "unchanged"
+        lines.append(f"  pass {r.name:20} {state:9} {r.seconds * 1000:8.1f} ms  {fired}")
+    plan = record.graph.meta.get(SHARDING_META_KEY) if not report.fell_back else None
+    if plan is not None:
+        for s in plan.streams:
+            state = "sharded" if s.sharded else f"replicated: {s.reason}"
+            lines.append(f"  stream {s.id} ({s.name or 'segments ' + str(list(s.segments))}, "
+                         f"e.g. {s.example_length} tokens): {state}")
+        counts = report.counts
+        inserted = ", ".join(f"{counts[k]} {k}" for k in _COLLECTIVES if counts.get(k))
+        lines.append(f"  inserted: {inserted or 'nothing'}")
+    if cfg.cache is not None and not report.fell_back:
+        lines.append(f"  cache: {cfg.cache}")
+    return "\n".join(lines)
+
+
+def explain(last: int | None = None) -> str:
+    """The report for the most recent compiles (all kept ones by default)."""
+    from npu_dit.backend import RECORDS
+
+    records = list(RECORDS)[-last:] if last else list(RECORDS)
+    if not records:
+        return "npu_dit: nothing compiled yet in this process"
+    return "\n".join(format_record(r) for r in records)

@@ -1,0 +1,137 @@
+"""Fresh shapes for a rewritten graph: fake propagation from new placeholder values.
+
+After the Ulysses rewrite the same Dynamo symbol would stand for a stream's global length (in the
+tables built at full size) and for its local length (in every sharded tensor). `repropagate`
+re-runs the graph on fake values in a NEW ShapeEnv where each placeholder gets the value this rank
+really receives: sharded token dims and the SymInt inputs the executor refreshes get a *local*
+symbol (`L0`, hint = this rank's chunk), the global-length inputs a *global* one (`G0`), every other
+symbol a fresh copy. Afterwards every node's `meta["val"]` is the local value on this rank, and
+later shape-based passes (the cache regions, tensor parallelism) read true shapes.
+
+`meta_mismatches` is the runner's lint: propagate again from the placeholders' current values and
+list the nodes whose recorded shape differs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import sympy
+import torch
+import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+from torch._dynamo.source import ConstantSource
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from npu_dit.passes.analysis.attention_ops import node_value
+
+
+class SymbolMap:
+    """Old symbols -> new symbols in a fresh ShapeEnv (same hints unless given)."""
+
+    def __init__(self) -> None:
+        self.env = ShapeEnv()
+        self.mode = FakeTensorMode(shape_env=self.env, allow_non_fake_inputs=True)
+        self.symbols: dict[sympy.Symbol, sympy.Expr] = {}
+        self.hints: dict[sympy.Symbol, int] = {}  # old symbol -> its value on this rank, where it changes
+
+    def new_symbol(self, name: str, hint: int) -> sympy.Expr:
+        return self.env.create_symbol(hint, ConstantSource(name), dynamic_dim=DimDynamic.DYNAMIC)
+
+    def bind(self, old: sympy.Symbol, new: sympy.Expr) -> None:
+        self.symbols[old] = new
+
+    def size(self, value: Any) -> Any:
+        """The new SymInt (or int) for an old size."""
+        if not isinstance(value, torch.SymInt):
+            return int(value)
+        expr = value.node.expr
+        for symbol in expr.free_symbols:
+            if symbol not in self.symbols:
+                env = value.node.shape_env
+                known = getattr(env, "backed_var_to_val", None) or {}
+                hint = self.hints.get(symbol, known.get(symbol, value.node.hint or 2))
+                self.symbols[symbol] = self.new_symbol(f"{symbol}", max(int(hint), 2))
+        new = expr.xreplace(self.symbols)
+        if not new.free_symbols:
+            return int(new)
+        hint = self.env.size_hint(new, allow_none=True)
+        return self.env.create_symintnode(new, hint=int(hint) if hint is not None else None)
+
+    def tensor(self, value: torch.Tensor, sizes: list[Any] | None = None) -> torch.Tensor:
+        sizes = sizes if sizes is not None else [self.size(s) for s in value.shape]
+        with self.mode:
+            if all(isinstance(s, int) for s in sizes) and all(isinstance(s, int) for s in value.stride()):
+                return torch.empty_strided(sizes, value.stride(), dtype=value.dtype, device=value.device)
+            return torch.empty(sizes, dtype=value.dtype, device=value.device)
+
+
+def repropagate(gm: fx.GraphModule, placeholder_values: list[Any]) -> None:
+    """Set every node's meta["val"] by running the graph on fake `placeholder_values`."""
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    mode = next((v.fake_mode for v in placeholder_values if hasattr(v, "fake_mode")), None)
+    if mode is None:
+        mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, placeholder_values):
+        node.meta["val"] = value
+    with mode.shape_env.suppress_guards() if mode.shape_env is not None else _null():
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*placeholder_values)
+
+
+def copied_placeholder_values(gm: fx.GraphModule, symbols: SymbolMap,
+                              override: Callable[[int, fx.Node], Any] | None = None) -> list[Any]:
+    """Fake values for the placeholders in `symbols`' ShapeEnv; `override(i, node)` may supply one."""
+    values = []
+    for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        given = override(i, node) if override is not None else None
+        if given is not None:
+            values.append(given)
+            continue
+        value = node_value(node)
+        if isinstance(value, torch.Tensor):
+            values.append(symbols.tensor(value))
+        elif isinstance(value, torch.SymInt):
+            values.append(symbols.size(value))
+        else:
+            values.append(value)
+    return values
+
+
+def meta_mismatches(gm: fx.GraphModule, limit: int = 5) -> list[str]:
+    """Propagate again from the placeholders' recorded values; list nodes whose recorded shape differs."""
+    recorded = {n: node_value(n) for n in gm.graph.nodes}
+    symbols = SymbolMap()
+    values = copied_placeholder_values(gm, symbols)
+    saved = {n: n.meta.get("val") for n in gm.graph.nodes}
+    try:
+        repropagate(gm, values)
+        fresh = {n: n.meta.get("val") for n in gm.graph.nodes}
+    finally:
+        for n, v in saved.items():
+            n.meta["val"] = v
+    problems = []
+    for node, old in recorded.items():
+        new = fresh.get(node)
+        if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor):
+            old_shape = [symbols.size(s) for s in old.shape]
+            if len(old_shape) != len(new.shape) or not all(_same(a, b) for a, b in zip(old_shape, new.shape)):
+                problems.append(f"{node.name}: recorded {list(old_shape)}, propagates to {list(new.shape)}")
+                if len(problems) >= limit:
+                    break
+    return problems
+
+
+def _same(a: Any, b: Any) -> bool:
+    ea = a.node.expr if isinstance(a, torch.SymInt) else sympy.Integer(int(a))
+    eb = b.node.expr if isinstance(b, torch.SymInt) else sympy.Integer(int(b))
+    return ea == eb or sympy.expand(ea - eb) == 0
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None

@@ -1,0 +1,73 @@
+"""Rank functions for tests/test_sound_sharding.py (importable by spawned processes). Each compiles
+through the public API only."""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+
+def build(model_name, config_overrides, kwargs):
+    from npu_dit.models import build_transformer, get_model
+
+    spec = get_model(model_name)
+    config = spec.config("tiny", **config_overrides)
+    model = build_transformer(spec, config, seed=0)
+    return model, spec.example_inputs(config, **kwargs)
+
+
+def public_cases(rank, world_size, cases):
+    from npu_dit.backend import RECORDS
+    from npu_dit.plans import SHARDING_META_KEY
+
+    results = {}
+    for name, model_name, config_overrides, kwargs, options in cases:
+        model, inputs = build(model_name, config_overrides, kwargs)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="npu_dit", dynamic=True, options={"ulysses_degree": world_size, **options})
+        with torch.no_grad():
+            out = compiled(**inputs)[0]
+        record = RECORDS[-1]
+        plan = record.graph.meta.get(SHARDING_META_KEY)
+        streams = [(s.name, s.sharded, s.reason) for s in plan.streams] if plan is not None else []
+        results[name] = (out, record.report.fell_back, record.report.fallback_reason, streams)
+    return results
+
+
+def token_mixing(rank, world_size, kinds):
+    from npu_dit.backend import RECORDS
+    from tests.synthetic import JointAttention, TokenMixing
+
+    results = {}
+    for kind in kinds:
+        torch.manual_seed(0)
+        model = (TokenMixing(kind) if kind != "none" else JointAttention(2, 8)).eval()
+        inputs = model.example_inputs(1, 5, 12, masked=False)
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="npu_dit", dynamic=True, options={"ulysses_degree": world_size})
+        with torch.no_grad():
+            out = compiled(**inputs)[0]
+        report = RECORDS[-1].report
+        results[kind] = (out, report.fell_back, report.fallback_reason or "")
+    return results
+
+
+def mismatched_shapes(rank, world_size):
+    """Rank 1 is given a longer prompt than rank 0: every rank must raise RankMismatchError."""
+    model, inputs = build("flux.1-dev", {}, dict(height=128, width=128, prompt_len=12 + 3 * rank))
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="npu_dit", dynamic=True, options={"ulysses_degree": world_size})
+    start = time.monotonic()
+    try:
+        with torch.no_grad():
+            compiled(**inputs)
+    except Exception as exc:  # noqa: BLE001
+        cause = exc
+        while cause.__cause__ is not None and type(cause).__name__ != "RankMismatchError":
+            cause = cause.__cause__
+        return type(cause).__name__, str(cause), time.monotonic() - start
+    return None, "no error", time.monotonic() - start
