@@ -28,10 +28,7 @@ def format_record(record: Any) -> str:
         lines.append(f"  pass {r.name:20} {state:9} {r.seconds * 1000:8.1f} ms  {fired}")
     plan = record.graph.meta.get(SHARDING_META_KEY) if not report.fell_back else None
     if plan is not None:
-        for s in plan.streams:
-            state = "sharded" if s.sharded else f"replicated: {s.reason}"
-            lines.append(f"  stream {s.id} ({s.name or 'segments ' + str(list(s.segments))}, "
-                         f"e.g. {s.example_length} tokens): {state}")
+        lines.extend(f"  {line}" for line in plan.describe())
         counts = report.counts
         inserted = ", ".join(f"{counts[k]} {k}" for k in _COLLECTIVES if counts.get(k))
         lines.append(f"  inserted: {inserted or 'nothing'}")

@@ -58,7 +58,8 @@ class ShardingPlan:
         lines = []
         for s in self.streams:
             state = "sharded" if s.sharded else f"replicated ({s.reason})"
-            lines.append(f"stream {s.id} (segments {list(s.segments)}, e.g. {s.example_length} tokens): {state}")
+            carried = s.name or f"segments {list(s.segments)}"
+            lines.append(f"stream {s.id} ({carried}, e.g. {s.example_length} tokens): {state}")
         return lines
 
 

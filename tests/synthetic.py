@@ -53,7 +53,7 @@ class TokenMixing(JointAttention):
     `kind="matmul_attention"`, attention written as matmul + softmax instead of SDPA). Sharding the
     image tokens through any of these would be wrong; the Ulysses pass must refuse them."""
 
-    KINDS = ("first_token", "cumsum", "flip", "matmul_attention", "token_mean")
+    KINDS = ("first_token", "cumsum", "flip", "matmul_attention", "token_mean", "no_rule")
 
     def __init__(self, kind: str, heads: int = 2, head_dim: int = 8) -> None:
         super().__init__(heads, head_dim)
@@ -70,6 +70,8 @@ class TokenMixing(JointAttention):
             return (img.flip(1),)
         if self.kind == "token_mean":
             return (img - img.mean(dim=1, keepdim=True),)
+        if self.kind == "no_rule":  # an op the rule table does not know, along the tokens
+            return (torch.fft.fft(img, dim=1).real,)
         if self.kind == "matmul_attention":
             scores = (img @ img.transpose(1, 2)) / img.shape[-1] ** 0.5
             return (scores.softmax(dim=-1) @ img,)

@@ -28,11 +28,23 @@ _KIND = {COMPILE: "compiling a graph", CALL: "calling the compiled model"}
 
 def exchange(kind: int, what: str, *, graph: str = "", fell_back: bool = False, group: Any = None) -> list[list[int]]:
     """All-gather this rank's record; returns every rank's [magic, kind, hash(what), fell_back, hash(graph)]."""
-    record = torch.tensor([MAGIC, kind, stable_hash(what), int(fell_back), stable_hash(graph)], dtype=torch.int64)
+    device = _collective_device(group)
+    record = torch.tensor([MAGIC, kind, stable_hash(what), int(fell_back), stable_hash(graph)], dtype=torch.int64,
+                          device=device)
     world = dist.get_world_size(group)
     slots = [torch.empty_like(record) for _ in range(world)]
     dist.all_gather(slots, record, group=group)
     return [s.tolist() for s in slots]
+
+
+def _collective_device(group: Any) -> torch.device:
+    """NCCL and HCCL gather device tensors; Gloo CPU ones."""
+    backend = str(dist.get_backend(group)).lower()
+    if backend == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    if backend == "hccl":
+        return torch.device("npu", torch.npu.current_device())  # type: ignore[attr-defined]
+    return torch.device("cpu")
 
 
 def check_records(records: Sequence[Sequence[int]], kind: int, detail: str, *, ignore_plans: bool = False) -> None:

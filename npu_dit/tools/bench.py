@@ -91,18 +91,26 @@ def format_table(results: dict[str, Any]) -> str:
     setup = results["setup"]
     degree = setup["degree"]
     rows = [
-        "| configuration | devices | time per call (median) | 28 calls | speed-up | efficiency T1/(P·TP) | max abs err vs serial | blocked in wait_tensor |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| configuration | devices | time per call (median) | spread (max-min) | 28 calls | speed-up | efficiency T1/(P·TP) | max abs err vs serial | blocked in wait_tensor | shape check per call |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     labels = {"serial": ("baseline", 1), "ulysses": (f"Ulysses-{degree}", degree), "ulysses-async": (f"Async Ulysses-{degree}", degree)}
     for key, (label, devices) in labels.items():
         r = results[key]
         blocked = f"{r['wait_blocked_ms']:.0f} ms" if r.get("wait_blocked_ms") is not None else "-"
+        check = r.get("agreement_check_ms")
+        check = f"{check:.3f} ms ({100 * check / 1000 / r['median_s']:.2f} %)" if check is not None else "-"
+        spread = max(r["times_s"]) - min(r["times_s"])
         rows.append(
-            f"| {label} | {devices} CPU process{'es' if devices > 1 else ''} | {r['median_s']:.3f} s | {28 * r['median_s']:.1f} s | "
-            f"{r.get('speedup', 1.0):.2f}x | {r.get('efficiency', 1.0):.2f} | "
-            f"{r.get('max_abs_err_vs_serial', 0.0):.1e} | {blocked} |"
+            f"| {label} | {devices} CPU process{'es' if devices > 1 else ''} | {r['median_s']:.3f} s | {spread:.3f} s | "
+            f"{28 * r['median_s']:.1f} s | {r.get('speedup', 1.0):.2f}x | {r.get('efficiency', 1.0):.2f} | "
+            f"{r.get('max_abs_err_vs_serial', 0.0):.1e} | {blocked} | {check} |"
         )
+    for key in ("ulysses", "ulysses-async"):
+        if results[key].get("streams"):
+            rows.append("")
+            rows.append(f"{labels[key][0]} plan (public call): " + "; ".join(results[key]["streams"]))
+            break
     return "\n".join(rows)
 
 
@@ -118,7 +126,7 @@ def write_section(path: str, command: str, results: dict[str, Any]) -> None:
         format_table(results),
         MARK_END,
     ])
-    replace_section(path, MARK_START, MARK_END, body, heading="## Ulysses on CPU (issue #3)")
+    replace_section(path, MARK_START, MARK_END, body, heading="## Ulysses on CPU (issues #3, #8)")
 
 
 def replace_section(path: str, start: str, end: str, body: str, *, heading: str) -> None:

@@ -71,6 +71,11 @@ def main(argv: list[str] | None = None) -> None:
         blocked_ms = None
         if args.profile_dir:
             blocked_ms = profile(compiled, inputs, args.profile_dir, rank, barrier)
+    check_ms = agreement_check_ms() if world > 1 else None
+    from npu_dit.backend import RECORDS
+    from npu_dit.plans import SHARDING_META_KEY
+
+    plan = RECORDS[-1].graph.meta.get(SHARDING_META_KEY) if RECORDS else None
     if rank == 0:
         if args.save_output:
             torch.save(out, args.save_output)
@@ -82,10 +87,24 @@ def main(argv: list[str] | None = None) -> None:
             "min_s": min(times),
             "times_s": times,
             "wait_blocked_ms": blocked_ms,
+            "agreement_check_ms": check_ms,
+            "streams": plan.describe() if plan is not None else [],
+            "fell_back": bool(RECORDS and RECORDS[-1].report.fell_back),
         }
         print("NPU_DIT_BENCH " + json.dumps(result), flush=True)
     if world > 1 and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def agreement_check_ms(repeats: int = 200) -> float:
+    """The per-call cost of the ranks' input-shape check (one small all-gather), in ms."""
+    from npu_dit.runtime.agreement import CALL, exchange
+
+    torch.distributed.barrier()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        exchange(CALL, "bench")
+    return (time.perf_counter() - start) / repeats * 1000
 
 
 def profile(compiled, inputs, profile_dir: str, rank: int, barrier) -> float:
