@@ -88,7 +88,9 @@ def test_ranks_with_different_shapes_fail_clearly_on_every_rank(tmp_path):
     for rank, record in enumerate(records):
         assert record["ok"], record.get("error")
         error_type, message, seconds = record["result"]
-        assert error_type == "RankMismatchError", (rank, error_type, message)
+        # raised at compile time (Dynamo wraps it in BackendCompilerFailed) or at the call
+        assert error_type in ("RankMismatchError", "BackendCompilerFailed"), (rank, error_type, message)
+        assert "RankMismatchError" in message or error_type == "RankMismatchError", message
         assert "same input shapes" in message
         assert seconds < 60, seconds  # well inside the group timeout: no hang
 

@@ -207,10 +207,12 @@ def test_async_issues_v_then_q_then_k_and_overlaps_projections_and_the_mlp():
     assert report.counts["overlapped_collectives"] == 16
 
 
-def test_static_shapes_are_a_clear_error():
+def test_static_shapes_are_a_refusal_that_names_the_fix():
+    from npu_dit.errors import Refusal
+
     _, model, inputs = tiny_model_and_inputs("flux")
     cap = capture_graph(model, inputs, dynamic=False)
-    with pytest.raises(UserError, match="Pass dynamic=True"):
+    with pytest.raises(Refusal, match="Pass dynamic=True"):
         ulysses_pass(cap.gm, ctx=inspection_context(2, 0))
 
 
@@ -222,7 +224,7 @@ def test_a_length_one_stream_falls_back_with_a_warning():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         gm, report = run_passes(cap.gm, [PassSpec("ulysses", functools.partial(ulysses_pass, ctx=inspection_context(2, 0)))])
-    assert report.fell_back and gm is cap.gm and "could not place" in report.fallback_reason
+    assert report.fell_back and gm is cap.gm and "refused" in report.fallback_reason
     assert sum("npu_dit" in str(w.message) for w in caught) == 1
 
 

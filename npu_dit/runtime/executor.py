@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from npu_dit.plans import ShardingPlan
+from npu_dit.errors import RankMismatchError
 from npu_dit.runtime.agreement import CALL, call_signature, check_records, exchange
 from npu_dit.runtime.collectives import chunk_lengths, local_chunk
 from npu_dit.runtime.dist import ParallelContext
@@ -45,15 +46,15 @@ class GraphExecutor:
                 args[index] = args[index].item()
         if self.plan is None:
             return self.compiled(*args)
-        # every rank must shard the same global shapes: one small all-gather, compared on every rank
         signature = call_signature(args)
-        check_records(exchange(CALL, signature), CALL, f"inputs {signature}")
-        local_args, global_lengths = self.shard_args(args)
         try:
+            # every rank must shard the same global shapes: one small all-gather, compared on every rank
+            check_records(exchange(CALL, signature), CALL, f"inputs {signature}")
+            local_args, global_lengths = self.shard_args(args)
             outputs = self.compiled(*local_args)
             return self.gather_outputs(outputs, global_lengths)
         except RuntimeError as exc:
-            if isinstance(exc, DistributedRunError) or not _looks_distributed(exc):
+            if isinstance(exc, (DistributedRunError, RankMismatchError)) or not _looks_distributed(exc):
                 raise
             raise DistributedRunError(
                 f"npu_dit: rank {self.ctx.rank} of {self.ctx.world_size} ({self.ctx.backend}): a collective "

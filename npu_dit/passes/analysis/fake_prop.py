@@ -32,6 +32,8 @@ class SymbolMap:
     def __init__(self) -> None:
         self.env = ShapeEnv()
         self.mode = FakeTensorMode(shape_env=self.env, allow_non_fake_inputs=True)
+        # one pass over the graph: the dispatch cache would only cost (hashing symbolic shapes)
+        self.mode.cache_enabled = False
         self.symbols: dict[sympy.Symbol, sympy.Expr] = {}
         self.hints: dict[sympy.Symbol, int] = {}  # old symbol -> its value on this rank, where it changes
 
