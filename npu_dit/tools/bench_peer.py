@@ -11,7 +11,9 @@ wraps it in `torch.compile(backend="inductor")`, and times calls the way `bench_
 (warm-up, then the median of timed calls with a barrier on each side). Rank 0 prints one
 `NPU_DIT_BENCH {json}` line and can save its output for the error check against the serial run.
 With `--profile-dir` each rank writes a Chrome trace of one call (`rankN.json`), as `bench_worker`
-does, so the two can be compared in Perfetto.
+does; `python -m npu_dit.tools.bench_peer compare DIR_A DIR_B` prints self time per op of two such
+traces side by side (e.g. `--profile P` of `npu-dit bench ulysses` gives `P/ulysses-async` and
+`P/cache-dit-async-compiled`).
 
 cache-dit is optional: `available()` says whether it can be imported.
 """
@@ -154,8 +156,48 @@ def parallelize(model: torch.nn.Module, world: int, async_ulysses: bool) -> torc
     return cache_dit.enable_cache(model, parallelism_config=cfg)
 
 
-if __name__ == "__main__":
-    main()
+# --------------------------------------------------------------------------------------------
+# comparing traces: python -m npu_dit.tools.bench_peer compare DIR_A DIR_B [--rank 0] [--top 25]
+
+
+def self_times_ms(trace_path: str) -> dict[str, float]:
+    """Self CPU time (ms) per op name in one Chrome trace from `torch.profiler` (children subtracted,
+    per thread), over the whole profiled call."""
+    with open(trace_path) as f:
+        events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X" and e.get("cat") == "cpu_op"]
+    totals: dict[str, float] = {}
+    by_thread: dict[tuple, list] = {}
+    for e in events:
+        by_thread.setdefault((e.get("pid"), e.get("tid")), []).append(e)
+    for evs in by_thread.values():
+        evs.sort(key=lambda e: (e["ts"], -e["dur"]))
+        stack: list[list] = []  # [end, name, self]
+        def pop():
+            end, name, own = stack.pop()
+            totals[name] = totals.get(name, 0.0) + own / 1000.0
+        for e in evs:
+            while stack and e["ts"] >= stack[-1][0]:
+                pop()
+            if stack:
+                stack[-1][2] -= e["dur"]
+            stack.append([e["ts"] + e["dur"], e["name"], e["dur"]])
+        while stack:
+            pop()
+    return totals
+
+
+def compare(dir_a: str, dir_b: str, rank: int = 0, top: int = 25) -> str:
+    """A table of the ops with the most self time in either trace (`DIR/rankN.json`), side by side."""
+    a = self_times_ms(os.path.join(dir_a, f"rank{rank}.json"))
+    b = self_times_ms(os.path.join(dir_b, f"rank{rank}.json"))
+    names = sorted(set(a) | set(b), key=lambda n: -max(a.get(n, 0.0), b.get(n, 0.0)))[:top]
+    width = max([len(n) for n in names] + [10])
+    lines = [f"self CPU time per op, rank {rank} (ms)", f"{'op':<{width}}  {'A':>9}  {'B':>9}  {'B-A':>9}",
+             f"{'(all ops)':<{width}}  {sum(a.values()):9.1f}  {sum(b.values()):9.1f}  {sum(b.values()) - sum(a.values()):9.1f}"]
+    for n in names:
+        lines.append(f"{n:<{width}}  {a.get(n, 0.0):9.1f}  {b.get(n, 0.0):9.1f}  {b.get(n, 0.0) - a.get(n, 0.0):9.1f}")
+    lines.append(f"A = {dir_a}\nB = {dir_b}")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,3 +258,18 @@ def run_peers(
         log(f"  {r['median_s']:.3f} s per call, max |err| {r['max_abs_err_vs_serial']:.2e} "
             f"({time.perf_counter() - start:.0f} s)")
     return results
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] == ["compare"]:
+        c = argparse.ArgumentParser(prog="npu_dit.tools.bench_peer compare")
+        c.add_argument("dir_a")
+        c.add_argument("dir_b")
+        c.add_argument("--rank", type=int, default=0)
+        c.add_argument("--top", type=int, default=25)
+        a = c.parse_args(sys.argv[2:])
+        print(compare(a.dir_a, a.dir_b, a.rank, a.top))
+    else:
+        main()
