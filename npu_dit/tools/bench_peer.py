@@ -180,7 +180,8 @@ def self_times_ms(trace_path: str) -> dict[str, float]:
                 pop()
             if stack:
                 stack[-1][2] -= e["dur"]
-            stack.append([e["ts"] + e["dur"], e["name"], e["dur"]])
+            name = "Inductor kernels (CompiledFxGraph call)" if "CompiledFxGraph" in e["name"] else e["name"]
+            stack.append([e["ts"] + e["dur"], name, e["dur"]])
         while stack:
             pop()
     return totals
