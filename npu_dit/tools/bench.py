@@ -77,16 +77,14 @@ def bench_ulysses(
         log(f"  {results[name]['median_s']:.3f} s per call, max |err| {err:.2e} ({time.perf_counter() - start:.0f} s)")
     from npu_dit.tools import bench_peer
 
-    if peer is None:
-        peer = bench_peer.available()
     peer_keys: list[str] = []
-    if peer and bench_peer.available():
+    if peer is not False and bench_peer.available():
         peers = bench_peer.run_peers(degree=degree, height=height, width=width, prompt_len=prompt_len,
                                      warmup=warmup, iters=iters, serial_out=serial_out, workdir=workdir,
                                      profile_dir=profile_dir, env=env, timeout=timeout, log=log)
         results.update(peers)
         peer_keys = list(peers)
-    elif peer:
+    elif peer is not False:  # asked for, or by default: say how to get the column
         results["peer_note"] = bench_peer.missing_note()
         log(results["peer_note"])
     t1 = results["serial"]["median_s"]
