@@ -46,9 +46,11 @@ def bench_ulysses(
     iters: int = 5,
     inner_compiler: str = "eager",
     profile_dir: str | None = None,
+    peer: bool | None = None,
     timeout: float = 1800,
     log=print,
 ) -> dict[str, Any]:
+    """`peer`: also run cache-dit's Ulysses (npu_dit.tools.bench_peer); None = when it is installed."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     common = ["--size", "bench", "--height", str(height), "--width", str(width), "--prompt-len", str(prompt_len),
               "--warmup", str(warmup), "--iters", str(iters), "--inner-compiler", inner_compiler]
@@ -73,8 +75,20 @@ def bench_ulysses(
         err = (torch.load(out_path) - torch.load(serial_out)).abs().max().item()
         results[name]["max_abs_err_vs_serial"] = err
         log(f"  {results[name]['median_s']:.3f} s per call, max |err| {err:.2e} ({time.perf_counter() - start:.0f} s)")
+    from npu_dit.tools import bench_peer
+
+    peer_keys: list[str] = []
+    if peer is not False and bench_peer.available():
+        peers = bench_peer.run_peers(degree=degree, height=height, width=width, prompt_len=prompt_len,
+                                     warmup=warmup, iters=iters, serial_out=serial_out, workdir=workdir,
+                                     profile_dir=profile_dir, env=env, timeout=timeout, log=log)
+        results.update(peers)
+        peer_keys = list(peers)
+    elif peer is not False:  # asked for, or by default: say how to get the column
+        results["peer_note"] = bench_peer.missing_note()
+        log(results["peer_note"])
     t1 = results["serial"]["median_s"]
-    for name in ("ulysses", "ulysses-async"):
+    for name in ("ulysses", "ulysses-async", *peer_keys):
         tp = results[name]["median_s"]
         results[name]["speedup"] = t1 / tp
         results[name]["efficiency"] = t1 / (degree * tp)
@@ -95,6 +109,8 @@ def format_table(results: dict[str, Any]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     labels = {"serial": ("baseline", 1), "ulysses": (f"Ulysses-{degree}", degree), "ulysses-async": (f"Async Ulysses-{degree}", degree)}
+    # the peer's rows (npu_dit.tools.bench_peer), when it ran
+    labels.update({k: (r["label"], degree) for k, r in results.items() if isinstance(r, dict) and "label" in r})
     for key, (label, devices) in labels.items():
         r = results[key]
         blocked = f"{r['wait_blocked_ms']:.0f} ms" if r.get("wait_blocked_ms") is not None else "-"
@@ -111,6 +127,8 @@ def format_table(results: dict[str, Any]) -> str:
             rows.append("")
             rows.append(f"{labels[key][0]} plan (public call): " + "; ".join(results[key]["streams"]))
             break
+    if results.get("peer_note"):
+        rows += ["", results["peer_note"]]
     return "\n".join(rows)
 
 

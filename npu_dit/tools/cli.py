@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--iters", type=int, default=5)
     u.add_argument("--inner-compiler", default="eager", choices=("eager", "inductor"))
     u.add_argument("--profile", metavar="DIR", default=None, help="also write a Chrome trace per rank here")
+    u.add_argument("--peer", action=argparse.BooleanOptionalAction, default=None,
+                   help="also run cache-dit's Ulysses (sync, async, async + torch.compile) on the same model "
+                        "(default: when cache-dit is installed)")
     u.add_argument("--write", metavar="FILE", nargs="?", const="docs/BENCHMARKS.md", default=None,
                    help="update the Ulysses section of FILE (default docs/BENCHMARKS.md)")
     u.add_argument("--json", action="store_true")
@@ -152,7 +155,8 @@ def _bench(args: argparse.Namespace, argv: list[str] | None) -> int:
         return _bench_cache(args, argv, log)
     results = bench_ulysses(
         degree=args.degree, height=args.height, width=args.width, prompt_len=args.prompt_len,
-        warmup=args.warmup, iters=args.iters, inner_compiler=args.inner_compiler, profile_dir=args.profile, log=log,
+        warmup=args.warmup, iters=args.iters, inner_compiler=args.inner_compiler, profile_dir=args.profile,
+        peer=args.peer, log=log,
     )
     if args.json:
         print(json.dumps(results, indent=1))
