@@ -14,8 +14,8 @@ __version__ = "0.1.0"
 
 def parallelize(pipe, **options):
     """Compile a diffusers pipeline's transformer with the backend over the torchrun world (see
-    `npu_dit.parallelize`); every option is validated before anything compiles."""
-    from npu_dit.parallelize import parallelize as _parallelize
+    `npu_dit.pipeline_parallel`); every option is validated before anything compiles."""
+    from npu_dit.pipeline_parallel import parallelize as _parallelize
 
     return _parallelize(pipe, **options)
 

@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list the seed models")
 
+    from npu_dit.tools import generate
+
+    generate.add_parser(sub)
+
     b = sub.add_parser("bench", help="benchmarks; results go to docs/BENCHMARKS.md with --write")
     bsub = b.add_subparsers(dest="bench", required=True)
     u = bsub.add_parser("ulysses", help="serial vs Ulysses vs Async Ulysses (bench-size FLUX, Gloo on CPU)")
@@ -105,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
             return _models()
         if args.command == "inspect":
             return _inspect(args)
+        if args.command == "generate":
+            from npu_dit.tools import generate
+
+            return generate.main(args)
         if args.command == "bench":
             return _bench(args, argv)
     except ValueError as exc:

@@ -1,4 +1,4 @@
-"""One call for a whole diffusers pipeline: `npu_dit.parallelize(pipe, ulysses_degree=2, cache={...})`.
+"""One call for a whole diffusers pipeline, `npu_dit.parallelize(pipe, ulysses_degree=2, cache={...})`.
 
 Every option is validated here, before anything is compiled (a `ValueError` at this call, not a
 `BackendCompilerFailed` at the first denoising step). The transformer is then wrapped in
