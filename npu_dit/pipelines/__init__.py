@@ -42,7 +42,7 @@ def load_pipeline(
                 f"--weights {weights!r} is not a directory; pass a local diffusers checkpoint folder (one with "
                 f"model_index.json), e.g. a download of {spec.hf_repo}"
             )
-        pipe = getattr(diffusers, spec.pipeline).from_pretrained(weights, torch_dtype=dtype, local_files_only=True)
+        pipe = getattr(diffusers, spec.pipeline).from_pretrained(weights, dtype=dtype, local_files_only=True)
         if "lightning" in spec.name:
             from diffusers import FlowMatchEulerDiscreteScheduler
 
