@@ -6,7 +6,7 @@ template) for Qwen-Image. Here the same transformers classes are built from smal
 
 - CLIP: the 256 byte-level symbols and their `</w>` forms, BPE merges trained on a small fixed
   corpus (the `tokenizers` trainer), CLIP's `<|startoftext|>` / `<|endoftext|>`.
-- T5: a Unigram vocabulary of single characters and `▁`-prefixed characters, `<pad>`, `</s>`, `<unk>`
+- T5: a Unigram vocabulary of single characters (ASCII letters, digits, punctuation) and `▁`-prefixed characters, `<pad>`, `</s>`, `<unk>`
   and the 100 `<extra_id_N>` sentinels T5 always has.
 - Qwen2: the 256 byte-level symbols, merges trained on the same corpus plus the Qwen-Image prompt
   templates, and Qwen's special tokens (`<|im_start|>`, `<|vision_start|>`, `<|image_pad|>`, ...), so
@@ -21,6 +21,7 @@ template) for Qwen-Image. Here the same transformers classes are built from smal
 from __future__ import annotations
 
 import os
+import string
 from pathlib import Path
 
 ASSETS_DIR = Path(__file__).parent / "assets"
@@ -78,7 +79,7 @@ def build_clip_tokenizer():
 def build_t5_tokenizer():
     from transformers import T5Tokenizer
 
-    chars = sorted(set(CORPUS.lower()) - {" "})
+    chars = sorted((set(CORPUS) | set(string.ascii_letters + string.digits + string.punctuation)) - {" "})
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
     pieces += [(c, -3.0) for c in chars] + [("▁" + c, -2.5) for c in chars]
     return T5Tokenizer(vocab=pieces, extra_ids=100, model_max_length=512)
