@@ -12,6 +12,14 @@ from npu_dit.config import CacheConfig, CompileConfig
 __version__ = "0.1.0"
 
 
+def parallelize(pipe, **options):
+    """Compile a diffusers pipeline's transformer with the backend over the torchrun world (see
+    `npu_dit.pipeline_parallel`); every option is validated before anything compiles."""
+    from npu_dit.pipeline_parallel import parallelize as _parallelize
+
+    return _parallelize(pipe, **options)
+
+
 def cache_summaries() -> list[dict]:
     """Per live cache controller: which steps of the current generation computed, cached, and the diffs."""
     from npu_dit.runtime.cache import summaries
@@ -35,4 +43,4 @@ def reset_cache() -> None:
     reset_all()
 
 
-__all__ = ["CacheConfig", "CompileConfig", "__version__", "cache_summaries", "explain", "reset_cache"]
+__all__ = ["CacheConfig", "CompileConfig", "__version__", "cache_summaries", "explain", "parallelize", "reset_cache"]

@@ -36,10 +36,11 @@ def _serial(name, model_name, config_overrides, kwargs):
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1500)
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_public_call_shards_every_dynamic_stream(world_size, tmp_path):
     cases = PUBLIC_CASES if world_size == 2 else PUBLIC_CASES[:1] + PUBLIC_CASES[3:4] + PUBLIC_CASES[6:]
-    records = run_ranks(public_cases, world_size, tmp_path, timeout=900, cases=cases)
+    records = run_ranks(public_cases, world_size, tmp_path, timeout=1400, cases=cases)
     for name, model_name, config_overrides, kwargs, _ in cases:
         expected = _serial(name, model_name, config_overrides, kwargs)
         for rank, record in enumerate(records):

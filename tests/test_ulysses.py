@@ -51,11 +51,17 @@ def serial_outputs(cases):
     return outputs
 
 
+FOUR_RANK_CASES = {"flux-async", "flux-uneven", "flux-3-heads", "qwen-edit-uneven-async",
+                   "qwen-edit-static-text-uneven", "qwen-edit-2509-uneven-async"}
+
+
+@pytest.mark.timeout(1500)
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_ulysses_matches_the_serial_run(world_size, tmp_path):
-    records = run_ranks(run_cases, world_size, tmp_path, timeout=900, cases=CASES)
-    expected = serial_outputs(CASES)
-    for name, *_ in CASES:
+    cases = CASES if world_size == 2 else [c for c in CASES if c[0] in FOUR_RANK_CASES]
+    records = run_ranks(run_cases, world_size, tmp_path, timeout=1400, cases=cases)
+    expected = serial_outputs(cases)
+    for name, *_ in cases:
         for rank, record in enumerate(records):
             out, counts, fell_back, reason = record["result"][name]
             assert not fell_back, (name, reason)
@@ -65,6 +71,8 @@ def test_ulysses_matches_the_serial_run(world_size, tmp_path):
     for rank_result in (r["result"] for r in records):  # scheduling moves nodes, never changes values
         for name in ("flux", "flux-uneven", "qwen-edit", "qwen-edit-uneven", "qwen-edit-static-text",
                      "qwen-edit-static-text-uneven", "qwen-edit-2509", "qwen-edit-2509-uneven"):
+            if name not in rank_result:
+                continue
             sync, asynchronous = rank_result[name][0], rank_result.get(name + "-async", (None,))[0]
             if asynchronous is not None:
                 assert torch.equal(sync, asynchronous)

@@ -123,9 +123,15 @@ def build_transformer(
     device = torch.device(device)
     if device.type != "meta":
         torch.manual_seed(seed)
-    with torch.device(device):
-        model = cls(**config)
-    return model.to(dtype=dtype).eval()
+    # built in `dtype` rather than cast with .to(dtype), which makes diffusers warn about fp32 modules
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = cls(**config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.eval()
 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:

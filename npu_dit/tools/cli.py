@@ -1,4 +1,4 @@
-"""The `npu-dit` command line: `inspect`, `models` (and the benchmark commands later issues add)."""
+"""The `npu-dit` command line: `generate` (a whole pipeline), `inspect` (a full-size model offline), `models`, `bench`."""
 
 from __future__ import annotations
 
@@ -57,9 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="npu-dit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("inspect", help="trace a full-size model on the meta device and show what the passes do")
+    p = sub.add_parser("inspect", help="trace a full-size model on the meta device and show what the passes do",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"one of: {', '.join(MODELS)} (default {DEFAULT_MODEL})")
-    p.add_argument("--size", default="full", help="which config of the model: full, tiny, bench, bench-deep")
+    p.add_argument("--size", default="full", help="which config of the model: full or tiny (flux.1-dev also: bench, bench-deep)")
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--prompt-len", type=int, default=None, help="text tokens (default: the model's pipeline default)")
@@ -74,9 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list the seed models")
 
+    from npu_dit.tools import generate
+
+    generate.add_parser(sub)
+
     b = sub.add_parser("bench", help="benchmarks; results go to docs/BENCHMARKS.md with --write")
     bsub = b.add_subparsers(dest="bench", required=True)
-    u = bsub.add_parser("ulysses", help="serial vs Ulysses vs Async Ulysses (bench-size FLUX, Gloo on CPU)")
+    u = bsub.add_parser("ulysses", help="serial vs Ulysses vs Async Ulysses (bench-size FLUX, Gloo on CPU)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     u.add_argument("--degree", type=int, default=2)
     u.add_argument("--height", type=int, default=512)
     u.add_argument("--width", type=int, default=512)
@@ -91,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--write", metavar="FILE", nargs="?", const="docs/BENCHMARKS.md", default=None,
                    help="update the Ulysses section of FILE (default docs/BENCHMARKS.md)")
     u.add_argument("--json", action="store_true")
-    c = bsub.add_parser("cache", help="28-step denoising with DBCache/TaylorSeer/steps-mask configs vs no cache")
+    c = bsub.add_parser("cache", help="28-step denoising with DBCache/TaylorSeer/steps-mask configs vs no cache",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     c.add_argument("--sizes", default="tiny,bench-deep", help="FLUX configs to run, comma-separated")
     c.add_argument("--steps", type=int, default=28)
     c.add_argument("--threshold-f1", type=float, default=0.42, help="residual_diff_threshold of the F1B0 configs")
@@ -108,6 +115,10 @@ def main(argv: list[str] | None = None) -> int:
             return _models()
         if args.command == "inspect":
             return _inspect(args)
+        if args.command == "generate":
+            from npu_dit.tools import generate
+
+            return generate.main(args)
         if args.command == "bench":
             return _bench(args, argv)
     except ValueError as exc:

@@ -1,0 +1,160 @@
+"""One call for a whole diffusers pipeline, `npu_dit.parallelize(pipe, ulysses_degree=2, cache={...})`.
+
+Every option is validated here, before anything is compiled (a `ValueError` at this call, not a
+`BackendCompilerFailed` at the first denoising step). The transformer is then wrapped in
+`torch.compile(..., backend="npu_dit", dynamic=True)` over the torchrun world (compilation itself
+happens on the first call, as always with torch.compile). The pipeline's `__call__` is wrapped so the
+hybrid cache gets the real step count of each generation (`num_inference_steps`), which decides its
+steps mask; a different step count on a later call recompiles with the new count.
+
+Text-encoder parallelism and tensor parallelism are issue #10, VAE parallelism issue #11: their
+flags are accepted at their defaults and refused with a `ValueError` naming the issue otherwise.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Any, Mapping
+
+import torch
+
+from npu_dit.config import CompileConfig
+
+_STATE_ATTR = "_npu_dit_parallel"
+
+
+def _world_size() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _check_unavailable(tp_degree: Any, text_encoder_parallel: Any, vae_parallel: Any) -> None:
+    for key, value in (("text_encoder_parallel", text_encoder_parallel), ("vae_parallel", vae_parallel)):
+        if not isinstance(value, bool):
+            raise ValueError(f"parallelize: {key} must be True or False, got {value!r}")
+    if isinstance(tp_degree, int) and not isinstance(tp_degree, bool) and tp_degree > 1:
+        raise ValueError(
+            f"parallelize: tp_degree={tp_degree} asks for tensor parallelism, which is not available yet "
+            f"(issue #10); use ulysses_degree for sequence parallelism and leave tp_degree=1"
+        )
+    if text_encoder_parallel:
+        raise ValueError(
+            "parallelize: text_encoder_parallel=True is not available yet (issue #10, tensor parallelism "
+            "for text encoders); leave it False: every rank encodes the prompt itself"
+        )
+    if vae_parallel:
+        raise ValueError(
+            "parallelize: vae_parallel=True is not available yet (issue #11, exact VAE parallelism); leave "
+            "it False: every rank decodes the full latent"
+        )
+
+
+def build_options(
+    *,
+    ulysses_degree: int | None,
+    tp_degree: int,
+    async_ulysses: bool,
+    attention_backend: str,
+    cache: Mapping[str, Any] | None,
+    inner_compiler: str,
+    num_inference_steps: int | None,
+    dump_dir: str | None,
+    world_size: int,
+) -> dict[str, Any]:
+    """The backend options for the transformer, validated (ValueError) by CompileConfig."""
+    if ulysses_degree is None:
+        ulysses_degree = world_size
+    options: dict[str, Any] = {
+        "ulysses_degree": ulysses_degree, "tp_degree": tp_degree, "async_ulysses": async_ulysses,
+        "attention_backend": attention_backend, "inner_compiler": inner_compiler,
+    }
+    if dump_dir is not None:
+        options["dump_dir"] = dump_dir
+    if cache is not None:
+        if not isinstance(cache, Mapping):
+            raise ValueError(
+                f"parallelize: cache must be a dict of cache settings, got {cache!r}; for example "
+                f"{{'Fn_compute_blocks': 1, 'residual_diff_threshold': 0.08}}"
+            )
+        cache = dict(cache)
+        if num_inference_steps is not None and cache.get("num_inference_steps") is None:
+            cache["num_inference_steps"] = num_inference_steps
+        options["cache"] = cache
+    cfg = CompileConfig.from_options(options)
+    if cfg.world_degree > 1 and cfg.world_degree != world_size:
+        raise ValueError(
+            f"parallelize: ulysses_degree x tp_degree = {cfg.world_degree} but this run has {world_size} "
+            f"process(es); launch with torchrun --nproc-per-node {cfg.world_degree}, or set "
+            f"ulysses_degree={world_size} (the default: the whole world)"
+        )
+    return options
+
+
+def parallelize(
+    pipe,
+    *,
+    ulysses_degree: int | None = None,
+    tp_degree: int = 1,
+    async_ulysses: bool = False,
+    attention_backend: str = "auto",
+    cache: Mapping[str, Any] | None = None,
+    text_encoder_parallel: bool = False,
+    vae_parallel: bool = False,
+    inner_compiler: str = "eager",
+    num_inference_steps: int | None = None,
+    dump_dir: str | None = None,
+):
+    """Compile `pipe.transformer` with the npu_dit backend over the torchrun world; returns `pipe`.
+
+    `ulysses_degree` defaults to the world size (1 without torchrun). `num_inference_steps` is only a
+    first guess for the cache: each call's own `num_inference_steps` replaces it.
+    """
+    transformer = getattr(pipe, "transformer", None)
+    if not isinstance(transformer, torch.nn.Module):
+        raise ValueError(
+            f"parallelize: {type(pipe).__name__} has no `transformer` module; pass a diffusers DiT pipeline "
+            f"(FluxPipeline, QwenImagePipeline, QwenImageEditPipeline, ...)"
+        )
+    _check_unavailable(tp_degree, text_encoder_parallel, vae_parallel)
+    if getattr(pipe, _STATE_ATTR, None) is not None:
+        raise ValueError("parallelize: this pipeline was already parallelized; build a fresh pipeline to change options")
+    settings = dict(
+        ulysses_degree=ulysses_degree, tp_degree=tp_degree, async_ulysses=async_ulysses,
+        attention_backend=attention_backend, cache=cache, inner_compiler=inner_compiler, dump_dir=dump_dir,
+        world_size=_world_size(),
+    )
+    steps = num_inference_steps if num_inference_steps is not None else _default_steps(pipe)
+    options = build_options(num_inference_steps=steps, **settings)  # raises before anything compiles
+    original = transformer._orig_mod if hasattr(transformer, "_orig_mod") else transformer
+    state = {"original": original, "settings": settings, "steps": steps}
+    setattr(pipe, _STATE_ATTR, state)
+    pipe.transformer = torch.compile(original, backend="npu_dit", dynamic=True, options=options)
+    _wrap_call(pipe)
+    return pipe
+
+
+def _default_steps(pipe) -> int | None:
+    parameter = inspect.signature(type(pipe).__call__).parameters.get("num_inference_steps")
+    return parameter.default if parameter is not None and isinstance(parameter.default, int) else None
+
+
+def _wrap_call(pipe) -> None:
+    """Give each generation's step count to the cache (a subclass with the same name, per instance)."""
+    base = type(pipe)
+
+    def __call__(self, *args, **kwargs):
+        state = getattr(self, _STATE_ATTR)
+        if state["settings"]["cache"] is not None:
+            steps = kwargs.get("num_inference_steps") or _default_steps(self)
+            if steps != state["steps"]:
+                options = build_options(num_inference_steps=steps, **state["settings"])
+                self.transformer = torch.compile(state["original"], backend="npu_dit", dynamic=True, options=options)
+                state["steps"] = steps
+            from npu_dit.runtime.cache import reset_all
+
+            reset_all()
+        return base.__call__(self, *args, **kwargs)
+
+    pipe.__class__ = type(base.__name__, (base,), {"__call__": __call__, "__module__": base.__module__})

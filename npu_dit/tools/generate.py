@@ -1,0 +1,246 @@
+"""`npu-dit generate MODEL`: one whole pipeline run (text encoding, denoising, VAE) in one process or
+under torchrun, with the transformer compiled by `npu_dit.parallelize`.
+
+    npu-dit generate flux.1-dev --out flux.png                        # tiny random pipeline, offline
+    torchrun --nproc-per-node 2 -m npu_dit.tools.cli generate flux.1-dev --ulysses 2 --async-ulysses
+    npu-dit generate qwen-image-edit-lightning --weights /ckpt/Qwen-Image-Edit --lora lightning.safetensors --steps 8
+
+Every rank runs the pipeline (same seed, same latents); rank 0 writes the PNG and prints the table of
+time per stage, peak memory per rank and the cache summary. Flag spellings follow cache-dit's
+`generate.py` where it has the flag (`--model-path`, `--steps`, `--parallel-text-encoder`, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import sys
+import time
+from typing import Any
+
+import torch
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+TINY_SIDE = 256  # default output size of the tiny pipelines (1024 with --weights)
+
+
+def add_parser(sub) -> None:
+    from npu_dit.models import DEFAULT_MODEL, MODELS
+
+    g = sub.add_parser(
+        "generate", help="run a whole pipeline (tiny offline weights by default); torchrun for several ranks",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"one of: {', '.join(MODELS)}")
+    g.add_argument("--weights", "--model-path", dest="weights", default=None, metavar="DIR",
+                   help="a local diffusers checkpoint folder (from_pretrained); default: tiny random weights built offline")
+    g.add_argument("--lora", default=None, metavar="FILE", help="a LoRA (.safetensors) fused into the transformer before sharding, e.g. Lightning")
+    g.add_argument("--lora-scale", type=float, default=1.0)
+    g.add_argument("--prompt", default="a photo of a cat sitting on a red chair")
+    g.add_argument("--negative-prompt", default=None, help="default: ' ' for true-CFG models, none otherwise")
+    g.add_argument("--true-cfg-scale", type=float, default=None, help="default: 4.0 for true-CFG models (Qwen-Image-Edit), else 1.0 (off)")
+    g.add_argument("--image", action="append", default=None, metavar="PATH",
+                   help="edit input image; repeat for several (Edit-2509: up to 3); default: a generated test image")
+    g.add_argument("--height", type=int, default=None, help=f"default: {TINY_SIDE} (tiny), 1024 (--weights)")
+    g.add_argument("--width", type=int, default=None, help=f"default: {TINY_SIDE} (tiny), 1024 (--weights)")
+    g.add_argument("--steps", type=int, default=None, help="denoising steps; default: the model's (28 FLUX, 50 Qwen edit, 8 Lightning)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--out", default=None, metavar="PATH.png", help="default: MODEL.png in the current folder")
+    g.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
+    g.add_argument("--ulysses", "--ulysses-degree", dest="ulysses", type=int, default=None,
+                   help="Ulysses degree; default: the torchrun world size (1 without torchrun)")
+    g.add_argument("--async-ulysses", "--ulysses-async", dest="async_ulysses", action="store_true",
+                   help="overlap the all-to-alls with the Q/K/V projections")
+    g.add_argument("--tp", "--tp-degree", dest="tp", type=int, default=1, help="tensor parallel degree (issue #10, not available yet)")
+    g.add_argument("--text-encoder-parallel", "--parallel-text-encoder", dest="text_encoder_parallel", action="store_true",
+                   help="shard the text encoder (issue #10, not available yet)")
+    g.add_argument("--vae-parallel", "--parallel-vae", dest="vae_parallel", action="store_true",
+                   help="shard the VAE (issue #11, not available yet)")
+    g.add_argument("--cache", nargs="?", const="{}", default=None, metavar="PRESET|JSON",
+                   help="hybrid cache: a preset FnBm (e.g. F1B0), or JSON options; bare --cache: cache-dit's defaults (F8B0)")
+    g.add_argument("--attention-backend", default="auto", help="auto, sdpa, npu_fia, npu_fa, flash, cudnn, efficient, math")
+    g.add_argument("--compile", dest="inner_compiler", nargs="?", const="inductor", default="eager",
+                   choices=("eager", "inductor", "npugraph_ex"), help="inner compiler for the rewritten graph; bare --compile: inductor")
+    g.add_argument("--warmup", type=int, default=0, help="untimed generations before the timed one (compiles happen there)")
+    g.add_argument("--json", action="store_true", help="print the report as JSON")
+    g.add_argument("--quiet", action="store_true", help="no progress bar, no library warnings")
+
+
+def parse_cache(text: str | None) -> dict[str, Any] | None:
+    """'F1B0' -> {'Fn_compute_blocks': 1, 'Bn_compute_blocks': 0}; JSON object -> dict; None -> None."""
+    if text is None:
+        return None
+    match = re.fullmatch(r"[Ff](\d+)[Bb](\d+)", text.strip())
+    if match:
+        return {"Fn_compute_blocks": int(match[1]), "Bn_compute_blocks": int(match[2])}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise ValueError(f"--cache {text!r}: expected a preset such as F1B0 (Fn/Bn compute blocks) or a JSON object") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"--cache {text!r}: expected a JSON object of cache options")
+    return value
+
+
+def _quiet_libraries() -> None:
+    import warnings
+
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    warnings.filterwarnings("ignore")
+
+
+def _test_image(index: int, side: int = 256):
+    """A deterministic RGB gradient (the default edit input when no --image is given)."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:side, 0:side]
+    rgb = np.stack([(x * 255 // side + 80 * index) % 256, y * 255 // side, ((x + y) * 127 // side) % 256], axis=-1)
+    return Image.fromarray(rgb.astype("uint8"), "RGB")
+
+
+def _timed(fn, totals: dict[str, float], stage: str):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            totals[stage] += time.perf_counter() - start
+
+    return wrapper
+
+
+def _peak_memory_mib() -> dict[str, float]:
+    peak = {"host_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if torch.cuda.is_available():
+        peak["device_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    return peak
+
+
+def call_kwargs(args: argparse.Namespace, spec, steps: int) -> dict[str, Any]:
+    from PIL import Image
+
+    side = 1024 if args.weights else TINY_SIDE
+    kwargs: dict[str, Any] = dict(
+        prompt=args.prompt, height=args.height or side, width=args.width or side,
+        num_inference_steps=steps, generator=torch.Generator().manual_seed(args.seed), output_type="pil",
+    )
+    images = args.image or []
+    if images and not spec.max_input_images:
+        raise ValueError(f"{spec.name} is a text-to-image model; --image is for the edit models")
+    if len(images) > spec.max_input_images:
+        raise ValueError(f"{spec.name} takes at most {spec.max_input_images} input image(s), got {len(images)}")
+    if spec.max_input_images:
+        loaded = [Image.open(p).convert("RGB") for p in images] or [_test_image(0)]
+        kwargs["image"] = loaded if spec.max_input_images > 1 else loaded[0]
+    negative = args.negative_prompt if args.negative_prompt is not None else (" " if spec.true_cfg else None)
+    scale = args.true_cfg_scale if args.true_cfg_scale is not None else (4.0 if spec.true_cfg else 1.0)
+    if spec.transformer_cls != "FluxTransformer2DModel" or negative is not None:
+        kwargs["true_cfg_scale"] = scale
+    if negative is not None:
+        kwargs["negative_prompt"] = negative
+    return kwargs
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import npu_dit
+    from npu_dit.models import get_model
+    from npu_dit.pipeline_parallel import _check_unavailable, build_options
+    from npu_dit.pipelines import load_pipeline
+
+    spec = get_model(args.model)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cache = parse_cache(args.cache)
+    steps = args.steps or spec.default_steps
+    settings = dict(ulysses_degree=args.ulysses, tp_degree=args.tp, async_ulysses=args.async_ulysses,
+                    attention_backend=args.attention_backend, cache=cache, inner_compiler=args.inner_compiler)
+    # every option is checked before the (possibly large) pipeline is loaded
+    _check_unavailable(args.tp, args.text_encoder_parallel, args.vae_parallel)
+    build_options(num_inference_steps=steps, dump_dir=None, world_size=world, **settings)
+    if args.quiet:
+        _quiet_libraries()
+    if world > 1 and not torch.distributed.is_initialized():
+        from npu_dit.runtime.dist import ensure_process_group
+
+        ensure_process_group(world)
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+    pipe = load_pipeline(spec, weights=args.weights, lora=args.lora, lora_scale=args.lora_scale, dtype=DTYPES[args.dtype], seed=args.seed)
+    pipe.set_progress_bar_config(disable=args.quiet or rank != 0)
+    npu_dit.parallelize(pipe, text_encoder_parallel=args.text_encoder_parallel, vae_parallel=args.vae_parallel,
+                        num_inference_steps=steps, **settings)
+    totals = {"text encoding": 0.0, "denoising": 0.0, "VAE": 0.0}
+    pipe.encode_prompt = _timed(pipe.encode_prompt, totals, "text encoding")
+    pipe.vae.decode = _timed(pipe.vae.decode, totals, "VAE")
+    pipe.vae.encode = _timed(pipe.vae.encode, totals, "VAE")
+    pipe.transformer.forward = _timed(pipe.transformer.forward, totals, "denoising")
+    kwargs = call_kwargs(args, spec, steps)
+    for _ in range(args.warmup):
+        pipe(**{**kwargs, "generator": torch.Generator().manual_seed(args.seed)})
+    for stage in totals:
+        totals[stage] = 0.0
+    start = time.perf_counter()
+    image = pipe(**kwargs).images[0]
+    total = time.perf_counter() - start
+    # denoising = the transformer calls; the scheduler steps and latent packing go to "other"
+    stages = {**totals, "other": max(0.0, total - sum(totals.values())), "total": total}
+    memory = _peak_memory_mib()
+    if torch.distributed.is_initialized():
+        gathered: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, memory)
+    else:
+        gathered = [memory]
+    out = args.out or f"{spec.name}.png"
+    if rank == 0:
+        image.save(out)
+    from npu_dit.runtime.cache import latest
+
+    controller = latest() if cache is not None else None
+    return {
+        "model": spec.name, "weights": args.weights or "tiny random (offline)", "world_size": world,
+        "options": build_options(num_inference_steps=steps, dump_dir=None, world_size=world, **settings),
+        "height": kwargs["height"], "width": kwargs["width"], "steps": steps, "stages_s": stages,
+        "peak_memory_per_rank": gathered, "out": os.path.abspath(out), "rank": rank,
+        "cache_summary": controller.format_summary() if controller is not None else None,
+        "warmup_runs": args.warmup,
+    }
+
+
+def format_report(r: dict[str, Any]) -> str:
+    o = r["options"]
+    lines = [
+        f"{r['model']}  ({r['weights']}), {r['height']}x{r['width']}, {r['steps']} steps, {r['world_size']} process(es)",
+        f"  ulysses_degree={o['ulysses_degree']} async_ulysses={o['async_ulysses']} attention_backend={o['attention_backend']} "
+        f"inner_compiler={o['inner_compiler']} cache={o.get('cache')}",
+        "",
+        "| stage | seconds | share |",
+        "| --- | ---: | ---: |",
+    ]
+    total = r["stages_s"]["total"]
+    for stage, seconds in r["stages_s"].items():
+        share = f"{100 * seconds / total:.0f} %" if total and stage != "total" else ""
+        lines.append(f"| {stage} | {seconds:.3f} | {share} |")
+    if not r["warmup_runs"]:
+        lines.append("(first run: denoising includes compiling the transformer; use --warmup 1 for steady-state timings)")
+    lines += ["", "| rank | peak host RSS (MiB) | peak device memory (MiB) |", "| ---: | ---: | ---: |"]
+    for rank, mem in enumerate(r["peak_memory_per_rank"]):
+        device = f"{mem['device_mib']:.0f}" if "device_mib" in mem else "-"
+        lines.append(f"| {rank} | {mem['host_rss_mib']:.0f} | {device} |")
+    if r["cache_summary"]:
+        lines += ["", r["cache_summary"]]
+    lines += ["", f"wrote {r['out']}"]
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> int:
+    report = run(args)
+    if report["rank"] == 0:
+        print(json.dumps(report, indent=1, default=str) if args.json else format_report(report))
+    return 0

@@ -1,0 +1,48 @@
+"""`npu-dit generate` as a user runs it: one process, and torchrun with 2 ranks writing the same PNG."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.dist_utils import free_port
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ARGS = ["generate", "flux.1-dev", "--steps", "3", "--height", "128", "--width", "128", "--cache", "F1B0", "--quiet"]
+
+
+def _run(cmd, tmp_path):
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout
+
+
+@pytest.mark.slow
+def test_generate_one_process_and_torchrun_write_the_same_png(tmp_path):
+    one = _run([sys.executable, "-m", "npu_dit.tools.cli", *ARGS, "--out", "one.png"], tmp_path)
+    assert "| text encoding |" in one and "| denoising |" in one and "| VAE |" in one
+    assert "| 0 |" in one  # peak memory of rank 0
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
+    two = _run([*torchrun, "-m", "npu_dit.tools.cli", *ARGS, "--async-ulysses", "--out", "two.png"], tmp_path)
+    assert "2 process(es)" in two and "| 1 |" in two  # both ranks' peak memory
+    assert "cache summary" in two
+    a = np.asarray(Image.open(tmp_path / "one.png"), dtype=np.int16)
+    b = np.asarray(Image.open(tmp_path / "two.png"), dtype=np.int16)
+    assert a.shape == b.shape == (128, 128, 3)
+    # float32 images agree to ~1e-6; rounding to 8 bits can still move a pixel by one level
+    assert np.abs(a - b).max() <= 1
+
+
+def test_generate_refuses_unavailable_features_before_loading(capsys):
+    from npu_dit.tools.cli import main
+
+    assert main(["generate", "flux.1-dev", "--vae-parallel"]) == 2
+    assert "issue #11" in capsys.readouterr().err
+    assert main(["generate", "flux.1-dev", "--cache", "fast-please"]) == 2
+    assert "F1B0" in capsys.readouterr().err
+    assert main(["generate", "flux.1-dev", "--image", "x.png"]) == 2
+    assert "edit models" in capsys.readouterr().err
