@@ -13,10 +13,18 @@ __version__ = "0.1.0"
 
 
 def cache_summaries() -> list[dict]:
-    """Per live cache controller: which steps of the current generation computed, cached, and the diffs."""
+    """Per live cache controller and each of its last few generations (this thread's): the graph
+    label, the generation, and per CFG branch which steps computed, which cached, and the diffs."""
     from npu_dit.runtime.cache import summaries
 
     return summaries()
+
+
+def print_cache_summary() -> None:
+    """Print `cache_summaries()` readably: one line per CFG branch with its compute pattern."""
+    from npu_dit.runtime.cache import format_summaries
+
+    print(format_summaries())
 
 
 def reset_cache() -> None:
@@ -27,4 +35,4 @@ def reset_cache() -> None:
     reset_all()
 
 
-__all__ = ["CacheConfig", "CompileConfig", "__version__", "cache_summaries", "reset_cache"]
+__all__ = ["CacheConfig", "CompileConfig", "__version__", "cache_summaries", "print_cache_summary", "reset_cache"]

@@ -19,7 +19,7 @@ from npu_dit.config import CompileConfig
 from npu_dit.passes.infra import PipelineReport, UserError, run_passes
 from npu_dit.passes.pipeline import build_pipeline
 from npu_dit.passes.ulysses import SHARDING_META_KEY
-from npu_dit.runtime.dist import ParallelContext, ensure_process_group
+from npu_dit.runtime.dist import ParallelContext, check_same_cache_config, ensure_process_group
 import torch.distributed as dist
 
 from npu_dit.passes.cache_regions import CACHE_PLAN_KEY
@@ -57,6 +57,8 @@ def npu_dit_backend(
             f"drop mode or set options={{'inner_compiler': 'inductor'}}"
         )
     ctx = ensure_process_group(cfg.ulysses_degree) if cfg.ulysses_degree > 1 else None
+    if ctx is not None:
+        check_same_cache_config(cfg.cache, ctx)
     prepare_meta(gm)
     num_nodes = len(gm.graph.nodes)
     tag = "graph_" + str(gm.meta.get("dynamo_compile_id", "0")).replace("/", "_")
@@ -72,7 +74,9 @@ def npu_dit_backend(
     cache_plan = rewritten.meta.get(CACHE_PLAN_KEY)
     if cache_plan is not None:
         regions = tuple(compile_inner_lazily(r.gm, cfg.inner_compiler, mode=mode) for r in cache_plan.regions)
-        inner = CacheController(cache_plan, cfg.cache, regions, group=dist.group.WORLD if ctx is not None else None)
+        inner = CacheController(
+            cache_plan, cfg.cache, regions, group=dist.group.WORLD if ctx is not None else None, label=tag
+        )
     else:
         inner = compile_inner_lazily(rewritten, cfg.inner_compiler, mode=mode)
     return GraphExecutor(
