@@ -21,7 +21,8 @@ def parallelize(pipe, **options):
 
 
 def cache_summaries() -> list[dict]:
-    """Per live cache controller: which steps of the current generation computed, cached, and the diffs."""
+    """Per live cache controller and each of its last few generations (this thread's): the graph
+    label, the generation, and per CFG branch which steps computed, which cached, and the diffs."""
     from npu_dit.runtime.cache import summaries
 
     return summaries()
@@ -35,6 +36,13 @@ def explain(last: int | None = None) -> str:
     return _explain(last)
 
 
+def print_cache_summary() -> None:
+    """Print `cache_summaries()` readably: one line per CFG branch with its compute pattern."""
+    from npu_dit.runtime.cache import format_summaries
+
+    print(format_summaries())
+
+
 def reset_cache() -> None:
     """Start a new generation on every cache controller (generations are also detected from the
     timesteps going back up)."""
@@ -43,4 +51,5 @@ def reset_cache() -> None:
     reset_all()
 
 
-__all__ = ["CacheConfig", "CompileConfig", "__version__", "cache_summaries", "explain", "parallelize", "reset_cache"]
+__all__ = ["CacheConfig", "CompileConfig", "__version__", "cache_summaries", "explain", "parallelize",
+           "print_cache_summary", "reset_cache"]

@@ -34,7 +34,7 @@ from npu_dit.passes.scalar_inputs import SCALAR_INPUTS_KEY
 from npu_dit.plans import SHARDING_META_KEY
 from npu_dit.runtime import agreement
 from npu_dit.runtime.cache import CacheController
-from npu_dit.runtime.dist import ParallelContext, ensure_process_group
+from npu_dit.runtime.dist import ParallelContext, check_same_cache_config, ensure_process_group
 from npu_dit.runtime.executor import GraphExecutor
 from npu_dit.runtime.inner import compile_inner, compile_inner_lazily
 
@@ -72,6 +72,8 @@ def npu_dit_backend(
             f"drop mode or set options={{'inner_compiler': 'inductor'}}"
         )
     ctx = ensure_process_group(cfg.ulysses_degree) if cfg.ulysses_degree > 1 else None
+    if ctx is not None:
+        check_same_cache_config(cfg.cache, ctx)
     prepare_meta(gm)
     num_nodes = len(gm.graph.nodes)
     tag = "graph_" + str(gm.meta.get("dynamo_compile_id", "0")).replace("/", "_")
@@ -90,7 +92,9 @@ def npu_dit_backend(
     cache_plan = rewritten.meta.get(CACHE_PLAN_KEY)
     if cache_plan is not None:
         regions = tuple(compile_inner_lazily(r.gm, cfg.inner_compiler, mode=mode) for r in cache_plan.regions)
-        inner = CacheController(cache_plan, cfg.cache, regions, group=dist.group.WORLD if ctx is not None else None)
+        inner = CacheController(
+            cache_plan, cfg.cache, regions, group=dist.group.WORLD if ctx is not None else None, label=tag
+        )
     else:
         inner = compile_inner_lazily(rewritten, cfg.inner_compiler, mode=mode)
     return GraphExecutor(

@@ -12,6 +12,7 @@ accepted only at their defaults, so a user never believes a feature is on when i
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from typing import Any, Mapping
 
@@ -44,6 +45,8 @@ def _check_int(key: str, value: Any, *, minimum: int | None = None, allow_minus_
 def _check_float(key: str, value: Any, *, minimum: float | None = None) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"option {key!r} must be a number, got {value!r} ({_type_name(value)})")
+    if not math.isfinite(value):
+        raise ValueError(f"option {key!r} must be a finite number, got {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"option {key!r} must be >= {minimum}, got {value}")
     return float(value)
@@ -127,7 +130,24 @@ class CacheConfig:
             )
         if o.get("separate_cfg") is not None:
             kw["separate_cfg"] = _check_bool("cache.separate_cfg", o["separate_cfg"])
-        return CacheConfig(**kw)
+        cfg = CacheConfig(**kw)
+        cfg._check_steps()
+        return cfg
+
+    def _check_steps(self) -> None:
+        steps = self.num_inference_steps
+        if isinstance(self.steps_mask, str) and steps is None:
+            raise ValueError(
+                f"option 'cache.steps_mask'={self.steps_mask!r} is a preset, which is scaled to the number of "
+                f"denoising steps: also give 'cache.num_inference_steps' (e.g. 28 for FLUX.1-dev, 8 or 4 for "
+                f"a Lightning LoRA)"
+            )
+        if steps is not None and self.warmup_interval == 1 and self.max_warmup_steps >= steps:
+            raise ValueError(
+                f"option 'cache.max_warmup_steps'={self.max_warmup_steps} covers all {steps} steps "
+                f"('cache.num_inference_steps'), so no step could ever be cached; lower max_warmup_steps "
+                f"(e.g. 2 for an 8-step run, 1 for a 4-step run)"
+            )
 
 
 def _parse_steps_mask(value: Any) -> str | tuple[int, ...] | None:
@@ -143,11 +163,24 @@ def _parse_steps_mask(value: Any) -> str | tuple[int, ...] | None:
             f"option 'cache.steps_mask' must be one of {', '.join(STEPS_MASK_PRESETS)}, a bit string "
             f"such as '1111010' (1 = compute the step), or a list of 0/1; got {value!r}"
         )
-    if isinstance(value, (list, tuple)) and value and all(v in (0, 1) and not isinstance(v, float) for v in value):
+    if isinstance(value, (list, tuple)) and value and all(type(v) is int and v in (0, 1) for v in value):
         return tuple(int(v) for v in value)
     raise ValueError(
         f"option 'cache.steps_mask' must be a preset name, a bit string or a non-empty list of 0/1; got {value!r}"
     )
+
+
+def _check_dump_dir(path: str) -> str:
+    """The directory must exist or be creatable now: a failure later would surface mid-compile."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"option 'dump_dir' (or ${DUMP_DIR_ENV}) {path!r} is a file, not a directory; give a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(
+            f"option 'dump_dir' (or ${DUMP_DIR_ENV}) {path!r} cannot be created ({exc.strerror}); give a writable directory"
+        ) from None
+    return path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,7 +217,7 @@ class CompileConfig:
         if dump_dir is not None:
             if not isinstance(dump_dir, (str, os.PathLike)):
                 raise ValueError(f"option 'dump_dir' must be a directory path, got {dump_dir!r}")
-            kw["dump_dir"] = os.fspath(dump_dir)
+            kw["dump_dir"] = _check_dump_dir(os.fspath(dump_dir))
         cfg = CompileConfig(**kw)
         cfg._check_available()
         cfg._check_combinations()

@@ -34,6 +34,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from npu_dit.config import CacheConfig
 from npu_dit.passes.analysis.attention_ops import node_value
 from npu_dit.passes.analysis.blocks import transformer_blocks
+from npu_dit.passes.analysis.timestep import timestep_input
 from npu_dit.passes.infra import PassResult, Refusal, UserError
 
 CACHE_PLAN_KEY = "npu_dit.cache_plan"
@@ -200,7 +201,7 @@ def cache_regions_pass(gm: fx.GraphModule, *, cfg: CacheConfig) -> PassResult:
         stream = "image" if _same_tokens(_shape(out), image_like) else "text"
         pairs.append((j, middle_in_position[match[0]], stream))
 
-    timestep = next((i for i, n in enumerate(placeholders) if n.meta.get("npu_dit.input_name") == "timestep"), None)
+    timestep = timestep_input(gm)
     plan = CachePlan(
         front=regions["front"], middle=regions["middle"], back=regions["back"],
         image_in=front_outputs.index(h_0), image_fn=front_outputs.index(h_fn),

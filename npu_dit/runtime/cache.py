@@ -1,21 +1,21 @@
 """The cache controller: runs the front region, decides, runs or skips the middle, runs the back.
 
-One controller per compiled graph. It keeps DBCache/TaylorSeer state per CFG branch and per
-generation:
-  - a new generation starts when the timestep goes up compared with the previous step (diffusion
-    timesteps decrease within one), or after `reset()`;
-  - a call with the same timestep as the call before it is the next CFG branch of the same step
-    (true CFG: cond, then uncond), each branch with its own state (unless separate_cfg=False).
-Under Ulysses every rank holds a different chunk of the image stream; the diff's two means are
-all-reduced before dividing (as sums and counts, so they are the exact global means) and every rank
-takes the same decision, so the collectives inside the middle region stay matched.
+One controller per compiled graph. It keeps DBCache/TaylorSeer state per thread, per generation and
+per CFG branch; `runtime/cache_steps.py` says which generation, branch and step each call is (the
+timestep input is found from the graph, `passes/analysis/timestep.py`).
+Under Ulysses every rank holds a different chunk of the image stream; every call all-reduces the
+diff's sums and counts (the exact global means) together with each rank's vote, and the decision is
+taken from the reduced values, so every rank takes the same one even when their cache states have
+diverged, and the collectives inside the middle region stay matched.
 
 `controllers()`, `latest()`, `summaries()` and `reset_all()` reach the live controllers from user code.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import threading
 import weakref
 from typing import Any, Callable
 
@@ -25,8 +25,12 @@ import torch.distributed as dist
 from npu_dit.config import CacheConfig
 from npu_dit.passes.cache_regions import CachePlan, rebuild_outputs
 from npu_dit.runtime.cache_policy import DBCachePolicy, Decision, TaylorSeer
+from npu_dit.runtime.cache_steps import StepTracker
+from npu_dit.runtime.grad import refuse_grad
 
 _CONTROLLERS: list["weakref.ref[CacheController]"] = []
+GENERATIONS_KEPT = 4  # summaries keep the last few generations of every thread
+RECORDS_KEPT = 4096  # bounded: a long-running server must not grow without limit
 
 
 @dataclasses.dataclass
@@ -46,6 +50,18 @@ class StepRecord:
     reason: str
     diff: float | None
     local_diff: float | None = None  # this rank's diff before the all-reduce (equal to diff without one)
+    thread: int = 0
+
+
+@dataclasses.dataclass
+class ThreadState:
+    tracker: StepTracker
+    states: dict[int, BranchState] = dataclasses.field(default_factory=dict)  # per CFG branch
+
+    def state(self, branch: int, cfg: CacheConfig) -> BranchState:
+        if branch not in self.states:
+            self.states[branch] = BranchState(DBCachePolicy(cfg, cfg.num_inference_steps))
+        return self.states[branch]
 
 
 class CacheController:
@@ -55,82 +71,102 @@ class CacheController:
         cfg: CacheConfig,
         regions: tuple[Callable, Callable, Callable],
         *,
-        group: Any = None,  # process group for the diff all-reduce (None: single process)
+        group: Any = None,  # process group for the decision all-reduce (None: single process)
+        label: str = "",
     ) -> None:
         self.plan = plan
         self.cfg = cfg
         self.front, self.middle, self.back = regions
         self.group = group
-        self.records: list[StepRecord] = []
-        self.generation = -1
-        self._reset_pending = True
-        self._last_t: float | None = None
-        self._last_branch0_t: float | None = None
-        self._branch = 0
-        self._step = -1
-        self.states: dict[int, BranchState] = {}
+        self.label = label
+        self.records: collections.deque[StepRecord] = collections.deque(maxlen=RECORDS_KEPT)
+        self._threads: dict[int, ThreadState] = {}
+        self._lock = threading.Lock()
         _CONTROLLERS.append(weakref.ref(self))
 
-    # -- generations and CFG branches -------------------------------------------------------------
+    # -- generations and CFG branches, per thread -------------------------------------------------
     def reset(self) -> None:
-        """Start a new generation at the next call."""
-        self._reset_pending = True
+        """Start a new generation at the next call (in every thread)."""
+        with self._lock:
+            for thread in self._threads.values():
+                thread.tracker.reset()
 
-    def _locate(self, args: tuple) -> tuple[int, int]:
-        t = None
-        if self.plan.timestep_arg is not None:
-            value = args[self.plan.timestep_arg]
-            t = float(value.reshape(-1)[0]) if isinstance(value, torch.Tensor) else float(value)
-        separate = self.cfg.separate_cfg is not False
-        if separate and t is not None and self._last_t is not None and t == self._last_t and not self._reset_pending:
-            self._branch += 1
-        else:
-            self._branch = 0
-            new = self._reset_pending or (t is not None and self._last_branch0_t is not None and t > self._last_branch0_t)
-            if new:
-                self.generation += 1
-                self._step = -1
-                self.states = {}
-                self._reset_pending = False
-            self._step += 1
-            self._last_branch0_t = t
-        self._last_t = t
-        return self._branch, self._step
+    def _thread(self) -> "ThreadState":
+        # each thread runs its own generations on the shared compiled regions: its own clock and
+        # residuals, so two threads never read each other's state
+        ident = threading.get_ident()
+        with self._lock:
+            if ident not in self._threads:
+                tracker = StepTracker(separate_cfg=self.cfg.separate_cfg, num_steps=self.cfg.num_inference_steps)
+                self._threads[ident] = ThreadState(tracker)
+            return self._threads[ident]
 
-    def _state(self, branch: int) -> BranchState:
-        if branch not in self.states:
-            self.states[branch] = BranchState(DBCachePolicy(self.cfg, self.cfg.num_inference_steps))
-        return self.states[branch]
+    @property
+    def generation(self) -> int:
+        return self._thread().tracker.generation
+
+    def _timestep(self, args: tuple) -> float | None:
+        if self.plan.timestep_arg is None:
+            return None
+        value = args[self.plan.timestep_arg]
+        return float(value.reshape(-1)[0]) if isinstance(value, torch.Tensor) else float(value)
 
     # -- the decision ------------------------------------------------------------------------------
-    def _diff(self, previous: torch.Tensor, current: torch.Tensor) -> tuple[float, float]:
-        """(diff, this rank's diff): mean|R_prev - R| / mean|R_prev| over all ranks' tokens."""
-        stats = torch.stack(
-            [(previous - current).abs().sum(), previous.abs().sum(), torch.tensor(float(previous.numel()), device=previous.device)]
-        ).to(torch.float64)
-        local = _ratio(stats)
-        if self.group is not None:
-            dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=self.group)
-        return _ratio(stats), local
+    def _decide(self, state: BranchState, step: int, residual: torch.Tensor) -> tuple[Decision, float | None]:
+        """The local checks, then (under Ulysses) one all-reduce of the decision itself: every rank
+        adds its diff statistics and its vote, and all take the same decision even when their cache
+        state has diverged (a reset on one rank only): any vote to compute computes on all ranks."""
+        pre = state.policy.pre_check(step)
+        previous = state.residual_prev
+        if pre is not None and not pre.compute and previous is None:
+            pre = Decision(step, True, "first")  # nothing stored to reuse yet
+        if previous is not None and previous.shape != residual.shape:
+            raise ValueError(
+                f"npu_dit cache: the image stream changed shape within one generation ({tuple(previous.shape)} "
+                f"-> {tuple(residual.shape)}, step {step}): a new resolution or batch size needs a new "
+                f"generation; call npu_dit.reset_cache() before changing the input shapes"
+            )
+        have_prev = previous is not None
+        diff_stats = _diff_stats(previous, residual) if have_prev and pre is None else torch.zeros(3, dtype=torch.float64)
+        local_diff = _ratio(diff_stats) if have_prev and pre is None else None
+        if self.group is None:
+            if pre is not None:
+                return pre, None
+            return state.policy.by_diff(step, local_diff), local_diff
+        votes = torch.tensor(
+            [pre is not None and pre.compute, pre is not None and not pre.compute, have_prev and pre is None, 1.0],
+            dtype=torch.float64,
+        )
+        total = torch.cat([diff_stats, votes])
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
+        compute_votes, cache_votes, diff_votes, world = (float(v) for v in total[3:])
+        if compute_votes > 0:
+            return (pre if pre is not None and pre.compute else Decision(step, True, "peer")), local_diff
+        if cache_votes == world:
+            return pre, local_diff
+        if diff_votes < world:  # some rank has no residual to compare with, or ranks disagree
+            return Decision(step, True, "first" if cache_votes == 0 else "peer"), local_diff
+        return state.policy.by_diff(step, _ratio(total[:3])), local_diff
 
     # -- the call ---------------------------------------------------------------------------------
     def __call__(self, *args: Any) -> Any:
-        branch, step = self._locate(args)
-        state = self._state(branch)
+        refuse_grad(args, "the cache replaces the middle blocks' outputs on cached steps")
+        thread = self._thread()
+        position = thread.tracker.locate(self._timestep(args))
+        if position.new_generation:
+            thread.states = {}
+        branch, step = position.branch, position.step
+        state = thread.state(branch, self.cfg)
         values: dict[str, Any] = {"arg": args}
         values["front"] = self.front(*[values[k][i] for k, i in self.plan.front.inputs])
         middle_in = [values[k][i] for k, i in self.plan.middle.inputs]
         residual = values["front"][self.plan.image_fn] - values["front"][self.plan.image_in]
-        decision = state.policy.pre_check(step)
-        local_diff = None
-        if decision is None:
-            diff = None
-            if state.residual_prev is not None:
-                diff, local_diff = self._diff(state.residual_prev, residual)
-            decision = state.policy.by_diff(step, diff)
+        decision, local_diff = self._decide(state, step, residual)
         state.policy.record(decision)
         if decision.compute:
-            values["middle"] = self.middle(*middle_in)
+            # contiguous: cached steps hand the back region fresh tensors, and a graph compiler's
+            # region is specialised to its inputs' strides
+            values["middle"] = tuple(v.contiguous() if isinstance(v, torch.Tensor) else v for v in self.middle(*middle_in))
             state.residual_prev = residual
             for out_pos, in_pos, _ in self.plan.residual_pairs:
                 delta = values["middle"][out_pos] - middle_in[in_pos]
@@ -140,19 +176,42 @@ class CacheController:
                     state.stored[out_pos] = delta
         else:
             outs: list[Any] = [None] * len(self.plan.residual_pairs)
-            for out_pos, in_pos, _ in self.plan.residual_pairs:
+            for out_pos, in_pos, stream in self.plan.residual_pairs:
                 delta = state.taylor[out_pos].predict(step) if self.cfg.taylorseer_order > 0 else state.stored[out_pos]
+                if delta.shape != middle_in[in_pos].shape:
+                    raise ValueError(
+                        f"npu_dit cache: the stored {stream}-stream residual has shape {tuple(delta.shape)} but "
+                        f"this call's {stream} stream is {tuple(middle_in[in_pos].shape)} (branch {branch}, step "
+                        f"{step}). Calls sharing cache state must have the same shapes: with true CFG and "
+                        f"prompts of different lengths use separate_cfg=True (or pad the prompts alike)"
+                    )
                 outs[out_pos] = middle_in[in_pos] + delta
             values["middle"] = tuple(outs)
         values["back"] = self.back(*[values[k][i] for k, i in self.plan.back.inputs])
-        self.records.append(StepRecord(self.generation, branch, step, decision.compute, decision.reason, decision.diff, local_diff))
+        self.records.append(
+            StepRecord(position.generation, branch, step, decision.compute, decision.reason, decision.diff, local_diff,
+                       thread=threading.get_ident())
+        )
         return rebuild_outputs(self.plan, values)
 
     # -- observability ----------------------------------------------------------------------------
+    def _records(self, generation: int | None) -> tuple[int, list[StepRecord]]:
+        ident = threading.get_ident()
+        mine = [r for r in self.records if r.thread == ident] or list(self.records)
+        if generation is None:
+            generation = mine[-1].generation if mine else -1
+        return generation, [r for r in mine if r.generation == generation]
+
+    def generations(self) -> list[int]:
+        """This thread's generations still held (the last few)."""
+        ident = threading.get_ident()
+        seen = sorted({r.generation for r in self.records if r.thread == ident})
+        return seen[-GENERATIONS_KEPT:]
+
     def summary(self, generation: int | None = None) -> dict[str, Any]:
-        """Which steps computed, which cached, and the diffs, per CFG branch of one generation."""
-        generation = self.generation if generation is None else generation
-        records = [r for r in self.records if r.generation == generation]
+        """Which steps computed, which cached, and the diffs, per CFG branch of one generation
+        (default: the latest) of the calling thread."""
+        generation, records = self._records(generation)
         branches: dict[int, dict[str, Any]] = {}
         for r in records:
             b = branches.setdefault(r.branch, {"computed": [], "cached": [], "diffs": {}, "reasons": {}})
@@ -160,16 +219,17 @@ class CacheController:
             b["reasons"][r.step] = r.reason
             if r.diff is not None:
                 b["diffs"][r.step] = r.diff
-        return {"generation": generation, "branches": branches}
+        return {"graph": self.label, "generation": generation, "branches": branches}
 
     def format_summary(self, generation: int | None = None) -> str:
         s = self.summary(generation)
-        lines = [f"cache summary, generation {s['generation']}:"]
+        lines = [f"cache summary, {s['graph'] or 'graph'}, generation {s['generation']}:"]
         for branch, b in sorted(s["branches"].items()):
             total = len(b["computed"]) + len(b["cached"])
             pattern = "".join("1" if step in b["computed"] else "0" for step in range(total))
+            name = {0: "cond", 1: "uncond"}.get(branch, str(branch)) if len(s["branches"]) > 1 else "all calls"
             lines.append(
-                f"  branch {branch}: computed {len(b['computed'])}/{total} steps, cached {len(b['cached'])}  [{pattern}]"
+                f"  branch {branch} ({name}): computed {len(b['computed'])}/{total} steps, cached {len(b['cached'])}  [{pattern}]"
             )
             if b["diffs"]:
                 diffs = ", ".join(f"{step}:{d:.3f}" for step, d in sorted(b["diffs"].items()))
@@ -180,6 +240,13 @@ class CacheController:
         b = self.summary(generation)["branches"].get(branch, {"computed": [], "cached": []})
         total = len(b["computed"]) + len(b["cached"])
         return "".join("1" if step in b["computed"] else "0" for step in range(total))
+
+
+def _diff_stats(previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """sum|R_prev - R|, sum|R_prev|, count: summed over ranks they give the exact global means."""
+    return torch.stack(
+        [(previous - current).abs().sum(), previous.abs().sum(), torch.tensor(float(previous.numel()), device=previous.device)]
+    ).to(device="cpu", dtype=torch.float64)
 
 
 def _ratio(stats: torch.Tensor) -> float:
@@ -195,7 +262,12 @@ def controllers() -> list[CacheController]:
 
 
 def summaries() -> list[dict[str, Any]]:
-    return [c.summary() for c in controllers()]
+    """The last few generations of every live controller, each labelled with its graph."""
+    return [c.summary(g) for c in controllers() for g in c.generations()]
+
+
+def format_summaries() -> str:
+    return "\n".join(c.format_summary(g) for c in controllers() for g in c.generations()) or "no cached graph has run yet"
 
 
 def reset_all() -> None:

@@ -67,6 +67,7 @@ def resolve_mask(cfg: CacheConfig, num_steps: int | None) -> list[int] | None:
     if cfg.steps_mask is None:
         return None
     if isinstance(cfg.steps_mask, str):
+        # CacheConfig.from_options requires num_inference_steps with a preset; 28 only for direct use
         return steps_mask(cfg.steps_mask, num_steps or cfg.num_inference_steps or PRESET_STEPS)
     return list(cfg.steps_mask)
 
@@ -89,7 +90,7 @@ class DBCachePolicy:
         if self.mask is not None:
             leading = next((i for i, m in enumerate(self.mask) if m == 0), len(self.mask))
             warmup_limit = min(warmup_limit, leading)
-        self.warmup = set(range(0, warmup_limit, cfg.warmup_interval))
+        self.warmup_limit = warmup_limit  # steps [0, limit) with step % warmup_interval == 0 compute
         self.cached_steps: list[int] = []
         self.continuous = 0
         self.history: list[Decision] = []
@@ -97,7 +98,7 @@ class DBCachePolicy:
     def pre_check(self, step: int) -> Decision | None:
         """The checks that need no diff; None means 'decide by the diff'."""
         cfg = self.cfg
-        if step in self.warmup:
+        if step < self.warmup_limit and step % cfg.warmup_interval == 0:
             return Decision(step, True, "warmup")
         if self.mask is not None and step < len(self.mask):
             if self.mask[step] == 1:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import os
 
 import torch
@@ -28,6 +29,7 @@ class ParallelContext:
     group_name: str  # what functional collectives take
     backend: str  # hccl, nccl or gloo
     timeout_s: float
+    timeout_source: str = f"set with {TIMEOUT_ENV}"  # or "the timeout of your process group"
 
 
 def group_timeout_s() -> float:
@@ -38,8 +40,8 @@ def group_timeout_s() -> float:
         seconds = float(value)
     except ValueError:
         raise UserError(f"{TIMEOUT_ENV}={value!r} is not a number of seconds") from None
-    if seconds <= 0:
-        raise UserError(f"{TIMEOUT_ENV} must be positive, got {seconds}")
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise UserError(f"{TIMEOUT_ENV}={value!r} must be a positive, finite number of seconds")
     return seconds
 
 
@@ -68,6 +70,7 @@ def ensure_process_group(degree: int, *, device: torch.device | None = None) -> 
     The group is the whole world: launch exactly `degree` processes (torchrun --nproc-per-node N).
     """
     timeout_s = group_timeout_s()
+    source = f"set with {TIMEOUT_ENV}"
     if not dist.is_initialized():
         if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
             raise UserError(
@@ -75,7 +78,11 @@ def ensure_process_group(degree: int, *, device: torch.device | None = None) -> 
                 f"torchrun (RANK/WORLD_SIZE are not set). Launch with: torchrun --nproc-per-node {degree} script.py"
             )
         backend = device_backend(device)
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+        _init_group(backend, timeout_s)
+    else:
+        user_timeout = _group_timeout(dist.group.WORLD)  # the user's group: its timeout applies
+        if user_timeout is not None:
+            timeout_s, source = user_timeout, "the timeout your init_process_group was given"
     world = dist.get_world_size()
     if world != degree:
         raise UserError(
@@ -90,7 +97,60 @@ def ensure_process_group(degree: int, *, device: torch.device | None = None) -> 
         group_name=group.group_name,
         backend=dist.get_backend(group),
         timeout_s=timeout_s,
+        timeout_source=source,
     )
+
+
+def check_same_cache_config(cache: object, ctx: ParallelContext) -> None:
+    """Every rank must run the same cache settings: a cache on one rank only, or other thresholds,
+    would make the ranks skip different steps and their collectives stop matching (a hang until the
+    group timeout). Checked once per compiled graph, with one all-gather; the error is raised on every
+    rank, naming each rank's setting."""
+    from npu_dit.runtime import agreement
+
+    # the fixed-size agreement record first (a rank calling while this one compiles meets the same
+    # collective and both fail clearly); the settings themselves only once every rank is here
+    records = agreement.exchange(agreement.COMPILE, repr(cache), graph="cache options")
+    agreement.check_records(records, agreement.COMPILE, f"cache={cache!r}", ignore_plans=True)
+    if len({r[2] for r in records}) == 1:
+        return
+    settings = [None] * ctx.world_size
+    dist.all_gather_object(settings, repr(cache))
+    if len(set(settings)) > 1:
+        listing = "; ".join(f"rank {r}: cache={s}" for r, s in enumerate(settings))
+        raise UserError(
+            f"npu_dit: the ranks were compiled with different cache options ({listing}). Every rank must pass "
+            f"the same options={{'cache': ...}} to torch.compile"
+        )
+
+
+def _init_group(backend: str, timeout_s: float) -> None:
+    """init_process_group, with a start-up failure that says which ranks are missing and for how long
+    this rank waited (the store's own error names neither)."""
+    import time
+
+    start = time.monotonic()
+    try:
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+    except Exception as exc:  # noqa: BLE001 - DistStoreError, RuntimeError from the rendezvous
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        others = [r for r in range(world) if r != rank]
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        raise RuntimeError(
+            f"npu_dit: rank {rank} of {world} waited {time.monotonic() - start:.0f} s (timeout {timeout_s:g} s, "
+            f"{TIMEOUT_ENV}) at {where} for rank(s) {others} to join, and they did not: start every rank "
+            f"(torchrun --nproc-per-node {world}) or raise {TIMEOUT_ENV}. ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from exc
+
+
+def _group_timeout(group: object) -> float | None:
+    """The timeout a group really runs with (the user's own, when they created it)."""
+    try:
+        backend = group._get_backend(torch.device("cpu"))  # type: ignore[attr-defined]
+        return backend.options._timeout.total_seconds()
+    except Exception:  # noqa: BLE001 - backends without options: fall back to npu-dit's setting
+        return None
 
 
 _MESHES: dict[tuple[int, str], object] = {}

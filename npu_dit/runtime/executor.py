@@ -19,6 +19,7 @@ from npu_dit.errors import RankMismatchError
 from npu_dit.runtime.agreement import CALL, call_signature, check_records, exchange
 from npu_dit.runtime.collectives import chunk_lengths, local_chunk
 from npu_dit.runtime.dist import ParallelContext
+from npu_dit.runtime.grad import refuse_grad
 
 
 class DistributedRunError(RuntimeError):
@@ -46,6 +47,7 @@ class GraphExecutor:
                 args[index] = args[index].item()
         if self.plan is None:
             return self.compiled(*args)
+        refuse_grad(args, "Ulysses' collectives are not differentiable (the output would come back detached)")
         signature = call_signature(args)
         try:
             # every rank must shard the same global shapes: one small all-gather, compared on every rank
@@ -59,7 +61,7 @@ class GraphExecutor:
             raise DistributedRunError(
                 f"npu_dit: rank {self.ctx.rank} of {self.ctx.world_size} ({self.ctx.backend}): a collective "
                 f"failed: {str(exc).splitlines()[0]}. Another rank has probably exited or is stuck (group "
-                f"timeout {self.ctx.timeout_s:.0f} s, set with NPU_DIT_GROUP_TIMEOUT); the run is aborted."
+                f"timeout {self.ctx.timeout_s:.0f} s, {self.ctx.timeout_source}); the run is aborted."
             ) from exc
 
     def shard_args(self, args: Sequence[Any]) -> tuple[list[Any], dict[int, int]]:

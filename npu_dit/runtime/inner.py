@@ -10,12 +10,15 @@
 
 from __future__ import annotations
 
+import collections
 from typing import Any, Callable
 
 import torch
 import torch.fx as fx
 
 from npu_dit.errors import UserError
+
+MAX_COMPILED_SHAPES = 8  # per region: the last few resolutions / prompt lengths stay compiled
 
 
 def compile_inner(gm: fx.GraphModule, example_inputs: list[Any], name: str, *, mode: str | None = None) -> Callable:
@@ -79,12 +82,17 @@ def compile_inner_lazily(gm: fx.GraphModule, name: str, *, mode: str | None = No
 
     else:
         raise UserError(f"unknown inner compiler {name!r}; choose eager, inductor or npugraph_ex")
-    compiled: dict[tuple, Callable] = {}
+    compiled: collections.OrderedDict[tuple, Callable] = collections.OrderedDict()
 
     def run(*args: Any) -> Any:
-        key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
+        # strides too: a compiled graph asserts its inputs' strides (a strided slice and a contiguous
+        # tensor of one shape need two entries)
+        key = tuple((tuple(a.shape), a.stride()) if isinstance(a, torch.Tensor) else a for a in args)
         if key not in compiled:
             compiled[key] = compile_for(list(args))
+            if len(compiled) > MAX_COMPILED_SHAPES:
+                compiled.popitem(last=False)  # least recently used
+        compiled.move_to_end(key)
         return compiled[key](*args)
 
     return run

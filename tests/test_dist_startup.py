@@ -1,0 +1,49 @@
+"""Start-up and timeouts that tell the truth (issue 9, item 8)."""
+
+import os
+import subprocess
+import sys
+
+import torch
+
+from tests.dist_utils import free_port, run_ranks
+
+MISSING_PEER = """
+import torch, warnings
+warnings.filterwarnings("ignore")
+from tests.conftest import tiny_model_and_inputs
+_, model, inputs = tiny_model_and_inputs("flux")
+compiled = torch.compile(model, backend="npu_dit", dynamic=True, options={"ulysses_degree": 2})
+with torch.no_grad():
+    compiled(**inputs)
+"""
+
+
+def test_missing_peer_at_start_up_names_the_rank_and_the_wait():
+    env = dict(os.environ, RANK="0", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+               NPU_DIT_GROUP_TIMEOUT="3", OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-c", MISSING_PEER], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert "rank 0 of 2 waited" in done.stderr and "rank(s) [1]" in done.stderr and "timeout 3 s" in done.stderr
+
+
+def users_own_group(rank, world_size):
+    import datetime
+
+    import torch.distributed as dist
+
+    from npu_dit.backend import RECORDS
+    from tests.conftest import tiny_model_and_inputs
+
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=45))  # the user's own group
+    _, model, inputs = tiny_model_and_inputs("flux")
+    compiled = torch.compile(model, backend="npu_dit", dynamic=True, options={"ulysses_degree": world_size})
+    with torch.no_grad():
+        compiled(**inputs)
+    return RECORDS[-1].parallel.timeout_s
+
+
+def test_the_users_group_timeout_is_the_one_reported(tmp_path):
+    # run_ranks sets NPU_DIT_GROUP_TIMEOUT=30; the user's 45 s is what applies and what errors cite
+    results = [r["result"] for r in run_ranks(users_own_group, 2, tmp_path, timeout=300, group_timeout=30)]
+    assert results == [45.0, 45.0]
