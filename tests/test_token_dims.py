@@ -110,6 +110,11 @@ def test_dynamic_token_dims_vary_without_recompiling_static_ones_do_not(key, cha
         graphs.append(gm)
         return gm.forward
 
+    # trace exactly as backend="npu_dit" does (its tracing context: no duck shaping)
+    from npu_dit import tracing
+
+    tracing.install()
+    record.backend_ctx_ctor = tracing.backend_tracing_context
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=record, dynamic=True)
     with torch.no_grad():
