@@ -28,7 +28,7 @@ def test_inspect_full_size_flux_on_the_meta_device(capsys):
     assert [(d["name"], d["dim"]) for d in report["token_dims"]["outputs"]] == [("output[0]", 1)]
     examples = sorted(s["example"] for s in report["token_dims"]["segments"])
     assert examples == [512, 4096]  # 512 text tokens, 4096 image tokens at 1024x1024
-    assert report["timings"]["analysis_s"] < 5.0  # the figure is < 2 s (docs/BENCHMARKS.md); slack for CI load
+    assert report["timings"]["analysis_s"] < 30.0  # a sanity bound only: the figure is measured in docs/BENCHMARKS.md
     # Ulysses-2: every site wrapped in 4 all-to-alls; the per-layer volume is DeepSpeed's 4*N*h/P
     comm = report["communication"]
     assert comm["collectives"]["all_to_all (seq->heads)"]["count"] == 3 * 57
