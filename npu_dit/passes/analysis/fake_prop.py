@@ -14,6 +14,7 @@ list the nodes whose recorded shape differs.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Callable
 
 import sympy
@@ -78,7 +79,7 @@ def repropagate(gm: fx.GraphModule, placeholder_values: list[Any]) -> None:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, value in zip(placeholders, placeholder_values):
         node.meta["val"] = value
-    with mode.shape_env.suppress_guards() if mode.shape_env is not None else _null():
+    with mode.shape_env.suppress_guards() if mode.shape_env is not None else contextlib.nullcontext():
         FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*placeholder_values)
 
 
@@ -129,11 +130,3 @@ def _same(a: Any, b: Any) -> bool:
     ea = a.node.expr if isinstance(a, torch.SymInt) else sympy.Integer(int(a))
     eb = b.node.expr if isinstance(b, torch.SymInt) else sympy.Integer(int(b))
     return ea == eb or sympy.expand(ea - eb) == 0
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
