@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import torch
 
-from npu_dit.config import CompileConfig
+from npu_dit.config import CacheConfig, CompileConfig
 
 _STATE_ATTR = "_npu_dit_parallel"
 
@@ -49,6 +49,14 @@ def _check_unavailable(tp_degree: Any, text_encoder_parallel: Any, vae_parallel:
             "parallelize: vae_parallel=True is not available yet (issue #11, exact VAE parallelism); leave "
             "it False: every rank decodes the full latent"
         )
+
+
+DEFAULT_WARMUP_STEPS = CacheConfig.max_warmup_steps
+
+
+def short_run_warmup(steps: int) -> int:
+    """Warmup steps for a run no longer than cache-dit's default warmup: a quarter of it, at least 1."""
+    return max(1, steps // 4)
 
 
 def build_options(
@@ -81,6 +89,10 @@ def build_options(
         cache = dict(cache)
         if num_inference_steps is not None and cache.get("num_inference_steps") is None:
             cache["num_inference_steps"] = num_inference_steps
+        steps = cache.get("num_inference_steps")
+        if "max_warmup_steps" not in cache and isinstance(steps, int) and steps <= DEFAULT_WARMUP_STEPS:
+            # cache-dit's 8 warmup steps would cover a short (Lightning, 4/8-step) run whole: fit them
+            cache["max_warmup_steps"] = short_run_warmup(steps)
         options["cache"] = cache
     cfg = CompileConfig.from_options(options)
     if cfg.world_degree > 1 and cfg.world_degree != world_size:

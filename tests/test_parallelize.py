@@ -107,3 +107,16 @@ def test_lora_for_another_model_is_refused(tmp_path):
     _lora_file(tmp_path / "flux.safetensors", flux.transformer, ["single_transformer_blocks.0.proj_mlp"])
     with pytest.raises(ValueError, match="another model"):
         fuse_lora(load_pipeline(spec).transformer, tmp_path / "flux.safetensors")
+
+
+def test_short_runs_get_a_warmup_that_leaves_steps_to_cache():
+    from npu_dit.pipeline_parallel import build_options
+
+    common = dict(ulysses_degree=1, tp_degree=1, async_ulysses=False, attention_backend="auto",
+                  inner_compiler="eager", dump_dir=None, world_size=1)
+    for steps, warmup in ((3, 1), (4, 1), (8, 2), (28, None)):
+        options = build_options(cache={"Fn_compute_blocks": 1}, num_inference_steps=steps, **common)
+        assert options["cache"].get("max_warmup_steps") == warmup, steps
+    # an explicit setting is the user's: still checked, never replaced
+    with pytest.raises(ValueError, match="max_warmup_steps"):
+        build_options(cache={"max_warmup_steps": 8}, num_inference_steps=4, **common)
