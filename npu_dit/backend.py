@@ -26,7 +26,7 @@ import torch.fx as fx
 from npu_dit import tracing
 from npu_dit.config import CompileConfig
 from npu_dit.errors import UserError
-from npu_dit.passes.cache_regions import CACHE_PLAN_KEY
+from npu_dit.plans import CACHE_PLAN_KEY
 from npu_dit.passes.infra import PipelineReport, run_passes
 from npu_dit.passes.pipeline import build_pipeline
 from npu_dit.passes.prepare import prepare_meta

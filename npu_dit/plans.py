@@ -1,5 +1,8 @@
 """Plan types the passes write and the runtime executes (neutral: imports neither side).
 
+`CachePlan` is what the cache-regions pass cut: the front / middle / back region graphs and where
+each region's inputs and the graph's outputs come from; the cache controller runs it.
+
 `ShardingPlan` is what the Ulysses pass decided for one graph on one rank: which token streams are
 sharded, which inputs to shard on which dim, which SymInt inputs become local lengths, which global
 lengths the rewritten graph takes as extra inputs, and which outputs to gather. The executor applies
@@ -10,6 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+
+import torch.fx as fx
+from torch.utils._pytree import tree_unflatten
 
 SHARDING_META_KEY = "npu_dit.sharding"  # gm.meta key of the ShardingPlan
 
@@ -66,3 +72,39 @@ class ShardingPlan:
 def stable_hash(text: str) -> int:
     """A 63-bit hash of `text`, equal on every rank and every run (unlike `hash()`)."""
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 1
+
+
+CACHE_PLAN_KEY = "npu_dit.cache_plan"
+
+Source = tuple[str, int]  # ("arg", placeholder position) | ("front"|"middle"|"back", output position)
+
+
+@dataclasses.dataclass
+class Region:
+    name: str
+    gm: fx.GraphModule
+    inputs: list[Source]
+    blocks: list[str]  # block paths inside the region
+    nodes: int
+
+
+@dataclasses.dataclass
+class CachePlan:
+    front: Region
+    middle: Region
+    back: Region
+    image_in: int  # front output position of h_0
+    image_fn: int  # front output position of h_Fn
+    residual_pairs: list[tuple[int, int, str]]  # (middle output position, middle input position, stream)
+    outputs: list[Source]  # the graph's flat outputs
+    output_spec: object  # pytree spec of the graph's output
+    timestep_arg: int | None
+
+    @property
+    def regions(self) -> list[Region]:
+        return [self.front, self.middle, self.back]
+
+
+def rebuild_outputs(plan: CachePlan, values: dict[str, tuple]) -> object:
+    flat = [values[kind][index] if kind != "const" else index for kind, index in plan.outputs]
+    return tree_unflatten(flat, plan.output_spec)

@@ -175,3 +175,26 @@ def test_bad_cache_values_are_value_errors_naming_the_key(cache, pattern):
     with torch.no_grad(), pytest.raises(Exception, match=pattern) as info:
         compiled(**inputs)
     assert isinstance(info.value, ValueError) or isinstance(info.value.__cause__, ValueError) or "ValueError" in str(info.value)
+
+
+@pytest.mark.slow
+def test_inductor_compiles_each_region_once_across_resolutions():
+    # issue 9 item 6: the rewritten regions are compiled once with dynamic shapes, as Dynamo's own
+    # graph is; new resolutions and prompt lengths reuse that compile (and stay exact)
+    from npu_dit.backend import RECORDS
+
+    spec, model, _ = tiny_model_and_inputs("flux")
+    cache = dict(CACHE, residual_diff_threshold=0.5)
+    calls = [spec.example_inputs(spec.config("tiny"), height=h, width=w, prompt_len=p)
+             for h, w, p in ((128, 128, 12), (96, 160, 7), (64, 64, 20))]
+    with torch.no_grad():
+        eager = compile_cached(model, cache)
+        expected = [euler_loop(eager, inputs, TIMESTEPS[:3]) for inputs in calls]
+        inductor = compile_cached(model, cache, inner_compiler="inductor")
+        before = len(RECORDS)
+        actual = [euler_loop(inductor, inputs, TIMESTEPS[:3]) for inputs in calls]
+    controller = cache_runtime.latest()
+    assert len(RECORDS) == before + 1  # one Dynamo graph for all three shapes
+    assert [r.compiles for r in (controller.front, controller.middle, controller.back)] == [1, 1, 1]
+    for a, e in zip(actual, expected):
+        torch.testing.assert_close(a, e, atol=1e-4, rtol=1e-4)

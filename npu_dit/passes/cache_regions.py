@@ -29,43 +29,15 @@ import dataclasses
 import torch
 import torch.fx as fx
 from torch.fx._lazy_graph_module import _make_graph_module
-from torch.utils._pytree import tree_flatten, tree_unflatten
+from torch.utils._pytree import tree_flatten
 
 from npu_dit.config import CacheConfig
 from npu_dit.passes.analysis.attention_ops import node_value
 from npu_dit.passes.analysis.blocks import transformer_blocks
 from npu_dit.passes.analysis.timestep import timestep_input
 from npu_dit.passes.infra import PassResult, Refusal, UserError
+from npu_dit.plans import CACHE_PLAN_KEY, CachePlan, Region, Source  # noqa: F401 - re-exported for passes
 
-CACHE_PLAN_KEY = "npu_dit.cache_plan"
-
-Source = tuple[str, int]  # ("arg", placeholder position) | ("front"|"middle"|"back", output position)
-
-
-@dataclasses.dataclass
-class Region:
-    name: str
-    gm: fx.GraphModule
-    inputs: list[Source]
-    blocks: list[str]  # block paths inside the region
-    nodes: int
-
-
-@dataclasses.dataclass
-class CachePlan:
-    front: Region
-    middle: Region
-    back: Region
-    image_in: int  # front output position of h_0
-    image_fn: int  # front output position of h_Fn
-    residual_pairs: list[tuple[int, int, str]]  # (middle output position, middle input position, stream)
-    outputs: list[Source]  # the graph's flat outputs
-    output_spec: object  # pytree spec of the graph's output
-    timestep_arg: int | None
-
-    @property
-    def regions(self) -> list[Region]:
-        return [self.front, self.middle, self.back]
 
 
 def _extract(gm: fx.GraphModule, name: str, nodes: list[fx.Node], inputs: list[fx.Node], outputs: list[fx.Node]) -> fx.GraphModule:
@@ -217,8 +189,3 @@ def cache_regions_pass(gm: fx.GraphModule, *, cfg: CacheConfig) -> PassResult:
         for r in plan.regions
     ] + [f"middle residuals: {', '.join(s for _, _, s in pairs)}"]
     return PassResult(gm, modified=False, counts={"cache_regions": 3}, notes=notes)
-
-
-def rebuild_outputs(plan: CachePlan, values: dict[str, tuple]) -> object:
-    flat = [values[kind][index] if kind != "const" else index for kind, index in plan.outputs]
-    return tree_unflatten(flat, plan.output_spec)

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from npu_dit.config import CacheConfig
-from npu_dit.passes.cache_regions import CachePlan, rebuild_outputs
+from npu_dit.plans import CachePlan, rebuild_outputs
 from npu_dit.runtime.cache_policy import DBCachePolicy, Decision, TaylorSeer
 from npu_dit.runtime.cache_steps import StepTracker
 from npu_dit.runtime.grad import refuse_grad

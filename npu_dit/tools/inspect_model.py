@@ -22,7 +22,7 @@ from npu_dit.passes.analysis.attention_ops import node_value
 from npu_dit.passes.attention_lowering import KERNELS_META_KEY, attention_environment, attention_kernel_choices
 from npu_dit.passes.infra import dump_graph, run_passes
 from npu_dit.passes.pipeline import build_pipeline
-from npu_dit.passes.cache_regions import CACHE_PLAN_KEY
+from npu_dit.plans import CACHE_PLAN_KEY
 from npu_dit.plans import SHARDING_META_KEY
 from npu_dit.runtime.dist import inspection_context
 from npu_dit.tools.capture import capture_graph

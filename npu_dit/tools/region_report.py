@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 
 from npu_dit.passes.analysis.attention_ops import LINEAR_TARGETS, attention_qkv, is_attention_call, node_value
-from npu_dit.passes.cache_regions import CachePlan
+from npu_dit.plans import CachePlan
 
 
 def _hint(size: Any) -> int:
