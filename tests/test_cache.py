@@ -8,6 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import npu_dit
 from npu_dit.config import CacheConfig, CompileConfig
 from npu_dit.passes.infra import UserError
 from npu_dit.runtime import cache as cache_runtime
@@ -122,6 +123,46 @@ def test_taylorseer_extrapolates_polynomials_of_its_order_exactly(order):
         d2 = (d1 - d1_prev) / 1
         expected = y(6) + d1 * 2 + d2 * (2**2) / math.factorial(2)
         torch.testing.assert_close(seer.predict(8), expected)
+
+
+def test_taylorseer_takes_differences_from_step_3_like_cache_dit():
+    seer = TaylorSeer(2)
+    for step in (0, 1, 2):
+        seer.update(torch.tensor([float(step) ** 2]), step)
+    assert len(seer.derivatives) == 1  # steps 0..2 only anchor the value
+    torch.testing.assert_close(seer.predict(4), torch.tensor([4.0]))
+    seer.update(torch.tensor([9.0]), 3)
+    assert len(seer.derivatives) == 2  # first difference at step 3, against step 2
+    seer.update(torch.tensor([16.0]), 4)
+    assert len(seer.derivatives) == 3
+    torch.testing.assert_close(seer.derivatives[2], torch.tensor([2.0]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("order", [0, 1, 2])
+def test_hybrid_cache_is_bitwise_equal_to_cache_dit(order):
+    """The oracle: cache-dit 1.5.3 itself on the same tiny FluxPipeline (when it is installed)."""
+    cache_dit = pytest.importorskip("cache_dit")
+    from npu_dit.pipelines import load_pipeline
+
+    settings = dict(Fn_compute_blocks=1, Bn_compute_blocks=0, residual_diff_threshold=0.5, max_warmup_steps=4,
+                    max_continuous_cached_steps=3)
+
+    def generate(pipe):
+        with torch.no_grad():
+            return pipe("a red cube", height=128, width=128, num_inference_steps=14,
+                        generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+    peer = load_pipeline("flux.1-dev")
+    cache_dit.enable_cache(
+        peer, cache_config=cache_dit.DBCacheConfig(**settings),
+        calibrator_config=cache_dit.TaylorSeerCalibratorConfig(taylorseer_order=order) if order else None,
+    )
+    expected = generate(peer)
+    ours = npu_dit.parallelize(load_pipeline("flux.1-dev"), cache=dict(settings, taylorseer_order=order))
+    actual = generate(ours)
+    assert "0" in cache_runtime.latest().pattern()
+    assert torch.equal(actual, expected)
 
 
 # ---------------------------------------------------------------------------------------------
