@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import threading
+import time
 import weakref
 from typing import Any, Callable
 
@@ -82,6 +83,8 @@ class CacheController:
         self.records: collections.deque[StepRecord] = collections.deque(maxlen=RECORDS_KEPT)
         self._threads: dict[int, ThreadState] = {}
         self._lock = threading.Lock()
+        # host time per call outside the three regions (decisions, residual bookkeeping): `overhead()`
+        self._seconds = [0, 0.0, 0.0]  # calls, total, inside regions
         _CONTROLLERS.append(weakref.ref(self))
 
     # -- generations and CFG branches, per thread -------------------------------------------------
@@ -150,6 +153,7 @@ class CacheController:
 
     # -- the call ---------------------------------------------------------------------------------
     def __call__(self, *args: Any) -> Any:
+        start = time.perf_counter()
         refuse_grad(args, "the cache replaces the middle blocks' outputs on cached steps")
         thread = self._thread()
         position = thread.tracker.locate(self._timestep(args))
@@ -158,7 +162,9 @@ class CacheController:
         branch, step = position.branch, position.step
         state = thread.state(branch, self.cfg)
         values: dict[str, Any] = {"arg": args}
+        t = time.perf_counter()
         values["front"] = self.front(*[values[k][i] for k, i in self.plan.front.inputs])
+        inside = time.perf_counter() - t
         middle_in = [values[k][i] for k, i in self.plan.middle.inputs]
         residual = values["front"][self.plan.image_fn] - values["front"][self.plan.image_in]
         decision, local_diff = self._decide(state, step, residual)
@@ -166,7 +172,9 @@ class CacheController:
         if decision.compute:
             # contiguous: cached steps hand the back region fresh tensors, and a graph compiler's
             # region is specialised to its inputs' strides
+            t = time.perf_counter()
             values["middle"] = tuple(v.contiguous() if isinstance(v, torch.Tensor) else v for v in self.middle(*middle_in))
+            inside += time.perf_counter() - t
             state.residual_prev = residual
             for out_pos, in_pos, _ in self.plan.residual_pairs:
                 delta = values["middle"][out_pos] - middle_in[in_pos]
@@ -187,12 +195,25 @@ class CacheController:
                     )
                 outs[out_pos] = middle_in[in_pos] + delta
             values["middle"] = tuple(outs)
+        t = time.perf_counter()
         values["back"] = self.back(*[values[k][i] for k, i in self.plan.back.inputs])
+        inside += time.perf_counter() - t
         self.records.append(
             StepRecord(position.generation, branch, step, decision.compute, decision.reason, decision.diff, local_diff,
                        thread=threading.get_ident())
         )
-        return rebuild_outputs(self.plan, values)
+        result = rebuild_outputs(self.plan, values)
+        self._seconds[0] += 1
+        self._seconds[1] += time.perf_counter() - start
+        self._seconds[2] += inside
+        return result
+
+    def overhead(self) -> dict[str, float]:
+        """Host time per call spent outside the compiled regions (the decision with its diff and
+        all-reduce, residual bookkeeping, TaylorSeer), averaged over every call so far."""
+        calls, total, inside = self._seconds
+        return {"calls": calls, "seconds_per_call": (total - inside) / max(calls, 1),
+                "region_seconds_per_call": inside / max(calls, 1)}
 
     # -- observability ----------------------------------------------------------------------------
     def _records(self, generation: int | None) -> tuple[int, list[StepRecord]]:

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import collections
+import time
 from typing import Any, Callable
 
 import torch
@@ -118,6 +119,7 @@ class DynamicCompiled:
         # (guarded input positions, guard or None, static key, compiled callable), most recent first
         self.entries: list[tuple[tuple[int, ...], Callable | None, tuple, Callable]] = []
         self.compiles = 0
+        self.compile_seconds = 0.0
 
     def _static_key(self, args: tuple) -> tuple:
         """What the guards leave out: the value of every input compiled as a constant."""
@@ -165,7 +167,9 @@ class DynamicCompiled:
                 positions.append(i)
             else:
                 fakes.append(a)
+        start = time.perf_counter()
         fn = self.compile_fakes(fakes)
+        self.compile_seconds += time.perf_counter() - start
         self.compiles += 1
         code = env.produce_guards_expression([fakes[p] for p in positions], ignore_static=False) if positions else None
         self.entries.insert(0, (tuple(positions), _guard_function(code, positions), static, fn))

@@ -166,8 +166,8 @@ CACHE_MARK_START = "<!-- bench:cache:start -->"
 CACHE_MARK_END = "<!-- bench:cache:end -->"
 
 
-def cache_configs(size: str, threshold_f1: float, threshold_f8: float) -> list[tuple[str, dict[str, Any] | None]]:
-    base = {"max_warmup_steps": 4, "residual_diff_threshold": threshold_f1}
+def cache_configs(size: str, threshold_f1: float, threshold_f8: float, steps: int = 28) -> list[tuple[str, dict[str, Any] | None]]:
+    base = {"max_warmup_steps": 4, "residual_diff_threshold": threshold_f1, "num_inference_steps": steps}
     configs: list[tuple[str, dict[str, Any] | None]] = [
         ("no cache", None),
         ("F1B0", {**base, "Fn_compute_blocks": 1, "Bn_compute_blocks": 0}),
@@ -175,7 +175,8 @@ def cache_configs(size: str, threshold_f1: float, threshold_f8: float) -> list[t
         ("F1B0 + fast mask", {**base, "Fn_compute_blocks": 1, "Bn_compute_blocks": 0, "steps_mask": "fast"}),
     ]
     if size != "tiny":
-        f8 = {"max_warmup_steps": 4, "residual_diff_threshold": threshold_f8, "Fn_compute_blocks": 8, "Bn_compute_blocks": 0}
+        f8 = {"max_warmup_steps": 4, "residual_diff_threshold": threshold_f8, "Fn_compute_blocks": 8, "Bn_compute_blocks": 0,
+              "num_inference_steps": steps}
         configs += [
             ("F8B0", f8),
             ("F8B0 + TaylorSeer(1) + fast mask", {**f8, "taylorseer_order": 1, "steps_mask": "fast"}),
@@ -211,7 +212,7 @@ def bench_cache(
     rows = []
     reference = None
     uncached_s = None
-    for name, cache in cache_configs(size, threshold_f1, threshold_f8):
+    for name, cache in cache_configs(size, threshold_f1, threshold_f8, steps):
         torch._dynamo.reset()
         options = {"cache": cache} if cache is not None else {}
         compiled = torch.compile(model, backend="npu_dit", dynamic=True, options=options)
@@ -223,6 +224,7 @@ def bench_cache(
             seconds = time.perf_counter() - start
         controller = cache_runtime.latest() if cache is not None else None
         pattern = controller.pattern() if controller is not None else "1" * steps
+        overhead_s = controller.overhead()["seconds_per_call"] if controller is not None else 0.0
         computed = pattern.count("1")
         if reference is None:
             reference, uncached_s = latents, seconds
@@ -231,9 +233,11 @@ def bench_cache(
         cached = steps - computed
         bound = ((steps - cached + 1) / steps + 0.05) * uncached_s
         rows.append({"config": name, "options": cache, "seconds": seconds, "computed": computed, "steps": steps,
+                     "overhead_ms": overhead_s * 1e3, "overhead_pct": 100 * overhead_s / (uncached_s / steps),
                      "pattern": pattern, "max_abs_err": err, "rel_l2_err": rel, "bound_s": bound,
                      "within_bound": seconds <= bound})
-        log(f"  {name:<34} {seconds:6.2f} s  computed {computed}/{steps}  [{pattern}]  rel err {rel:.2e}")
+        log(f"  {name:<34} {seconds:6.2f} s  computed {computed}/{steps}  [{pattern}]  rel err {rel:.2e}  "
+            f"controller {overhead_s * 1e3:.2f} ms/step")
         if controller is not None:
             log("    " + controller.format_summary().replace("\n", "\n    "))
     return {
@@ -244,21 +248,84 @@ def bench_cache(
     }
 
 
+INDUCTOR_SHAPES = ((256, 256, 64), (192, 320, 40), (320, 256, 96))  # (height, width, prompt tokens)
+
+
+def bench_cache_compiles(*, size: str = "bench-deep", steps: int = 4, threads: int = 1,
+                         shapes: tuple[tuple[int, int, int], ...] = INDUCTOR_SHAPES, log=print) -> dict[str, Any]:
+    """The cached graph with inner_compiler="inductor" over three resolutions / prompt lengths: how
+    many Inductor compiles each region needed, and how long the first call at each shape took."""
+    import warnings
+
+    from npu_dit.models import build_transformer, get_model
+    from npu_dit.runtime import cache as cache_runtime
+    from npu_dit.tools.denoise import denoise
+
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(threads)
+    spec = get_model("flux.1-dev")
+    config = spec.config(size)
+    if size == "tiny":
+        shapes = tuple((h // 2, w // 2, p // 4) for h, w, p in shapes)
+    model = build_transformer(spec, config, seed=0)
+    torch._dynamo.reset()
+    cache = {"Fn_compute_blocks": 1, "residual_diff_threshold": 0.42, "max_warmup_steps": 1}
+    compiled = torch.compile(model, backend="npu_dit", dynamic=True, options={"cache": cache, "inner_compiler": "inductor"})
+    rows = []
+    controller = None
+    for height, width, prompt_len in shapes:
+        inputs = spec.example_inputs(config, height=height, width=width, prompt_len=prompt_len, seed=0)
+        start = time.perf_counter()
+        with torch.no_grad():
+            denoise(compiled, inputs, steps=1, height=height, width=width)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        with torch.no_grad():
+            denoise(compiled, inputs, steps=steps, height=height, width=width)
+        per_step = (time.perf_counter() - start) / steps
+        controller = cache_runtime.latest()
+        regions = (controller.front, controller.middle, controller.back)
+        rows.append({"height": height, "width": width, "prompt_len": prompt_len, "first_call_s": first,
+                     "step_s": per_step, "compiles": [r.compiles for r in regions],
+                     "compile_s": [r.compile_seconds for r in regions]})
+        log(f"  {height}x{width}, {prompt_len} text tokens: first call {first:.1f} s, then {per_step:.3f} s/step; "
+            f"Inductor compiles so far (front, middle, back): {rows[-1]['compiles']}")
+    return {"size": size, "rows": rows}
+
+
+def format_compiles_table(results: dict[str, Any]) -> str:
+    lines = [
+        f"Inductor over three shapes ({results['size']} config, cache F1B0): compiles per region so far, "
+        f"after each shape's first call.",
+        "",
+        "| shape (h x w, text tokens) | first call | step after | compiles (front, middle, back) | compile time so far |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in results["rows"]:
+        lines.append(
+            f"| {r['height']}x{r['width']}, {r['prompt_len']} | {r['first_call_s']:.1f} s | {r['step_s']:.3f} s | "
+            f"{', '.join(map(str, r['compiles']))} | {sum(r['compile_s']):.1f} s |"
+        )
+    return "\n".join(lines)
+
+
 def format_cache_table(results: dict[str, Any]) -> str:
     lines = [
-        "| configuration | wall (28 steps) | steps computed | speed-up | bound (N-k+1)/N·T + 5 % | within | max abs err | rel L2 err | pattern |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| configuration | wall (28 steps) | steps computed | speed-up | bound (N-k+1)/N·T + 5 % | within | max abs err | rel L2 err | controller per step | pattern |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     base = results["rows"][0]["seconds"]
     for r in results["rows"]:
         lines.append(
             f"| {r['config']} | {r['seconds']:.2f} s | {r['computed']}/{r['steps']} | {base / r['seconds']:.2f}x | "
-            f"{r['bound_s']:.2f} s | {'yes' if r['within_bound'] else 'NO'} | {r['max_abs_err']:.2e} | {r['rel_l2_err']:.2e} | `{r['pattern']}` |"
+            f"{r['bound_s']:.2f} s | {'yes' if r['within_bound'] else 'NO'} | {r['max_abs_err']:.2e} | {r['rel_l2_err']:.2e} | "
+            f"{r['overhead_ms']:.2f} ms ({r['overhead_pct']:.2f} %) | `{r['pattern']}` |"
         )
     return "\n".join(lines)
 
 
-def write_cache_section(path: str, command: str, results_by_size: list[dict[str, Any]]) -> None:
+def write_cache_section(path: str, command: str, results_by_size: list[dict[str, Any]],
+                        compiles: dict[str, Any] | None = None) -> None:
     parts = [CACHE_MARK_START, f"Command: `{command}`  "]
     for results in results_by_size:
         setup = results["setup"]
@@ -272,6 +339,8 @@ def write_cache_section(path: str, command: str, results_by_size: list[dict[str,
             "",
             format_cache_table(results),
         ]
+    if compiles is not None:
+        parts += ["", format_compiles_table(compiles)]
     parts.append(CACHE_MARK_END)
     body = "\n".join(parts)
     replace_section(path, CACHE_MARK_START, CACHE_MARK_END, body, heading="## Hybrid cache (issue #4)")

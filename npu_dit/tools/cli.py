@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=int, default=28)
     c.add_argument("--threshold-f1", type=float, default=0.42, help="residual_diff_threshold of the F1B0 configs")
     c.add_argument("--threshold-f8", type=float, default=0.5, help="residual_diff_threshold of the F8B0 configs")
+    c.add_argument("--compiles", default="bench-deep", metavar="SIZE",
+                   help="FLUX config for the Inductor compile count over three shapes ('none' to skip)")
     c.add_argument("--write", metavar="FILE", nargs="?", const="docs/BENCHMARKS.md", default=None)
     c.add_argument("--json", action="store_true")
     return parser
@@ -181,7 +183,8 @@ def _bench(args: argparse.Namespace, argv: list[str] | None) -> int:
 
 
 def _bench_cache(args: argparse.Namespace, argv: list[str] | None, log) -> int:
-    from npu_dit.tools.bench import bench_cache, format_cache_table, write_cache_section
+    from npu_dit.tools.bench import (bench_cache, bench_cache_compiles, format_cache_table, format_compiles_table,
+                                     write_cache_section)
 
     all_results = []
     for size in [s.strip() for s in args.sizes.split(",") if s.strip()]:
@@ -191,9 +194,14 @@ def _bench_cache(args: argparse.Namespace, argv: list[str] | None, log) -> int:
                               threshold_f8=args.threshold_f8, log=log, **geometry)
         all_results.append(results)
         print(json.dumps(results, indent=1, default=str) if args.json else format_cache_table(results))
+    compiles = None
+    if args.compiles != "none":
+        log(f"{args.compiles}, inner_compiler=inductor over three shapes:")
+        compiles = bench_cache_compiles(size=args.compiles, log=log)
+        print(json.dumps(compiles, indent=1, default=str) if args.json else format_compiles_table(compiles))
     if args.write:
         command = "npu-dit " + " ".join(argv if argv is not None else sys.argv[1:])
-        write_cache_section(args.write, command, all_results)
+        write_cache_section(args.write, command, all_results, compiles)
         print(f"wrote {args.write}", file=sys.stderr)
     return 0
 
