@@ -1,0 +1,57 @@
+"""Rank functions for tests/test_tensor_parallel.py (importable by spawned processes). Each compiles
+through the public API only and compares with the eager run of the same model on the same rank
+(taken before compiling: tensor parallelism releases the full weights)."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+warnings.filterwarnings("ignore")
+
+
+def _compile_counter():
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
+def transformer_cases(rank, world_size, cases):
+    """cases: (name, model, config overrides, input kwargs, options). Returns per case the max abs
+    error against eager, the placements, the report counts and the parameter bytes."""
+    from npu_dit.backend import RECORDS
+    from npu_dit.models import build_transformer, count_parameters, get_model
+    from npu_dit.plans import TP_META_KEY
+    from npu_dit.runtime.weights import held_bytes
+
+    results = {}
+    for name, model_name, overrides, kwargs, options in cases:
+        spec = get_model(model_name)
+        config = spec.config("tiny", **overrides)
+        model = build_transformer(spec, config, seed=0)
+        inputs = spec.example_inputs(config, **kwargs)
+        with torch.no_grad():
+            expected = model(**inputs)[0]
+        torch._dynamo.reset()
+        before = _compile_counter()
+        compiled = torch.compile(model, backend="npu_dit", dynamic=True, options=options)
+        with torch.no_grad():
+            out = compiled(**inputs)[0]
+            again = compiled(**inputs)[0]
+        record = RECORDS[-1]
+        tp = record.graph.meta.get(TP_META_KEY)
+        results[name] = {
+            "err": (out - expected).abs().max().item(),
+            "err_again": (again - expected).abs().max().item(),
+            "fell_back": record.report.fell_back,
+            "reason": record.report.fallback_reason,
+            "placements": tp.placements if tp is not None else [],
+            "counts": record.report.counts,
+            "graphs": _compile_counter() - before,
+            "param_bytes": count_parameters(model)[1],
+            "held_bytes": held_bytes(model),
+            "plan_local_bytes": tp.local_parameter_bytes if tp is not None else None,
+            "plan_bytes": tp.parameter_bytes if tp is not None else None,
+        }
+    return results
