@@ -135,23 +135,25 @@ class _Rewriter:
 
 def refresh_tp_shapes(gm: fx.GraphModule, shards: list[WeightShard], world: int) -> None:
     """Every node's meta["val"] becomes this rank's value: the sharded parameters get local shapes
-    and the graph is propagated again (in a fresh ShapeEnv, as after the Ulysses rewrite)."""
-    from npu_dit.passes.analysis.fake_prop import SymbolMap, copied_placeholder_values, repropagate
+    and the graph is propagated again. Tensor parallelism changes static feature sizes only, so the
+    propagation stays in Dynamo's own ShapeEnv: its symbols and the facts it proved about them (which
+    token lengths are equal) stay valid for the passes after this one (Ulysses' token analysis)."""
+    from npu_dit.passes.analysis.attention_ops import graph_fake_mode
+    from npu_dit.passes.analysis.fake_prop import repropagate
 
     by_index = {s.index: s for s in shards}
-    symbols = SymbolMap()
-
-    def override(i: int, node: fx.Node) -> Any:
-        shard = by_index.get(i)
-        if shard is None:
-            return None
+    mode = graph_fake_mode(gm)
+    values = []
+    for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
         value = node_value(node)
-        sizes = list(value.shape)
-        sizes[shard.dim] = sum(shard.segs) // world
-        with symbols.mode:
-            return torch.empty(sizes, dtype=value.dtype, device=value.device)
-
-    repropagate(gm, copied_placeholder_values(gm, symbols, override))
+        shard = by_index.get(i)
+        if shard is not None:
+            sizes = list(value.shape)
+            sizes[shard.dim] = sum(shard.segs) // world
+            with mode:
+                value = torch.empty(sizes, dtype=value.dtype, device=value.device)
+        values.append(value)
+    repropagate(gm, values)
 
 
 def tensor_parallel_pass(gm: fx.GraphModule, *, ctx: ParallelContext, release_weights: bool = True) -> PassResult:
