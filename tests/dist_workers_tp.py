@@ -55,3 +55,42 @@ def transformer_cases(rank, world_size, cases):
             "plan_bytes": tp.parameter_bytes if tp is not None else None,
         }
     return results
+
+
+def encoder_cases(rank, world_size, cases):
+    """cases: (name, text encoder spec name, config overrides, length, options) — TEP through the
+    public call on T5EncoderModel and the Qwen2.5-VL language model."""
+    from npu_dit.backend import RECORDS
+    from npu_dit.models import count_parameters
+    from npu_dit.models.text_encoders import TEXT_ENCODERS, build_text_encoder
+    from npu_dit.plans import TP_META_KEY
+    from npu_dit.runtime.weights import held_bytes
+
+    results = {}
+    for name, encoder, overrides, length, options in cases:
+        spec = TEXT_ENCODERS[encoder]
+        config = spec.config("tiny", **overrides)
+        model = build_text_encoder(spec, config, seed=0)
+        inputs = spec.example_inputs(config, 1, length)
+        with torch.no_grad():
+            expected = model(**inputs).last_hidden_state
+        torch._dynamo.reset()
+        before = _compile_counter()
+        compiled = torch.compile(model, backend="npu_dit", dynamic=True, options=options)
+        with torch.no_grad():
+            out = compiled(**inputs).last_hidden_state
+            again = compiled(**inputs).last_hidden_state
+        record = RECORDS[-1]
+        tp = record.graph.meta.get(TP_META_KEY)
+        results[name] = {
+            "err": (out - expected).abs().max().item(),
+            "err_again": (again - expected).abs().max().item(),
+            "fell_back": record.report.fell_back,
+            "reason": record.report.fallback_reason,
+            "placements": tp.placements if tp is not None else [],
+            "counts": record.report.counts,
+            "graphs": _compile_counter() - before,
+            "param_bytes": count_parameters(model)[1],
+            "held_bytes": held_bytes(model),
+        }
+    return results

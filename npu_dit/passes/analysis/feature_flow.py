@@ -424,6 +424,14 @@ class _Sweep:
         shards = [self.shard_of(t) for t in (q, k, v)]
         ndim = node_value(q).dim()
         head_dim = ndim - 3
+        qs = shards[0]
+        if qs is not None and qs.dim == head_dim and len(qs.segs) == 1:
+            # grouped K/V heads that could not be split (too few to divide by N) but were repeated to
+            # the query's head count before the call: keep them replicated, slice this rank's heads
+            for t, s in zip((k, v), shards[1:]):
+                if s is None and _static(node_value(t).shape[head_dim]) == qs.size:
+                    self.narrow[(node, t)] = Shard(head_dim, qs.segs, frozenset())
+            shards = [qs] + [qs if s is None and (node, t) in self.narrow else s for t, s in zip((k, v), shards[1:])]
         if any(s is None or s.dim != head_dim or len(s.segs) != 1 for s in shards):
             raise self.fail(node, "attention whose query, key and value are not all split by heads")
         if isinstance(mask, fx.Node):
