@@ -186,10 +186,9 @@ def test_tensor_parallel_2_ranks_matches_eager(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_ulysses_x_tp_and_tp4_on_4_ranks_match_eager(tmp_path):
+def test_ulysses_2_x_tp_2_on_4_ranks_matches_eager(tmp_path):
     records = run_ranks(four_rank_cases, 4, tmp_path, timeout=600)
     for record in records:
         flux = record["result"]["flux-ulysses2-tp2"]
         _check(flux, max_ratio=0.55)
         assert flux["counts"].get("all_to_all", 0) > 0  # Ulysses ran on the TP-local heads
-        _check(record["result"]["qwen-lm-tp4-kv-sliced"], max_ratio=0.6)

@@ -54,9 +54,9 @@ def add_parser(sub) -> None:
                    help="Ulysses degree; default: the torchrun world size (1 without torchrun)")
     g.add_argument("--async-ulysses", "--ulysses-async", dest="async_ulysses", action="store_true",
                    help="overlap the all-to-alls with the Q/K/V projections")
-    g.add_argument("--tp", "--tp-degree", dest="tp", type=int, default=1, help="tensor parallel degree (issue #10, not available yet)")
+    g.add_argument("--tp", "--tp-degree", dest="tp", type=int, default=1, help="tensor parallel degree (Ulysses takes world / tp); the full weights are released")
     g.add_argument("--text-encoder-parallel", "--parallel-text-encoder", dest="text_encoder_parallel", action="store_true",
-                   help="shard the text encoder (issue #10, not available yet)")
+                   help="shard the text encoders over the world (TEP: tensor parallelism of T5 / the Qwen2.5-VL language model)")
     g.add_argument("--vae-parallel", "--parallel-vae", dest="vae_parallel", action="store_true",
                    help="shard the VAE (issue #11, not available yet)")
     g.add_argument("--cache", nargs="?", const="{}", default=None, metavar="PRESET|JSON",
