@@ -209,7 +209,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "height": kwargs["height"], "width": kwargs["width"], "steps": steps, "stages_s": stages,
         "peak_memory_per_rank": gathered, "out": os.path.abspath(out), "rank": rank,
         "cache_summary": controller.format_summary() if controller is not None else None,
-        "warmup_runs": args.warmup,
+        "warmup_runs": args.warmup, "text_encoder_parallel": args.text_encoder_parallel,
     }
 
 
@@ -217,7 +217,7 @@ def format_report(r: dict[str, Any]) -> str:
     o = r["options"]
     lines = [
         f"{r['model']}  ({r['weights']}), {r['height']}x{r['width']}, {r['steps']} steps, {r['world_size']} process(es)",
-        f"  ulysses_degree={o['ulysses_degree']} async_ulysses={o['async_ulysses']} attention_backend={o['attention_backend']} "
+        f"  ulysses_degree={o['ulysses_degree']} tp_degree={o['tp_degree']} text_encoder_parallel={r.get('text_encoder_parallel', False)} async_ulysses={o['async_ulysses']} attention_backend={o['attention_backend']} "
         f"inner_compiler={o['inner_compiler']} cache={o.get('cache')}",
         "",
         "| stage | seconds | share |",
