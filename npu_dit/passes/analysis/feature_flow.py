@@ -608,7 +608,7 @@ def feature_plan(gm: fx.GraphModule, world: int, *, max_sweeps: int = 64) -> Fea
             if _candidate(node, params, world) is None and small:
                 result[node] = LinearPlacement(
                     node, module, "gather",
-                    f"column + all-gather: its output {list(out)} has no token dims (replicated otherwise: {why})",
+                    f"column + all-gather: its output {list(out)} has no token dims",
                     weight, bias)
             else:
                 if _candidate(node, params, world) is None:
