@@ -111,6 +111,7 @@ ENCODER_CASES_2 = [
 def two_rank_cases(rank, world_size):
     results = transformer_cases(rank, world_size, TRANSFORMER_CASES_2)
     results.update(encoder_cases(rank, world_size, ENCODER_CASES_2))
+    results["pipeline"] = pipeline_tep(rank, world_size, "flux.1-dev")
     return results
 
 
@@ -120,3 +121,27 @@ def four_rank_cases(rank, world_size):
          {"ulysses_degree": 2, "tp_degree": 2}),
     ])
     return results
+
+
+def pipeline_tep(rank, world_size, model_name):
+    """npu_dit.parallelize(pipe, tp_degree=world, text_encoder_parallel=True) against the serial
+    pipeline: the prompt embeddings and the denoised latents."""
+    import npu_dit
+    from npu_dit.backend import RECORDS
+    from npu_dit.models import get_model
+    from npu_dit.pipelines import load_pipeline
+    from npu_dit.plans import TP_META_KEY
+    from tests.pipeline_cases import generate
+
+    spec = get_model(model_name)
+    serial = load_pipeline(spec)
+    serial.set_progress_bar_config(disable=True)
+    expected, _ = generate(serial, spec)
+    torch._dynamo.reset()
+    pipe = npu_dit.parallelize(load_pipeline(spec), tp_degree=world_size, text_encoder_parallel=True)
+    pipe.set_progress_bar_config(disable=True)
+    latents, _ = generate(pipe, spec)
+    compiled = {r.tag: (r.report.fell_back, [k for _, k, _ in r.graph.meta[TP_META_KEY].placements]
+                        if TP_META_KEY in r.graph.meta else []) for r in RECORDS}
+    return {"err": (latents - expected).abs().max().item(), "text_encoders": pipe._npu_dit_parallel["text_encoders"],
+            "graphs": compiled}
