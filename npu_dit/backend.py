@@ -82,7 +82,7 @@ def npu_dit_backend(
     tag = "graph_" + str(gm.meta.get("dynamo_compile_id", "0")).replace("/", "_")
     if parallel is not None:
         tag += f"_rank{dist.get_rank()}"
-    rewritten, report = run_passes(gm, build_pipeline(cfg, ctx, tp_ctx), dump_dir=cfg.dump_dir, graph_tag=tag)
+    rewritten, report = run_passes(gm, build_pipeline(cfg, ctx, tp_ctx=tp_ctx), dump_dir=cfg.dump_dir, graph_tag=tag)
     if parallel is not None:
         rewritten = _agree_across_ranks(gm, rewritten, report, example_inputs)
     _warn_fixable(rewritten, report)
