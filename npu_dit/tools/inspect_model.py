@@ -119,7 +119,8 @@ def inspect_model(
     tensor_parallel = None
     if plan is not None:
         with progress("Measuring what rank 0 sends (the rewritten graph on meta tensors)", quiet=quiet):
-            hidden = sites[0].num_heads * sites[0].head_dim if sites else 0
+            # the width Ulysses exchanges: the heads this rank holds after tensor parallelism
+            hidden = sites[0].num_heads * sites[0].head_dim // cfg.tp_degree if sites else 0
             communication = collective_report(rewritten, plan, ctx, captured.real_inputs, len(sites), hidden,
                                               tp_plan=tp_plan)
     if tp_plan is not None:
