@@ -88,6 +88,8 @@ def npu_dit_backend(
     _warn_fixable(rewritten, report)
     RECORDS.append(CompileRecord(cfg, report, rewritten, num_nodes, parallel, tag))
     if rewritten is gm:
+        if tp_ctx is not None:
+            _refuse_released_weights(example_inputs, report)
         # no rewrite (or a refusal): every rank runs the captured graph on the full inputs
         return compile_inner(rewritten, example_inputs, cfg.inner_compiler, mode=mode)
     # the rewritten graph takes other inputs (local shapes, scalars, lengths): the inner compiler
@@ -139,6 +141,19 @@ def _agree_across_ranks(
         return captured
     agreement.check_records(records, agreement.COMPILE, detail)
     return rewritten
+
+
+def _refuse_released_weights(example_inputs: list[Any], report: PipelineReport) -> None:
+    """A graph that runs unrewritten needs the full weights; an earlier tensor-parallel compile may
+    have released them (a recompile after a graph break, say): say so instead of computing garbage."""
+    from npu_dit.runtime.weights import is_released
+
+    if any(is_released(a) for a in example_inputs if hasattr(a, "untyped_storage")):
+        raise UserError(
+            f"npu_dit: this graph runs without tensor parallelism ({report.fallback_reason or 'nothing to shard'}), "
+            f"but an earlier compile released the full weights it reads. Compile with "
+            f"options={{'release_weights': False}} to keep them."
+        )
 
 
 def _warn_fixable(rewritten: fx.GraphModule, report: PipelineReport) -> None:
