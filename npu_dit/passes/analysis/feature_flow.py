@@ -31,7 +31,6 @@ stays replicated.
 from __future__ import annotations
 
 import dataclasses
-import math
 import operator
 from typing import Any
 
@@ -615,17 +614,3 @@ def feature_plan(gm: fx.GraphModule, world: int, *, max_sweeps: int = 64) -> Fea
                     why += "; its output has token dims, too large to all-gather"
                 result[node] = LinearPlacement(node, module, "replicated", why, weight, bias)
     return FeaturePlan(world, result, sweep.placements, sweep.resize, sweep.split_sizes, sweep.narrow)
-
-
-def layout_blocks(segs: tuple[int, ...], world: int, rank: int) -> list[tuple[int, int]]:
-    """(start, length) of this rank's block of every segment, in global coordinates."""
-    blocks, offset = [], 0
-    for s in segs:
-        block = s // world
-        blocks.append((offset + rank * block, block))
-        offset += s
-    return blocks
-
-
-def gcd_all(values: list[int]) -> int:
-    return math.gcd(*values) if values else 1
