@@ -31,10 +31,10 @@ from npu_dit.passes.infra import PipelineReport, run_passes
 from npu_dit.passes.pipeline import build_pipeline
 from npu_dit.passes.prepare import prepare_meta
 from npu_dit.passes.scalar_inputs import SCALAR_INPUTS_KEY
-from npu_dit.plans import SHARDING_META_KEY
+from npu_dit.plans import SHARDING_META_KEY, TP_META_KEY
 from npu_dit.runtime import agreement
 from npu_dit.runtime.cache import CacheController
-from npu_dit.runtime.dist import ParallelContext, check_same_cache_config, ensure_process_group
+from npu_dit.runtime.dist import ParallelContext, check_same_cache_config, ensure_parallel
 from npu_dit.runtime.executor import GraphExecutor
 from npu_dit.runtime.inner import compile_inner, compile_inner_lazily
 
@@ -71,20 +71,25 @@ def npu_dit_backend(
             f"torch.compile(mode={mode!r}) only applies to inner_compiler='inductor'; "
             f"drop mode or set options={{'inner_compiler': 'inductor'}}"
         )
-    ctx = ensure_process_group(cfg.ulysses_degree) if cfg.ulysses_degree > 1 else None
-    if ctx is not None:
-        check_same_cache_config(cfg.cache, ctx)
+    ctx = tp_ctx = None
+    if cfg.world_degree > 1:
+        ctx, tp_ctx = ensure_parallel(cfg.ulysses_degree, cfg.tp_degree)
+    parallel = ctx or tp_ctx  # the context that names this rank in tags and errors
+    if parallel is not None:
+        check_same_cache_config(cfg.cache, parallel)
     prepare_meta(gm)
     num_nodes = len(gm.graph.nodes)
     tag = "graph_" + str(gm.meta.get("dynamo_compile_id", "0")).replace("/", "_")
-    if ctx is not None:
-        tag += f"_rank{ctx.rank}"
-    rewritten, report = run_passes(gm, build_pipeline(cfg, ctx), dump_dir=cfg.dump_dir, graph_tag=tag)
-    if ctx is not None:
+    if parallel is not None:
+        tag += f"_rank{dist.get_rank()}"
+    rewritten, report = run_passes(gm, build_pipeline(cfg, ctx, tp_ctx=tp_ctx), dump_dir=cfg.dump_dir, graph_tag=tag)
+    if parallel is not None:
         rewritten = _agree_across_ranks(gm, rewritten, report, example_inputs)
     _warn_fixable(rewritten, report)
-    RECORDS.append(CompileRecord(cfg, report, rewritten, num_nodes, ctx, tag))
+    RECORDS.append(CompileRecord(cfg, report, rewritten, num_nodes, parallel, tag))
     if rewritten is gm:
+        if tp_ctx is not None:
+            _refuse_released_weights(example_inputs, report)
         # no rewrite (or a refusal): every rank runs the captured graph on the full inputs
         return compile_inner(rewritten, example_inputs, cfg.inner_compiler, mode=mode)
     # the rewritten graph takes other inputs (local shapes, scalars, lengths): the inner compiler
@@ -92,8 +97,10 @@ def npu_dit_backend(
     cache_plan = rewritten.meta.get(CACHE_PLAN_KEY)
     if cache_plan is not None:
         regions = tuple(compile_inner_lazily(r.gm, cfg.inner_compiler, mode=mode) for r in cache_plan.regions)
+        # the whole world: under Ulysses x TP the TP ranks hold the same tokens, so the all-reduced
+        # sums and counts are both scaled alike and the means stay exact; every rank decides alike
         inner = CacheController(
-            cache_plan, cfg.cache, regions, group=dist.group.WORLD if ctx is not None else None, label=tag
+            cache_plan, cfg.cache, regions, group=dist.group.WORLD if parallel is not None else None, label=tag
         )
     else:
         inner = compile_inner_lazily(rewritten, cfg.inner_compiler, mode=mode)
@@ -102,6 +109,7 @@ def npu_dit_backend(
         scalar_inputs=rewritten.meta.get(SCALAR_INPUTS_KEY, ()),
         plan=rewritten.meta.get(SHARDING_META_KEY),
         ctx=ctx,
+        weights=rewritten.meta.get(TP_META_KEY) if tp_ctx is not None else None,
     )
 
 
@@ -115,8 +123,11 @@ def _agree_across_ranks(
     """Every rank runs the rewrite, or every rank runs the captured graph; different graphs or
     plans raise the same RankMismatchError on every rank (never a hang)."""
     plan = rewritten.meta.get(SHARDING_META_KEY)
+    tp_plan = rewritten.meta.get(TP_META_KEY)
     graph = f"{len(captured.graph.nodes)} nodes|{agreement.call_signature(example_inputs)}"
-    what = plan.fingerprint() if plan is not None and not report.fell_back else "none"
+    what = "none"
+    if not report.fell_back and (plan is not None or tp_plan is not None):
+        what = (plan.fingerprint() if plan is not None else "") + "|" + (tp_plan.fingerprint() if tp_plan else "")
     records = agreement.exchange(agreement.COMPILE, what, graph=graph, fell_back=report.fell_back)
     detail = "fell back" if report.fell_back else f"plan {plan.describe() if plan else 'none'}"
     # a graph that differs between ranks is an error even where some rank fell back
@@ -130,6 +141,19 @@ def _agree_across_ranks(
         return captured
     agreement.check_records(records, agreement.COMPILE, detail)
     return rewritten
+
+
+def _refuse_released_weights(example_inputs: list[Any], report: PipelineReport) -> None:
+    """A graph that runs unrewritten needs the full weights; an earlier tensor-parallel compile may
+    have released them (a recompile after a graph break, say): say so instead of computing garbage."""
+    from npu_dit.runtime.weights import is_released
+
+    if any(is_released(a) for a in example_inputs if hasattr(a, "untyped_storage")):
+        raise UserError(
+            f"npu_dit: this graph runs without tensor parallelism ({report.fallback_reason or 'nothing to shard'}), "
+            f"but an earlier compile released the full weights it reads. Compile with "
+            f"options={{'release_weights': False}} to keep them."
+        )
 
 
 def _warn_fixable(rewritten: fx.GraphModule, report: PipelineReport) -> None:

@@ -22,9 +22,7 @@ STEPS_MASK_PRESETS = ("slow", "medium", "fast", "ultra")
 DUMP_DIR_ENV = "NPU_DIT_DUMP_DIR"
 
 # feature name -> the option that turns it on; removed from here as each pass lands.
-UNAVAILABLE_FEATURES: dict[str, str] = {
-    "tensor_parallel": "tp_degree",
-}
+UNAVAILABLE_FEATURES: dict[str, str] = {}
 
 
 def _type_name(value: Any) -> str:
@@ -187,6 +185,8 @@ def _check_dump_dir(path: str) -> str:
 class CompileConfig:
     ulysses_degree: int = 1
     tp_degree: int = 1
+    # tensor parallelism frees the full weights once each rank holds its shards (runtime/weights.py)
+    release_weights: bool = True
     async_ulysses: bool = False
     attention_backend: str = "auto"
     cache: CacheConfig | None = None
@@ -203,6 +203,8 @@ class CompileConfig:
             kw["ulysses_degree"] = _check_int("ulysses_degree", options["ulysses_degree"], minimum=1)
         if "tp_degree" in options:
             kw["tp_degree"] = _check_int("tp_degree", options["tp_degree"], minimum=1)
+        if "release_weights" in options:
+            kw["release_weights"] = _check_bool("release_weights", options["release_weights"])
         if "async_ulysses" in options:
             kw["async_ulysses"] = _check_bool("async_ulysses", options["async_ulysses"])
         if "attention_backend" in options:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from npu_dit.plans import SHARDING_META_KEY
+from npu_dit.plans import SHARDING_META_KEY, TP_META_KEY
 
-_COLLECTIVES = ("all_to_all", "all_gather", "localize", "global_tables")
+_COLLECTIVES = ("all_to_all", "all_gather", "all_reduce", "localize", "global_tables")
 
 
 def format_record(record: Any) -> str:
@@ -32,6 +32,16 @@ def format_record(record: Any) -> str:
         counts = report.counts
         inserted = ", ".join(f"{counts[k]} {k}" for k in _COLLECTIVES if counts.get(k))
         lines.append(f"  inserted: {inserted or 'nothing'}")
+    tp_plan = record.graph.meta.get(TP_META_KEY) if not report.fell_back else None
+    if tp_plan is not None:
+        lines.extend(f"  {line}" for line in tp_plan.describe())
+        for module, kind, reason in tp_plan.placements:
+            if kind in ("replicated", "gather"):
+                lines.append(f"    {module}: {kind} ({reason})")
+        if plan is None:
+            counts = report.counts
+            inserted = ", ".join(f"{counts[k]} {k}" for k in _COLLECTIVES if counts.get(k))
+            lines.append(f"  inserted: {inserted or 'nothing'}")
     if cfg.cache is not None and not report.fell_back:
         lines.append(f"  cache: {cfg.cache}")
     return "\n".join(lines)

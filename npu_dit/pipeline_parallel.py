@@ -7,8 +7,12 @@ happens on the first call, as always with torch.compile). The pipeline's `__call
 hybrid cache gets the real step count of each generation (`num_inference_steps`), which decides its
 steps mask; a different step count on a later call recompiles with the new count.
 
-Text-encoder parallelism and tensor parallelism are issue #10, VAE parallelism issue #11: their
-flags are accepted at their defaults and refused with a `ValueError` naming the issue otherwise.
+`tp_degree` shards the transformer's linears over that many ranks (Ulysses takes the rest of the world
+by default: ulysses_degree = world // tp_degree). `text_encoder_parallel=True` (TEP) compiles each text
+encoder with `tp_degree` = the world size: T5 whole, a vision-language encoder's language model
+(`text_encoder.model.language_model`; its vision tower stays replicated). Tensor parallelism releases
+the full weights it shards (`release_weights`, runtime/weights.py). VAE parallelism is issue #11: its
+flag is accepted at its default and refused with a `ValueError` naming the issue otherwise.
 """
 
 from __future__ import annotations
@@ -34,16 +38,6 @@ def _check_unavailable(tp_degree: Any, text_encoder_parallel: Any, vae_parallel:
     for key, value in (("text_encoder_parallel", text_encoder_parallel), ("vae_parallel", vae_parallel)):
         if not isinstance(value, bool):
             raise ValueError(f"parallelize: {key} must be True or False, got {value!r}")
-    if isinstance(tp_degree, int) and not isinstance(tp_degree, bool) and tp_degree > 1:
-        raise ValueError(
-            f"parallelize: tp_degree={tp_degree} asks for tensor parallelism, which is not available yet "
-            f"(issue #10); use ulysses_degree for sequence parallelism and leave tp_degree=1"
-        )
-    if text_encoder_parallel:
-        raise ValueError(
-            "parallelize: text_encoder_parallel=True is not available yet (issue #10, tensor parallelism "
-            "for text encoders); leave it False: every rank encodes the prompt itself"
-        )
     if vae_parallel:
         raise ValueError(
             "parallelize: vae_parallel=True is not available yet (issue #11, exact VAE parallelism); leave "
@@ -72,8 +66,9 @@ def build_options(
     world_size: int,
 ) -> dict[str, Any]:
     """The backend options for the transformer, validated (ValueError) by CompileConfig."""
-    if ulysses_degree is None:
-        ulysses_degree = world_size
+    if ulysses_degree is None:  # the world, less the tensor-parallel axis
+        tp = tp_degree if isinstance(tp_degree, int) and not isinstance(tp_degree, bool) and tp_degree > 0 else 1
+        ulysses_degree = world_size // tp if world_size % tp == 0 and world_size >= tp else world_size
     options: dict[str, Any] = {
         "ulysses_degree": ulysses_degree, "tp_degree": tp_degree, "async_ulysses": async_ulysses,
         "attention_backend": attention_backend, "inner_compiler": inner_compiler,
@@ -143,8 +138,32 @@ def parallelize(
     state = {"original": original, "settings": settings, "steps": steps}
     setattr(pipe, _STATE_ATTR, state)
     pipe.transformer = torch.compile(original, backend="npu_dit", dynamic=True, options=options)
+    if text_encoder_parallel:
+        state["text_encoders"] = _parallelize_text_encoders(pipe, settings["world_size"])
     _wrap_call(pipe)
     return pipe
+
+
+def _parallelize_text_encoders(pipe, world_size: int) -> list[str]:
+    """TEP: the same tensor-parallel pass on every text encoder, over the whole world. A
+    vision-language encoder compiles its language model (the whole model breaks into several graphs);
+    its vision tower stays replicated. Returns the attribute paths compiled."""
+    if world_size == 1:
+        return []
+    options = {"tp_degree": world_size}
+    done = []
+    for name in ("text_encoder", "text_encoder_2", "text_encoder_3"):
+        encoder = getattr(pipe, name, None)
+        if not isinstance(encoder, torch.nn.Module):
+            continue
+        inner = getattr(getattr(encoder, "model", None), "language_model", None)
+        if isinstance(inner, torch.nn.Module):
+            encoder.model.language_model = torch.compile(inner, backend="npu_dit", dynamic=True, options=options)
+            done.append(f"{name}.model.language_model")
+        else:
+            setattr(pipe, name, torch.compile(encoder, backend="npu_dit", dynamic=True, options=options))
+            done.append(name)
+    return done
 
 
 def _default_steps(pipe) -> int | None:

@@ -108,3 +108,56 @@ class CachePlan:
 def rebuild_outputs(plan: CachePlan, values: dict[str, tuple]) -> object:
     flat = [values[kind][index] if kind != "const" else index for kind, index in plan.outputs]
     return tree_unflatten(flat, plan.output_spec)
+
+
+# --- tensor parallelism ---------------------------------------------------------------------------
+
+TP_META_KEY = "npu_dit.tensor_parallel"  # gm.meta key of the TensorParallelPlan
+
+
+def feature_blocks(segs: tuple[int, ...], world: int, rank: int) -> list[tuple[int, int]]:
+    """(start, length) of rank `rank`'s block of every segment of a sharded feature dim: a dim of
+    segments `segs` (sizes, in order) is split segment by segment into `world` equal blocks."""
+    blocks, offset = [], 0
+    for size in segs:
+        block = size // world
+        blocks.append((offset + rank * block, block))
+        offset += size
+    return blocks
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightShard:
+    index: int  # placeholder index of the parameter
+    name: str  # e.g. "transformer_blocks.0.attn.to_q.weight"
+    dim: int  # 0: output rows (column-sharded weight, its bias); 1: input columns (row-sharded weight)
+    segs: tuple[int, ...]  # segments of that dim, each split in world equal blocks
+    global_shape: tuple[int, ...]
+    element_size: int
+
+
+@dataclasses.dataclass
+class TensorParallelPlan:
+    """What the tensor-parallel pass decided for one graph on one rank: which parameters the
+    executor feeds as shards (and may release), and each linear's placement with the reason."""
+
+    world_size: int
+    rank: int
+    shards: list[WeightShard]
+    placements: list[tuple[str, str, str]]  # (module, column|row|gather|replicated, reason)
+    release_weights: bool = True
+    parameter_bytes: int = 0  # all parameters the graph reads, unsharded
+    local_parameter_bytes: int = 0  # what this rank holds
+
+    def fingerprint(self) -> str:
+        return repr((self.world_size, [(s.index, s.dim, s.segs, s.global_shape) for s in self.shards]))
+
+    def describe(self) -> list[str]:
+        counts: dict[str, int] = {}
+        for _, kind, _ in self.placements:
+            counts[kind] = counts.get(kind, 0) + 1
+        ratio = self.local_parameter_bytes / self.parameter_bytes if self.parameter_bytes else 1.0
+        return [
+            f"tensor parallel {self.world_size}: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())),
+            f"parameter bytes per rank: {self.local_parameter_bytes:,} of {self.parameter_bytes:,} ({ratio:.3f})",
+        ]

@@ -91,3 +91,11 @@ def test_unavailable_features_accept_only_defaults(feature, key):
 def test_dump_dir_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("NPU_DIT_DUMP_DIR", str(tmp_path))
     assert CompileConfig.from_options({}).dump_dir == str(tmp_path)
+
+
+def test_tensor_parallel_options_parse():
+    cfg = CompileConfig.from_options({"tp_degree": 2, "ulysses_degree": 2, "release_weights": False})
+    assert cfg.tp_degree == 2 and cfg.world_degree == 4 and cfg.release_weights is False
+    assert CompileConfig.from_options({"tp_degree": 2}).release_weights is True
+    with pytest.raises(ValueError, match="'release_weights' must be True or False"):
+        CompileConfig.from_options({"release_weights": "no"})

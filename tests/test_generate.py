@@ -42,6 +42,9 @@ def test_generate_refuses_unavailable_features_before_loading(capsys):
 
     assert main(["generate", "flux.1-dev", "--vae-parallel"]) == 2
     assert "issue #11" in capsys.readouterr().err
+    # tensor parallelism is available: without torchrun, --tp 2 asks for the processes it needs
+    assert main(["generate", "flux.1-dev", "--tp", "2"]) == 2
+    assert "torchrun --nproc-per-node 2" in capsys.readouterr().err
     assert main(["generate", "flux.1-dev", "--cache", "fast-please"]) == 2
     assert "F1B0" in capsys.readouterr().err
     assert main(["generate", "flux.1-dev", "--image", "x.png"]) == 2

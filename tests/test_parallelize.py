@@ -22,8 +22,9 @@ def flux_pipe_factory():
     [
         ({"attention_backend": "fastest"}, "attention_backend"),
         ({"inner_compiler": "tvm"}, "inner_compiler"),
-        ({"tp_degree": 2}, "issue #10"),
-        ({"text_encoder_parallel": True}, "issue #10"),
+        ({"tp_degree": 2}, "torchrun --nproc-per-node 2"),
+        ({"tp_degree": 2, "ulysses_degree": 2}, "torchrun --nproc-per-node 4"),
+        ({"text_encoder_parallel": "yes"}, "True or False"),
         ({"vae_parallel": True}, "issue #11"),
         ({"vae_parallel": "yes"}, "True or False"),
         ({"ulysses_degree": 2}, "torchrun --nproc-per-node 2"),

@@ -102,7 +102,7 @@ def test_analysis_cache_is_dropped_after_a_modifying_pass():
 
 
 def test_backend_falls_back_and_stays_correct_when_a_pass_fails(monkeypatch):
-    monkeypatch.setattr(backend_module, "build_pipeline", lambda cfg, ctx=None: [PassSpec("bad", failing_pass)])
+    monkeypatch.setattr(backend_module, "build_pipeline", lambda cfg, ctx=None, **contexts: [PassSpec("bad", failing_pass)])
     model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
     x = torch.randn(3, 4)
     torch._dynamo.reset()

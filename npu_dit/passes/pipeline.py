@@ -3,16 +3,19 @@
 Order matters and is written down here, not left to import side effects:
 0. scalar_inputs  — whenever the graph is rewritten: the rewritten graph is compiled again (Dynamo
                     re-traces it), and `.item()` on 0-d inputs would break that graph.
-1. ulysses        — shards the token streams and wraps attention in all-to-all; everything after
+1. tensor_parallel — column/row-shards the linears (heads/N per rank) and inserts the TP
+                    all-reduces; before Ulysses, which then exchanges the local heads within its
+                    own mesh axis, and whose analyses read the TP pass's refreshed local shapes.
+2. ulysses        — shards the token streams and wraps attention in all-to-all; everything after
                     works on the sharded graph.
-2. async_ulysses  — reorders nodes so each all-to-all overlaps independent compute; it must see the
+3. async_ulysses  — reorders nodes so each all-to-all overlaps independent compute; it must see the
                     collectives the Ulysses pass inserted, and it only moves nodes.
-3. attention_lowering — replaces each SDPA call by a kernel (torch_npu's fused attention, PyTorch's
+4. attention_lowering — replaces each SDPA call by a kernel (torch_npu's fused attention, PyTorch's
                     flash/cuDNN/efficient); after the Ulysses passes, because it lowers the attention
                     Ulysses wrapped (in the BSND layout the all-to-all can deliver without transposes)
                     and because the Ulysses and async passes recognise attention as SDPA. Only in the
                     pipeline when it may fire: `auto` on a machine without an accelerator keeps SDPA.
-4. cache_regions  — last: it cuts the final graph (sharded, scheduled, lowered) into front/middle/back
+5. cache_regions  — last: it cuts the final graph (sharded, scheduled, lowered) into front/middle/back
                     regions at block boundaries; it changes no node.
 """
 
@@ -25,16 +28,25 @@ from npu_dit.passes.infra import PassSpec
 from npu_dit.runtime.dist import ParallelContext
 
 
-def build_pipeline(cfg: CompileConfig, ctx: ParallelContext | None = None) -> list[PassSpec]:
+def build_pipeline(cfg: CompileConfig, ctx: ParallelContext | None = None,
+                   tp_ctx: ParallelContext | None = None) -> list[PassSpec]:
     from npu_dit.passes.attention_lowering import lowering_may_fire
 
     passes: list[PassSpec] = []
     lowering = lowering_may_fire(cfg)
-    rewrites = cfg.ulysses_degree > 1 or lowering or cfg.cache is not None
+    rewrites = cfg.ulysses_degree > 1 or cfg.tp_degree > 1 or lowering or cfg.cache is not None
     if rewrites:
         from npu_dit.passes.scalar_inputs import scalar_inputs_pass
 
         passes.append(PassSpec("scalar_inputs", scalar_inputs_pass))
+    if cfg.tp_degree > 1:
+        from npu_dit.passes.tensor_parallel import tensor_parallel_pass
+
+        if tp_ctx is None:
+            raise ValueError("the tensor-parallel pass needs a ParallelContext for its TP group")
+        passes.append(PassSpec("tensor_parallel", functools.partial(
+            tensor_parallel_pass, ctx=tp_ctx, release_weights=cfg.release_weights), preserves_numerics=False,
+            changes_shapes=True))
     if cfg.ulysses_degree > 1:
         from npu_dit.passes.ulysses import ulysses_pass
 

@@ -152,3 +152,31 @@ def gather_seq_wait(z: torch.Tensor, seq_dim: int, dtype: torch.dtype) -> torch.
 
 COLLECTIVE_STARTS = (seq_to_heads_start, heads_to_seq_start, gather_heads_start, gather_seq_start)
 COLLECTIVE_WAITS = (seq_to_heads_wait, heads_to_seq_wait, gather_heads_wait, gather_seq_wait)
+
+
+# --- tensor parallelism ----------------------------------------------------------------------------
+
+
+def feature_block(x: torch.Tensor, dim: int, segs: Sequence[int], world: int, rank: int) -> torch.Tensor:
+    """Replicate -> Shard on a feature dim: this rank's block of every segment (see plans.feature_blocks)."""
+    from npu_dit.plans import feature_blocks
+
+    pieces = [x.narrow(dim, start, length) for start, length in feature_blocks(tuple(segs), world, rank)]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim)
+
+
+def tp_all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
+    """Partial sums of a row-sharded linear -> the full result on every rank of the TP group."""
+    return c10d.wait_tensor(c10d.all_reduce(x.contiguous(), "sum", group_name))
+
+
+def tp_all_gather_last(x: torch.Tensor, world: int, group_name: str) -> torch.Tensor:
+    """Column blocks of a linear's output -> the full output (blocks in rank order on the last dim)."""
+    y = c10d.all_gather_into_tensor(x.movedim(-1, 0).contiguous(), world, group_name)
+    return c10d.wait_tensor(y).movedim(0, -1)
+
+
+# dim_flow's rule for these graph calls: which dim of the first argument they change (None: none)
+feature_block.npu_dit_changed_dim = lambda node: node.args[1]  # type: ignore[attr-defined]
+tp_all_reduce.npu_dit_changed_dim = lambda node: None  # type: ignore[attr-defined]
+tp_all_gather_last.npu_dit_changed_dim = lambda node: -1  # type: ignore[attr-defined]

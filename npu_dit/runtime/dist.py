@@ -1,7 +1,8 @@
 """Process groups for npu-dit, from torchrun's environment.
 
-One call, `ensure_process_group`, gives the backend a `ParallelContext`: rank, world size and the
-group the Ulysses collectives run on. The communication backend follows the device (HCCL on Ascend
+`ensure_parallel(ulysses_degree, tp_degree)` gives the backend a `ParallelContext` per parallel
+axis: rank, size and the group its collectives run on, from a DeviceMesh with named dims ("ulysses",
+"tp"); `ensure_process_group` is the Ulysses-only shorthand. The communication backend follows the device (HCCL on Ascend
 NPUs, NCCL on CUDA GPUs, Gloo on CPUs); every group gets a timeout, so a rank that dies makes the
 others fail with an error instead of hanging.
 """
@@ -24,8 +25,8 @@ DEFAULT_TIMEOUT_S = 600.0
 
 @dataclasses.dataclass(frozen=True)
 class ParallelContext:
-    rank: int  # rank within the Ulysses group
-    world_size: int  # Ulysses degree
+    rank: int  # rank within this axis' group (Ulysses or TP)
+    world_size: int  # the axis' degree
     group_name: str  # what functional collectives take
     backend: str  # hccl, nccl or gloo
     timeout_s: float
@@ -69,12 +70,25 @@ def ensure_process_group(degree: int, *, device: torch.device | None = None) -> 
 
     The group is the whole world: launch exactly `degree` processes (torchrun --nproc-per-node N).
     """
+    ulysses, _ = ensure_parallel(degree, 1, device=device)
+    return ulysses
+
+
+def ensure_parallel(
+    ulysses_degree: int, tp_degree: int, *, device: torch.device | None = None
+) -> tuple[ParallelContext | None, ParallelContext | None]:
+    """The Ulysses and tensor-parallel contexts (None where the degree is 1) on a DeviceMesh of shape
+    (ulysses_degree, tp_degree) named ("ulysses", "tp"): TP groups are runs of adjacent ranks, Ulysses
+    groups the ranks with the same TP index. ulysses_degree x tp_degree must be the world size."""
+    degree = ulysses_degree * tp_degree
+    asked = (f"ulysses_degree={ulysses_degree} x tp_degree={tp_degree}" if tp_degree > 1 and ulysses_degree > 1
+             else f"tp_degree={tp_degree}" if tp_degree > 1 else f"ulysses_degree={ulysses_degree}")
     timeout_s = group_timeout_s()
     source = f"set with {TIMEOUT_ENV}"
     if not dist.is_initialized():
         if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
             raise UserError(
-                f"ulysses_degree={degree} needs {degree} processes, but this process was not started by "
+                f"{asked} needs {degree} processes, but this process was not started by "
                 f"torchrun (RANK/WORLD_SIZE are not set). Launch with: torchrun --nproc-per-node {degree} script.py"
             )
         backend = device_backend(device)
@@ -85,20 +99,37 @@ def ensure_process_group(degree: int, *, device: torch.device | None = None) -> 
             timeout_s, source = user_timeout, "the timeout your init_process_group was given"
     world = dist.get_world_size()
     if world != degree:
+        if tp_degree == 1:
+            fix = f"set ulysses_degree={world} or launch {degree} processes"
+        else:
+            fix = f"make ulysses_degree x tp_degree equal {world} or launch {degree} processes"
         raise UserError(
-            f"ulysses_degree={degree} but the process group has {world} ranks; set ulysses_degree={world} "
-            f"or launch {degree} processes (torchrun --nproc-per-node {degree})"
+            f"{asked} needs {degree} ranks but the process group has {world}; {fix} "
+            f"(torchrun --nproc-per-node {degree})"
         )
-    mesh = _ulysses_mesh(degree, device)
-    group = mesh.get_group("ulysses")
-    return ParallelContext(
-        rank=dist.get_rank(group),
-        world_size=world,
-        group_name=group.group_name,
-        backend=dist.get_backend(group),
-        timeout_s=timeout_s,
-        timeout_source=source,
-    )
+    mesh = _mesh(ulysses_degree, tp_degree, device)
+    contexts = []
+    for name, size in (("ulysses", ulysses_degree), ("tp", tp_degree)):
+        if size == 1:
+            contexts.append(None)
+            continue
+        group = mesh.get_group(name)
+        contexts.append(ParallelContext(
+            rank=dist.get_rank(group),
+            world_size=size,
+            group_name=group.group_name,
+            backend=dist.get_backend(group),
+            timeout_s=timeout_s,
+            timeout_source=source,
+        ))
+    return contexts[0], contexts[1]
+
+
+def process_group(ctx: ParallelContext):
+    """The ProcessGroup object of a context (for eager collectives such as the output gathers)."""
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    return _resolve_process_group(ctx.group_name)
 
 
 def check_same_cache_config(cache: object, ctx: ParallelContext) -> None:
@@ -153,17 +184,18 @@ def _group_timeout(group: object) -> float | None:
         return None
 
 
-_MESHES: dict[tuple[int, str], object] = {}
+_MESHES: dict[tuple[int, int, str], object] = {}
 
 
-def _ulysses_mesh(degree: int, device: torch.device | None):
-    """A 1-D DeviceMesh named "ulysses" over the world (a tensor-parallel axis would be a second dim)."""
+def _mesh(ulysses_degree: int, tp_degree: int, device: torch.device | None):
+    """A DeviceMesh over the world with the named dims that are > 1 ("ulysses", "tp")."""
     from torch.distributed.device_mesh import init_device_mesh
 
     kind = {"hccl": "npu", "nccl": "cuda"}.get(device_backend(device), "cpu")
-    key = (degree, kind)
+    key = (ulysses_degree, tp_degree, kind)
     if key not in _MESHES:
-        _MESHES[key] = init_device_mesh(kind, (degree,), mesh_dim_names=("ulysses",))
+        dims = [(n, s) for n, s in (("ulysses", ulysses_degree), ("tp", tp_degree)) if s > 1] or [("ulysses", 1)]
+        _MESHES[key] = init_device_mesh(kind, tuple(s for _, s in dims), mesh_dim_names=tuple(n for n, _ in dims))
     return _MESHES[key]
 
 

@@ -5,6 +5,8 @@ and, under Ulysses, shards each input along its inferred token dim (`tensor_spli
 refreshes the SymInt inputs that are local lengths, appends the global stream lengths the rewritten
 graph asks for, runs the compiled graph, and gathers the outputs along their token dims. Gloo cannot
 all-gather uneven tensors, so outputs are padded to the longest chunk, gathered, and trimmed.
+Under tensor parallelism it feeds this rank's weight shards in place of the sharded parameters
+(`runtime/weights.py`); inputs and outputs stay replicated over the TP group.
 """
 
 from __future__ import annotations
@@ -14,12 +16,13 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from npu_dit.plans import ShardingPlan
+from npu_dit.plans import ShardingPlan, TensorParallelPlan
 from npu_dit.errors import RankMismatchError
 from npu_dit.runtime.agreement import CALL, call_signature, check_records, exchange
 from npu_dit.runtime.collectives import chunk_lengths, local_chunk
-from npu_dit.runtime.dist import ParallelContext
+from npu_dit.runtime.dist import ParallelContext, process_group
 from npu_dit.runtime.grad import refuse_grad
+from npu_dit.runtime.weights import WeightFeeder
 
 
 class DistributedRunError(RuntimeError):
@@ -34,34 +37,42 @@ class GraphExecutor:
         scalar_inputs: Sequence[int] = (),
         plan: ShardingPlan | None = None,
         ctx: ParallelContext | None = None,
+        weights: TensorParallelPlan | None = None,
     ) -> None:
         self.compiled = compiled
         self.scalar_inputs = tuple(scalar_inputs)
         self.plan = plan
         self.ctx = ctx
+        self.feed_weights = WeightFeeder(weights) if weights is not None and weights.shards else None
 
     def __call__(self, *args: Any) -> Any:
+        if self.feed_weights is not None:  # this rank's tensor-parallel shards for the sharded parameters
+            args = self.feed_weights(args)
         if self.scalar_inputs:
             args = list(args)
             for index in self.scalar_inputs:
                 args[index] = args[index].item()
-        if self.plan is None:
+        if self.plan is None and self.feed_weights is None:
             return self.compiled(*args)
-        refuse_grad(args, "Ulysses' collectives are not differentiable (the output would come back detached)")
+        refuse_grad(args, "npu-dit's collectives are not differentiable (the output would come back detached)")
         signature = call_signature(args)
         try:
-            # every rank must shard the same global shapes: one small all-gather, compared on every rank
+            # every rank must run the same global shapes: one small all-gather, compared on every rank
             check_records(exchange(CALL, signature), CALL, f"inputs {signature}")
+            if self.plan is None:  # tensor parallelism alone: replicated inputs and outputs
+                return self.compiled(*args)
             local_args, global_lengths = self.shard_args(args)
             outputs = self.compiled(*local_args)
             return self.gather_outputs(outputs, global_lengths)
         except RuntimeError as exc:
             if isinstance(exc, (DistributedRunError, RankMismatchError)) or not _looks_distributed(exc):
                 raise
+            ctx = self.ctx or self.feed_weights.plan
+            backend = getattr(self.ctx, "backend", dist.get_backend())
             raise DistributedRunError(
-                f"npu_dit: rank {self.ctx.rank} of {self.ctx.world_size} ({self.ctx.backend}): a collective "
+                f"npu_dit: rank {dist.get_rank()} of {dist.get_world_size()} ({backend}): a collective "
                 f"failed: {str(exc).splitlines()[0]}. Another rank has probably exited or is stuck (group "
-                f"timeout {self.ctx.timeout_s:.0f} s, {self.ctx.timeout_source}); the run is aborted."
+                f"timeout {getattr(ctx, 'timeout_s', 0):.0f} s, {getattr(ctx, 'timeout_source', '')}); the run is aborted."
             ) from exc
 
     def shard_args(self, args: Sequence[Any]) -> tuple[list[Any], dict[int, int]]:
@@ -102,7 +113,7 @@ class GraphExecutor:
             pad_shape[dim] = missing
             tensor = torch.cat([tensor, tensor.new_zeros(pad_shape)], dim)
         slots = [torch.empty_like(tensor) for _ in lengths]
-        dist.all_gather(slots, tensor.contiguous())
+        dist.all_gather(slots, tensor.contiguous(), group=process_group(self.ctx))
         return torch.cat([slot.narrow(dim, 0, n) for slot, n in zip(slots, lengths)], dim)
 
 

@@ -35,6 +35,7 @@ def _json_dict(text: str) -> dict[str, Any]:
 def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ulysses-degree", type=int, default=None, help="Ulysses sequence-parallel degree")
     p.add_argument("--async-ulysses", action="store_true", help="overlap all-to-all with the Q/K/V projections")
+    p.add_argument("--tp-degree", type=int, default=None, help="tensor-parallel degree (column/row-sharded linears)")
     p.add_argument("--attention-backend", default=None, help="auto, sdpa, npu_fia, npu_fa, flash, cudnn, ...")
     p.add_argument("--cache", type=_json_dict, default=None, help='cache options as JSON, e.g. \'{"Fn_compute_blocks": 1}\'')
     p.add_argument("--options", type=_json_dict, default=None, help="any backend options as a JSON object")
@@ -46,6 +47,8 @@ def _collect_options(args: argparse.Namespace) -> dict[str, Any]:
         options["ulysses_degree"] = args.ulysses_degree
     if args.async_ulysses:
         options["async_ulysses"] = True
+    if getattr(args, "tp_degree", None) is not None:
+        options["tp_degree"] = args.tp_degree
     if args.attention_backend is not None:
         options["attention_backend"] = args.attention_backend
     if args.cache is not None:
@@ -59,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="trace a full-size model on the meta device and show what the passes do",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"one of: {', '.join(MODELS)} (default {DEFAULT_MODEL})")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help=f"one of: {', '.join(MODELS)}, or a text encoder: t5-v1.1-xxl, qwen2.5-vl-7b-lm (default {DEFAULT_MODEL})")
     p.add_argument("--size", default="full", help="which config of the model: full or tiny (flux.1-dev also: bench, bench-deep)")
     p.add_argument("--height", type=int, default=1024)
     p.add_argument("--width", type=int, default=1024)
@@ -138,7 +142,14 @@ def _models() -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from npu_dit.tools.inspect_model import format_report, inspect_model
+    from npu_dit.models.text_encoders import TEXT_ENCODERS
+    from npu_dit.tools.inspect_model import format_report, format_text_encoder_report, inspect_model, inspect_text_encoder
+
+    if args.model in TEXT_ENCODERS:
+        report = inspect_text_encoder(args.model, size=args.size, prompt_len=args.prompt_len or 512,
+                                      dtype=DTYPES[args.dtype], options=_collect_options(args), quiet=args.quiet or args.json)
+        print(json.dumps(report, indent=1, default=str) if args.json else format_text_encoder_report(report))
+        return 0
 
     report = inspect_model(
         args.model,

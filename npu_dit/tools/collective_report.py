@@ -22,6 +22,8 @@ _KINDS = {
     C.heads_to_seq_start: "all_to_all (heads->seq)",
     C.gather_heads_start: "all_gather (heads)",
     C.gather_seq_start: "all_gather (seq, as all_to_all)",
+    C.tp_all_reduce: "all_reduce (TP, row-sharded linears)",
+    C.tp_all_gather_last: "all_gather (TP, column + gather)",
 }
 
 
@@ -46,12 +48,36 @@ class _MetaRun(fx.Interpreter):
         return super().run_node(n)
 
 
-def collective_report(gm: fx.GraphModule, plan: ShardingPlan, ctx: ParallelContext, inputs: list[Any], num_sites: int, hidden: int) -> dict[str, Any]:
+def tp_collectives(gm: fx.GraphModule, tp_plan: Any, inputs: list[Any]) -> dict[str, dict[str, int]]:
+    """Tensor parallelism alone: rank 0's graph on meta tensors, its shards fed as the executor would."""
+    from npu_dit.runtime.weights import WeightFeeder
+
+    args = [a.to("meta") if isinstance(a, torch.Tensor) and a.device.type != "meta" and a.dim() > 0 else a for a in inputs]
+    for index in gm.meta.get("npu_dit.scalar_inputs", ()):
+        args[index] = args[index].item()
+    args = WeightFeeder(tp_plan)(args)
+    runner = _MetaRun(gm, tp_plan.world_size)
+    with torch.no_grad():
+        runner.run(*args)
+    per_kind: dict[str, dict[str, int]] = {}
+    for kind, _, nbytes, _ in runner.sent:
+        entry = per_kind.setdefault(kind, {"count": 0, "bytes": 0})
+        entry["count"] += 1
+        entry["bytes"] += nbytes
+    return per_kind
+
+
+def collective_report(gm: fx.GraphModule, plan: ShardingPlan, ctx: ParallelContext, inputs: list[Any], num_sites: int, hidden: int,
+                      tp_plan: Any = None) -> dict[str, Any]:
     meta_inputs = [a.to("meta") if isinstance(a, torch.Tensor) and a.device.type != "meta" and a.dim() > 0 else a for a in inputs]
     executor = GraphExecutor(lambda *a: a, scalar_inputs=gm.meta.get("npu_dit.scalar_inputs", ()), plan=plan, ctx=ctx)
     args = list(meta_inputs)
     for index in executor.scalar_inputs:
         args[index] = args[index].item()
+    if tp_plan is not None and tp_plan.shards:
+        from npu_dit.runtime.weights import WeightFeeder
+
+        args = WeightFeeder(tp_plan)(args)
     local_args, global_lengths = executor.shard_args(args)
     runner = _MetaRun(gm, ctx.world_size)
     with torch.no_grad():

@@ -54,9 +54,9 @@ def add_parser(sub) -> None:
                    help="Ulysses degree; default: the torchrun world size (1 without torchrun)")
     g.add_argument("--async-ulysses", "--ulysses-async", dest="async_ulysses", action="store_true",
                    help="overlap the all-to-alls with the Q/K/V projections")
-    g.add_argument("--tp", "--tp-degree", dest="tp", type=int, default=1, help="tensor parallel degree (issue #10, not available yet)")
+    g.add_argument("--tp", "--tp-degree", dest="tp", type=int, default=1, help="tensor parallel degree (Ulysses takes world / tp); the full weights are released")
     g.add_argument("--text-encoder-parallel", "--parallel-text-encoder", dest="text_encoder_parallel", action="store_true",
-                   help="shard the text encoder (issue #10, not available yet)")
+                   help="shard the text encoders over the world (TEP: tensor parallelism of T5 / the Qwen2.5-VL language model)")
     g.add_argument("--vae-parallel", "--parallel-vae", dest="vae_parallel", action="store_true",
                    help="shard the VAE (issue #11, not available yet)")
     g.add_argument("--cache", nargs="?", const="{}", default=None, metavar="PRESET|JSON",
@@ -209,7 +209,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "height": kwargs["height"], "width": kwargs["width"], "steps": steps, "stages_s": stages,
         "peak_memory_per_rank": gathered, "out": os.path.abspath(out), "rank": rank,
         "cache_summary": controller.format_summary() if controller is not None else None,
-        "warmup_runs": args.warmup,
+        "warmup_runs": args.warmup, "text_encoder_parallel": args.text_encoder_parallel,
     }
 
 
@@ -217,7 +217,7 @@ def format_report(r: dict[str, Any]) -> str:
     o = r["options"]
     lines = [
         f"{r['model']}  ({r['weights']}), {r['height']}x{r['width']}, {r['steps']} steps, {r['world_size']} process(es)",
-        f"  ulysses_degree={o['ulysses_degree']} async_ulysses={o['async_ulysses']} attention_backend={o['attention_backend']} "
+        f"  ulysses_degree={o['ulysses_degree']} tp_degree={o['tp_degree']} text_encoder_parallel={r.get('text_encoder_parallel', False)} async_ulysses={o['async_ulysses']} attention_backend={o['attention_backend']} "
         f"inner_compiler={o['inner_compiler']} cache={o.get('cache')}",
         "",
         "| stage | seconds | share |",

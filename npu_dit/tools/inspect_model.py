@@ -22,11 +22,11 @@ from npu_dit.passes.analysis.attention_ops import node_value
 from npu_dit.passes.attention_lowering import KERNELS_META_KEY, attention_environment, attention_kernel_choices
 from npu_dit.passes.infra import dump_graph, run_passes
 from npu_dit.passes.pipeline import build_pipeline
-from npu_dit.plans import CACHE_PLAN_KEY
-from npu_dit.plans import SHARDING_META_KEY
+from npu_dit.plans import CACHE_PLAN_KEY, SHARDING_META_KEY, TP_META_KEY
 from npu_dit.runtime.dist import inspection_context
 from npu_dit.tools.capture import capture_graph
-from npu_dit.tools.collective_report import collective_report
+from npu_dit.tools.collective_report import collective_report, tp_collectives
+from npu_dit.tools.tp_report import format_tp, tp_summary
 from npu_dit.tools.region_report import region_costs
 
 
@@ -104,8 +104,9 @@ def inspect_model(
     timings["analysis_s"] = t3 - t0
 
     ctx = inspection_context(cfg.ulysses_degree, rank=0) if cfg.ulysses_degree > 1 else None
+    tp_ctx = inspection_context(cfg.tp_degree, rank=0) if cfg.tp_degree > 1 else None
     t0 = time.perf_counter()
-    rewritten, report = run_passes(gm, build_pipeline(cfg, ctx), dump_dir=dump_dir, graph_tag="graph")
+    rewritten, report = run_passes(gm, build_pipeline(cfg, ctx, tp_ctx), dump_dir=dump_dir, graph_tag="graph")
     timings["passes_s"] = time.perf_counter() - t0
     communication = None
     regions = None
@@ -113,10 +114,21 @@ def inspect_model(
     if cache_plan is not None:
         regions = region_costs(cache_plan, rewritten)
     plan = rewritten.meta.get(SHARDING_META_KEY) if rewritten is not gm else None
+    tp_plan = rewritten.meta.get(TP_META_KEY) if rewritten is not gm else None
+    tensor_parallel = None
     if plan is not None:
         with progress("Measuring what rank 0 sends (the rewritten graph on meta tensors)", quiet=quiet):
-            hidden = sites[0].num_heads * sites[0].head_dim if sites else 0
-            communication = collective_report(rewritten, plan, ctx, captured.real_inputs, len(sites), hidden)
+            # the width Ulysses exchanges: the heads this rank holds after tensor parallelism
+            hidden = sites[0].num_heads * sites[0].head_dim // cfg.tp_degree if sites else 0
+            communication = collective_report(rewritten, plan, ctx, captured.real_inputs, len(sites), hidden,
+                                              tp_plan=tp_plan)
+    if tp_plan is not None:
+        if communication is not None:
+            tp_kinds = {k: v for k, v in communication["collectives"].items() if "TP" in k}
+        else:
+            with progress("Measuring what rank 0 sends (the rewritten graph on meta tensors)", quiet=quiet):
+                tp_kinds = tp_collectives(rewritten, tp_plan, captured.real_inputs)
+        tensor_parallel = tp_summary(tp_plan, tp_kinds)
 
     # the kernel each site got: from the lowering pass when it ran, else the selection it would make
     # (`auto` without an accelerator, or `sdpa`: every site keeps SDPA; the reasons still show)
@@ -163,9 +175,54 @@ def inspect_model(
             "counts": report.counts,
         },
         "communication": communication,
+        "tensor_parallel": tensor_parallel,
         "cache_regions": regions,
         "timings": timings,
     }
+
+
+def inspect_text_encoder(name: str, *, size: str = "full", prompt_len: int = 512, dtype: torch.dtype = torch.bfloat16,
+                         options: dict[str, Any] | None = None, quiet: bool = False) -> dict[str, Any]:
+    """TEP for a text encoder (T5-v1.1-XXL, the Qwen2.5-VL-7B language model) on the meta device: each
+    linear's placement, rank 0's collectives and the parameter bytes per rank."""
+    from npu_dit.models.text_encoders import TEXT_ENCODERS, build_text_encoder
+
+    spec = TEXT_ENCODERS[name]
+    cfg = CompileConfig.from_options(options)
+    config = spec.config(size)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with progress(f"Building {name} ({size} config) on the meta device", quiet=quiet):
+            model = build_text_encoder(spec, config, device="meta")
+    finally:
+        torch.set_default_dtype(previous)
+    num_params, param_bytes = count_parameters(model)
+    inputs = spec.example_inputs(config, 1, prompt_len, "meta")
+    with progress("Tracing with Dynamo", quiet=quiet):
+        captured = capture_graph(model, inputs, dynamic=True)
+    tp_ctx = inspection_context(cfg.tp_degree, rank=0) if cfg.tp_degree > 1 else None
+    rewritten, report = run_passes(captured.gm, build_pipeline(cfg, None, tp_ctx), graph_tag="graph")
+    tp_plan = rewritten.meta.get(TP_META_KEY) if rewritten is not captured.gm else None
+    tensor_parallel = None
+    if tp_plan is not None:
+        with progress("Measuring what rank 0 sends (the rewritten graph on meta tensors)", quiet=quiet):
+            tensor_parallel = tp_summary(tp_plan, tp_collectives(rewritten, tp_plan, captured.real_inputs))
+    return {"model": name, "config_size": size, "dtype": str(dtype).removeprefix("torch."), "prompt_len": prompt_len,
+            "parameters": {"count": num_params, "bytes": param_bytes}, "graph": {"nodes": len(captured.gm.graph.nodes),
+            "graphs": captured.num_graphs}, "fell_back": report.fell_back, "fallback_reason": report.fallback_reason,
+            "tensor_parallel": tensor_parallel}
+
+
+def format_text_encoder_report(r: dict[str, Any]) -> str:
+    lines = [f"{r['model']}  ({r['config_size']} config, {r['dtype']}), {r['prompt_len']} tokens",
+             f"  parameters: {r['parameters']['count'] / 1e9:.2f} B ({_human_bytes(r['parameters']['bytes'])})",
+             f"  graph: {r['graph']['nodes']} nodes in {r['graph']['graphs']} graph(s)"]
+    if r["fell_back"]:
+        lines.append(f"  FALLBACK: {r['fallback_reason']}")
+    if r["tensor_parallel"]:
+        lines.extend(format_tp(r["tensor_parallel"], _human_bytes))
+    return "\n".join(lines)
 
 
 def _kernel_text(kernel: dict[str, Any]) -> str:
@@ -252,6 +309,8 @@ def format_report(r: dict[str, Any]) -> str:
             add(f"    {row['region']:<7} {row['blocks']:3d} blocks {row['nodes']:6d} nodes  parameters "
                 f"{_human_bytes(row['parameter_bytes']):>11} ({100 * row['parameter_share']:5.1f} %)  "
                 f"FLOPs {row['flops'] / 1e12:8.3f} T ({100 * row['flop_share']:5.1f} %)")
+    if r.get("tensor_parallel"):
+        lines.extend(format_tp(r["tensor_parallel"], _human_bytes))
     comm = r.get("communication")
     if comm:
         add(f"  communication of rank {comm['rank']} of {comm['world_size']} per transformer call:")

@@ -372,6 +372,16 @@ class _Flow:
                 return self.fresh_all(node)
             self.mixing[node] = [(args[0], len(x) - 1)]  # the contracted input features
             return tuple(x[:-1]) + (self.fresh(node, out, len(out) - 1),)
+        changed = getattr(target, "npu_dit_changed_dim", None)
+        if node.op == "call_function" and changed is not None and self.dims(args[0]) is not None:
+            # npu-dit's own graph calls (tensor-parallel collectives, feature slices): dims carried,
+            # except the one they change (`npu_dit_changed_dim(node)`), which gets a fresh atom
+            src, out = self.dims(args[0]), _shape(node)
+            dim = changed(node)
+            if dim is None:
+                return src
+            dim = _dim(int(dim), len(src))
+            return tuple(self.fresh(node, out, d) if d == dim else src[d] for d in range(len(src)))
         if name in _SAME_AS_SELF:
             return self.dims(args[0]) if self.dims(args[0]) is not None else self.fresh_all(node)
         if name in ("permute",):

@@ -1,0 +1,187 @@
+"""Tensor parallelism as a graph rewrite (Megatron column/row sharding, derived from the graph).
+
+Before (every rank holds and computes everything):
+
+    q = to_q(x); k = to_k(x); v = to_v(x)                       # [B, S, H*D]
+    o = sdpa(unflatten(q, -1, (H, D)) ...)                      # [B, H, S, D]
+    y = to_out(flatten(permute(o)))                             # [B, S, F]
+    mod = linear(silu(temb), W_mod)                             # AdaLN: [B, 6F]
+
+After, on rank r of N (the executor feeds this rank's weight shards):
+
+    q = to_q(x, W_q[r])                                          # [B, S, H/N*D]
+    o = sdpa(unflatten(q, -1, (H/N, D)) ...)                     # [B, H/N, S, D]
+    y = tp_all_reduce(linear(flatten(permute(o)), W_out[:, r])) + b_out
+    mod = tp_all_gather_last(linear(silu(temb), W_mod[r], b_mod[r]))
+
+Which linears are column-, row-, gather-sharded or replicated is `feature_flow.feature_plan`'s
+decision (no model names). A row linear reading a concatenation of column-sharded pieces (FLUX's
+single-block `proj_out`) gets its weight columns regrouped per rank (`WeightShard.segs`). Constant
+sizes of the sharded dim in reshapes/expands/splits (head counts) become local; replicated tensors
+that meet a sharded dim (T5's per-head position bias) are sliced to this rank's block.
+
+Preconditions: parameters are graph inputs (Dynamo's default); the feature dims are static.
+Postconditions: `gm.meta[TP_META_KEY]` is the TensorParallelPlan; the weight placeholders and every
+node's `meta["val"]` have this rank's local shapes.
+Pipeline position: first sharding pass, before Ulysses (which then sees H/N heads per rank and
+shards tokens within its own group).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from npu_dit.passes.analysis.attention_ops import node_value
+from npu_dit.passes.analysis.feature_flow import FeaturePlan, feature_plan, size_arg_slot
+from npu_dit.passes.infra import PassResult
+from npu_dit.plans import TP_META_KEY, TensorParallelPlan, WeightShard
+from npu_dit.runtime import collectives as C
+from npu_dit.runtime.dist import ParallelContext
+
+
+def _placeholder_index(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    return {n: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+
+
+def _tensor_bytes(value: Any) -> int:
+    return value.numel() * value.element_size() if isinstance(value, torch.Tensor) else 0
+
+
+class _Rewriter:
+    def __init__(self, gm: fx.GraphModule, plan: FeaturePlan, ctx: ParallelContext) -> None:
+        self.gm, self.graph, self.plan, self.ctx = gm, gm.graph, plan, ctx
+        self.world, self.rank = ctx.world_size, ctx.rank
+        self.index = _placeholder_index(gm)
+        self.shards: dict[fx.Node, WeightShard] = {}
+        self.counts: dict[str, int] = {}
+
+    def bump(self, key: str) -> None:
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def call(self, fn: Any, args: tuple, like: fx.Node) -> fx.Node:
+        node = self.graph.call_function(fn, args)
+        if "nn_module_stack" in like.meta:
+            node.meta["nn_module_stack"] = like.meta["nn_module_stack"]
+        return node
+
+    def shard_param(self, param: fx.Node, dim: int, segs: tuple[int, ...], module: str, what: str) -> None:
+        value = node_value(param)
+        self.shards[param] = WeightShard(self.index[param], f"{module}.{what}", dim, tuple(segs),
+                                         tuple(int(s) for s in value.shape), value.element_size())
+
+    def run(self) -> None:
+        for node, p in self.plan.linears.items():
+            if p.kind == "replicated":
+                continue
+            if p.kind in ("column", "gather"):
+                features = int(node_value(node).shape[-1])
+                self.shard_param(p.weight, 0, (features,), p.module, "weight")
+                if p.bias is not None:
+                    self.shard_param(p.bias, 0, (features,), p.module, "bias")
+                self.bump(f"{p.kind}_linear")
+                if p.kind == "gather":
+                    with self.graph.inserting_after(node):
+                        gathered = self.call(C.tp_all_gather_last, (node, self.world, self.ctx.group_name), node)
+                    node.replace_all_uses_with(gathered, delete_user_cb=lambda u: u is not gathered)
+                    self.bump("all_gather")
+            elif p.kind == "row":
+                self.shard_param(p.weight, 1, p.segs, p.module, "weight")
+                self.bump("row_linear")
+                node.args = (node.args[0], p.weight)
+                node.kwargs = {}
+                with self.graph.inserting_after(node):
+                    reduced = self.call(C.tp_all_reduce, (node, self.ctx.group_name), node)
+                out = reduced
+                if p.bias is not None:
+                    with self.graph.inserting_after(reduced):
+                        out = self.call(torch.add, (reduced, p.bias), node)
+                node.replace_all_uses_with(out, delete_user_cb=lambda u: u is not reduced)
+                self.bump("all_reduce")
+        for node, (dim, size) in self.plan.resize.items():
+            slot = size_arg_slot(node, dim)
+            if slot is None:
+                continue
+            sizes, i = slot
+            if sizes[i] == -1:
+                continue
+            sizes[i] = size // self.world
+            self.replace_sizes(node, sizes)
+            self.bump("local_size")
+        for node, local in self.plan.split_sizes.items():
+            name = node.target if isinstance(node.target, str) else node.target.__name__
+            if name == "split_with_sizes" or (name == "split" and isinstance(node.args[1], (list, tuple))):
+                node.args = (node.args[0], list(local)) + tuple(node.args[2:])
+            elif name == "split":
+                node.args = (node.args[0], local[0]) + tuple(node.args[2:])
+            self.bump("local_size")
+        for (user, inp), shard in self.plan.narrow.items():
+            with self.graph.inserting_before(user):
+                local = self.call(C.feature_block, (inp, shard.dim, shard.segs, self.world, self.rank), user)
+            user.replace_input_with(inp, local)
+            self.bump("localize")
+
+    def replace_sizes(self, node: fx.Node, sizes: list) -> None:
+        name = node.target if isinstance(node.target, str) else node.target.__name__
+        if name == "unflatten":
+            node.args = (node.args[0], node.args[1], tuple(sizes))
+        elif len(node.args) == 2 and isinstance(node.args[1], (list, tuple)):
+            node.args = (node.args[0], type(node.args[1])(sizes))
+        else:
+            node.args = (node.args[0], *sizes)
+
+
+def refresh_tp_shapes(gm: fx.GraphModule, shards: list[WeightShard], world: int) -> None:
+    """Every node's meta["val"] becomes this rank's value: the sharded parameters get local shapes
+    and the graph is propagated again. Tensor parallelism changes static feature sizes only, so the
+    propagation stays in Dynamo's own ShapeEnv: its symbols and the facts it proved about them (which
+    token lengths are equal) stay valid for the passes after this one (Ulysses' token analysis)."""
+    from npu_dit.passes.analysis.attention_ops import graph_fake_mode
+    from npu_dit.passes.analysis.fake_prop import repropagate
+
+    by_index = {s.index: s for s in shards}
+    mode = graph_fake_mode(gm)
+    values = []
+    for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        value = node_value(node)
+        shard = by_index.get(i)
+        if shard is not None:
+            sizes = list(value.shape)
+            sizes[shard.dim] = sum(shard.segs) // world
+            with mode:
+                value = torch.empty(sizes, dtype=value.dtype, device=value.device)
+        values.append(value)
+    repropagate(gm, values)
+
+
+def tensor_parallel_pass(gm: fx.GraphModule, *, ctx: ParallelContext, release_weights: bool = True) -> PassResult:
+    plan = feature_plan(gm, ctx.world_size)
+    placements = [(p.module, p.kind, p.reason) for p in sorted(
+        plan.linears.values(), key=lambda p: _order(gm)[p.node])]
+    rewriter = _Rewriter(gm, plan, ctx)
+    rewriter.run()
+    shards = sorted(rewriter.shards.values(), key=lambda s: s.index)
+    params = [n for n in gm.graph.nodes if n.op == "placeholder" and n in _params(gm)]
+    total = sum(_tensor_bytes(node_value(n)) for n in params)
+    sharded = sum(_tensor_bytes(node_value(n)) for n in rewriter.shards)
+    local = total - sharded + sum(_tensor_bytes(node_value(n)) // ctx.world_size for n in rewriter.shards)
+    tp_plan = TensorParallelPlan(ctx.world_size, ctx.rank, shards, placements, release_weights, total, local)
+    gm.meta[TP_META_KEY] = tp_plan
+    if not shards:
+        return PassResult(gm, modified=False, notes=tp_plan.describe() + ["no linear could be sharded"])
+    gm.graph.lint()
+    gm.recompile()
+    refresh_tp_shapes(gm, shards, ctx.world_size)
+    return PassResult(gm, modified=True, counts=rewriter.counts, notes=tp_plan.describe())
+
+
+def _order(gm: fx.GraphModule) -> dict[fx.Node, int]:
+    return {n: i for i, n in enumerate(gm.graph.nodes)}
+
+
+def _params(gm: fx.GraphModule) -> frozenset:
+    from npu_dit.passes.analysis.attention import parameter_placeholders
+
+    return frozenset(parameter_placeholders(gm))
