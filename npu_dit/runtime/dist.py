@@ -64,7 +64,9 @@ def _npu_available() -> bool:
         return False
 
 
-def ensure_process_group(degree: int, *, device: torch.device | None = None) -> ParallelContext:
+def ensure_process_group(
+    degree: int, *, device: torch.device | None = None, option: str = "ulysses_degree"
+) -> ParallelContext:
     """Return the context for a `degree`-way Ulysses group, initialising torch.distributed if needed.
 
     The group is the whole world: launch exactly `degree` processes (torchrun --nproc-per-node N).
@@ -74,7 +76,7 @@ def ensure_process_group(degree: int, *, device: torch.device | None = None) -> 
     if not dist.is_initialized():
         if "WORLD_SIZE" not in os.environ or "RANK" not in os.environ:
             raise UserError(
-                f"ulysses_degree={degree} needs {degree} processes, but this process was not started by "
+                f"{option}={degree} needs {degree} processes, but this process was not started by "
                 f"torchrun (RANK/WORLD_SIZE are not set). Launch with: torchrun --nproc-per-node {degree} script.py"
             )
         backend = device_backend(device)
@@ -86,7 +88,7 @@ def ensure_process_group(degree: int, *, device: torch.device | None = None) -> 
     world = dist.get_world_size()
     if world != degree:
         raise UserError(
-            f"ulysses_degree={degree} but the process group has {world} ranks; set ulysses_degree={world} "
+            f"{option}={degree} but the process group has {world} ranks; set {option}={world} "
             f"or launch {degree} processes (torchrun --nproc-per-node {degree})"
         )
     mesh = _ulysses_mesh(degree, device)
