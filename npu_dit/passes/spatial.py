@@ -190,6 +190,8 @@ class _Rewriter:
             self.outputs.append((i, band.dim))
 
     def visit(self, node: fx.Node) -> None:
+        if _name(node) == "getitem" and isinstance(self.bands.get(node.args[0]), list):
+            return self.visit_getitem(node)
         sharded = self.sharded_inputs(node)
         if not sharded:
             self.bands[node] = None
@@ -226,6 +228,12 @@ class _Rewriter:
             if node.args[0] is not sharded[0][0] or len(sharded) > 1 or band.dim == len(_shape(node.args[0])) - 1:
                 self.refuse(node, "the rows are contracted")
             self.bands[node] = band
+            return
+        if name in ("type_as", "to") and len(node.args) > 1 and isinstance(node.args[1], fx.Node):
+            # the second operand only gives the dtype (and device)
+            if node.args[0] not in dict(sharded):
+                self.refuse(node, "casts a full tensor like a band")
+            self.bands[node] = self.bands[node.args[0]]
             return
         if isinstance(value, torch.Tensor) and (is_pointwise(node) or name in _SHAPE_ONLY):
             return self.visit_pointwise(node, sharded)
