@@ -59,3 +59,55 @@ def _tiled_error(vae, kind, fn, x, expected) -> float:
         got = _outputs(kind, fn, getattr(vae, fn)(x))
     vae.disable_tiling()
     return max((a - b).abs().max().item() for a, b in zip(got, expected))
+
+
+def refusal_case(rank, world_size):
+    """An op the rules do not cover: every rank runs the captured graph (one warning), result exact."""
+    from npu_dit.backend import RECORDS
+    from tests.synthetic_spatial import ConvFlip
+
+    torch.manual_seed(0)
+    model = ConvFlip().eval()
+    x = torch.randn(1, 3, 10, 6)
+    with torch.no_grad():
+        expected = model(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="npu_dit", dynamic=True, options={"spatial_degree": world_size})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            got = compiled(x)
+    record = RECORDS[-1]
+    ours = [str(w.message) for w in caught if "npu_dit" in str(w.message)]
+    return {"error": (got - expected).abs().max().item(), "fell_back": record.report.fell_back,
+            "reason": record.report.fallback_reason, "warnings": ours}
+
+
+def unbandable_height(rank, world_size):
+    """An encoder input whose height the 8-row units do not divide: the compiled graph runs whole on
+    every rank (one warning), and a later banded height is sharded again."""
+    from npu_dit.models.vae import build_vae, example_input
+
+    vae = build_vae("flux", "tiny", seed=0)
+    torch._dynamo.reset()
+    compiled = torch.compile(vae.encode, backend="npu_dit", dynamic=True, options={"spatial_degree": world_size})
+    errors = {}
+    for height in (52, 40):
+        x = example_input("flux", "tiny", height=height, width=24, encode=True, seed=2)
+        with torch.no_grad():
+            expected = vae.encode(x).latent_dist.mean
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                got = compiled(x).latent_dist.mean
+        errors[height] = ((got - expected).abs().max().item(),
+                          [str(w.message) for w in caught if "cannot be cut" in str(w.message)])
+    return errors
+
+
+def spatial_suite(rank, world_size, cases, tiled=False, extras=False):
+    """One spawn for many checks (process start-up and Gloo rendezvous cost seconds on a small machine)."""
+    result = {"cases": vae_cases(rank, world_size, cases, tiled=tiled)}
+    if extras:
+        result["refusal"] = refusal_case(rank, world_size)
+        result["unbandable"] = unbandable_height(rank, world_size)
+    return result
