@@ -7,8 +7,12 @@ happens on the first call, as always with torch.compile). The pipeline's `__call
 hybrid cache gets the real step count of each generation (`num_inference_steps`), which decides its
 steps mask; a different step count on a later call recompiles with the new count.
 
-Text-encoder parallelism and tensor parallelism are issue #10, VAE parallelism issue #11: their
-flags are accepted at their defaults and refused with a `ValueError` naming the issue otherwise.
+`vae_parallel=True` compiles the VAE's `decode` and `encode` (the edit pipelines encode their input
+images) with `options={"spatial_degree": world size}`: each rank decodes a band of rows, exactly (see
+`passes/spatial.py`); with one process there is nothing to shard and the VAE is left as it is.
+
+Text-encoder parallelism and tensor parallelism are issue #10: their flags are accepted at their
+defaults and refused with a `ValueError` naming the issue otherwise.
 """
 
 from __future__ import annotations
@@ -43,11 +47,6 @@ def _check_unavailable(tp_degree: Any, text_encoder_parallel: Any, vae_parallel:
         raise ValueError(
             "parallelize: text_encoder_parallel=True is not available yet (issue #10, tensor parallelism "
             "for text encoders); leave it False: every rank encodes the prompt itself"
-        )
-    if vae_parallel:
-        raise ValueError(
-            "parallelize: vae_parallel=True is not available yet (issue #11, exact VAE parallelism); leave "
-            "it False: every rank decodes the full latent"
         )
 
 
@@ -143,8 +142,26 @@ def parallelize(
     state = {"original": original, "settings": settings, "steps": steps}
     setattr(pipe, _STATE_ATTR, state)
     pipe.transformer = torch.compile(original, backend="npu_dit", dynamic=True, options=options)
+    if vae_parallel:
+        parallelize_vae(pipe, settings["world_size"], inner_compiler=inner_compiler)
     _wrap_call(pipe)
     return pipe
+
+
+def parallelize_vae(pipe, world_size: int, *, inner_compiler: str = "eager") -> None:
+    """`pipe.vae.decode` / `.encode` compiled with height-band spatial parallelism over the world."""
+    vae = getattr(pipe, "vae", None)
+    if not isinstance(vae, torch.nn.Module):
+        raise ValueError(f"parallelize: vae_parallel=True but {type(pipe).__name__} has no `vae` module")
+    if world_size <= 1:
+        return  # one process: nothing to shard
+    options = {"spatial_degree": world_size, "inner_compiler": inner_compiler}
+    CompileConfig.from_options(options)
+    for name in ("decode", "encode"):
+        method = getattr(type(vae), name, None)
+        if method is not None:
+            bound = method.__get__(vae, type(vae))
+            setattr(vae, name, torch.compile(bound, backend="npu_dit", dynamic=True, options=options))
 
 
 def _default_steps(pipe) -> int | None:

@@ -37,6 +37,8 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--async-ulysses", action="store_true", help="overlap all-to-all with the Q/K/V projections")
     p.add_argument("--attention-backend", default=None, help="auto, sdpa, npu_fia, npu_fa, flash, cudnn, ...")
     p.add_argument("--cache", type=_json_dict, default=None, help='cache options as JSON, e.g. \'{"Fn_compute_blocks": 1}\'')
+    p.add_argument("--spatial-degree", type=int, default=None,
+                   help="spatial (height-band) parallelism of a convolutional graph: the VAE")
     p.add_argument("--options", type=_json_dict, default=None, help="any backend options as a JSON object")
 
 
@@ -50,6 +52,8 @@ def _collect_options(args: argparse.Namespace) -> dict[str, Any]:
         options["attention_backend"] = args.attention_backend
     if args.cache is not None:
         options["cache"] = args.cache
+    if getattr(args, "spatial_degree", None) is not None:
+        options["spatial_degree"] = args.spatial_degree
     return options
 
 
@@ -68,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an edit model's input image size in pixels; repeat for several (Edit-2509: up to 3)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default="bfloat16", choices=tuple(DTYPES))
+    p.add_argument("--vae", choices=("decode", "encode"), default=None,
+                   help="inspect the model's VAE call instead of the transformer (default with --spatial-degree: decode)")
     _add_options(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--dump", metavar="DIR", default=None, help="write the captured graph and each pass's graphs here")
@@ -137,6 +143,14 @@ def _models() -> int:
 
 def _inspect(args: argparse.Namespace) -> int:
     from npu_dit.tools.inspect_model import format_report, inspect_model
+
+    if args.vae is not None or args.spatial_degree is not None:
+        from npu_dit.tools.inspect_vae import format_vae_report, inspect_vae
+
+        report = inspect_vae(args.model, fn=args.vae or "decode", height=args.height, width=args.width,
+                             size=args.size, dtype=DTYPES[args.dtype], options=_collect_options(args))
+        print(json.dumps(report, indent=1, default=str) if args.json else format_vae_report(report))
+        return 0
 
     report = inspect_model(
         args.model,
