@@ -103,6 +103,17 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--write", metavar="FILE", nargs="?", const="docs/BENCHMARKS.md", default=None,
                    help="update the Ulysses section of FILE (default docs/BENCHMARKS.md)")
     u.add_argument("--json", action="store_true")
+    v = bsub.add_parser("vae", help="full-size FLUX VAE decode: one process vs spatial_degree over Gloo processes",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    v.add_argument("--degree", type=int, default=2)
+    v.add_argument("--height", type=int, default=1024)
+    v.add_argument("--width", type=int, default=1024)
+    v.add_argument("--vae", default="flux", choices=("flux", "qwen-image"))
+    v.add_argument("--size", default="full", choices=("full", "tiny"))
+    v.add_argument("--warmup", type=int, default=1)
+    v.add_argument("--iters", type=int, default=1)
+    v.add_argument("--write", metavar="FILE", nargs="?", const="docs/BENCHMARKS.md", default=None)
+    v.add_argument("--json", action="store_true")
     c = bsub.add_parser("cache", help="28-step denoising with DBCache/TaylorSeer/steps-mask configs vs no cache",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     c.add_argument("--sizes", default="tiny,bench-deep", help="FLUX configs to run, comma-separated")
@@ -178,6 +189,8 @@ def _bench(args: argparse.Namespace, argv: list[str] | None) -> int:
     log = (lambda *a, **k: print(*a, file=sys.stderr, **k))
     if args.bench == "cache":
         return _bench_cache(args, argv, log)
+    if args.bench == "vae":
+        return _bench_vae(args, argv, log)
     results = bench_ulysses(
         degree=args.degree, height=args.height, width=args.width, prompt_len=args.prompt_len,
         warmup=args.warmup, iters=args.iters, inner_compiler=args.inner_compiler, profile_dir=args.profile,
@@ -190,6 +203,18 @@ def _bench(args: argparse.Namespace, argv: list[str] | None) -> int:
     if args.write:
         command = "npu-dit " + " ".join(argv if argv is not None else sys.argv[1:])
         write_section(args.write, command, results)
+        print(f"wrote {args.write}", file=sys.stderr)
+    return 0
+
+
+def _bench_vae(args: argparse.Namespace, argv: list[str] | None, log) -> int:
+    from npu_dit.tools.bench_vae import bench_vae, format_vae_table, write_vae_section
+
+    results = bench_vae(degree=args.degree, height=args.height, width=args.width, vae=args.vae, size=args.size,
+                        warmup=args.warmup, iters=args.iters, log=log)
+    print(json.dumps(results, indent=1) if args.json else format_vae_table(results))
+    if args.write:
+        write_vae_section(args.write, "npu-dit " + " ".join(argv if argv is not None else sys.argv[1:]), results)
         print(f"wrote {args.write}", file=sys.stderr)
     return 0
 
