@@ -27,20 +27,20 @@ MARK_END = "<!-- bench:vae:end -->"
 def bench_vae(*, degree: int = 2, height: int = 1024, width: int = 1024, warmup: int = 1, iters: int = 1,
               vae: str = "flux", size: str = "full", timeout: float = 3600, log=print) -> dict[str, Any]:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    common = ["--vae", vae, "--size", size, "--height", str(height), "--width", str(width),
-              "--warmup", str(warmup), "--iters", str(iters)]
+    common = ["--vae", vae, "--size", size, "--height", str(height), "--width", str(width), "--iters", str(iters)]
     workdir = tempfile.mkdtemp(prefix="npu_dit_bench_vae_")
     serial_out, parallel_out = os.path.join(workdir, "serial.pt"), os.path.join(workdir, "spatial.pt")
     results: dict[str, Any] = {}
     log("serial decode (1 process, 1 thread) ...")
     start = time.perf_counter()
     results["serial"] = _run([sys.executable, "-m", "npu_dit.tools.bench_vae_worker", "--mode", "serial",
-                              "--save-output", serial_out, *common], env, timeout)
+                              "--warmup", "0", "--save-output", serial_out, *common], env, timeout)
     log(f"  {results['serial']['median_s']:.2f} s per decode ({time.perf_counter() - start:.0f} s)")
     log(f"spatial_degree={degree} ({degree} processes, Gloo, 1 thread each) ...")
     start = time.perf_counter()
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={degree}", f"--master-port={free_port()}",
-           "-m", "npu_dit.tools.bench_vae_worker", "--mode", "spatial", "--save-output", parallel_out, *common]
+           "-m", "npu_dit.tools.bench_vae_worker", "--mode", "spatial", "--warmup", str(warmup),
+           "--save-output", parallel_out, *common]
     results["spatial"] = _run(cmd, env, timeout)
     results["spatial"]["max_abs_err_vs_serial"] = (torch.load(parallel_out) - torch.load(serial_out)).abs().max().item()
     log(f"  {results['spatial']['median_s']:.2f} s per decode ({time.perf_counter() - start:.0f} s)")
@@ -79,7 +79,8 @@ def write_vae_section(path: str, command: str, results: dict[str, Any], note: st
         f"Command: `{command}`  ",
         f"Machine: {setup['machine']}; Gloo over loopback, one thread per process; 1-minute load average "
         f"before the run: {setup['load_before']:.1f}.  ",
-        f"Model: {setup['model']}; {setup['warmup']} warm-up (compile) + {setup['iters']} timed decode(s). "
+        f"Model: {setup['model']}; serial: {setup['iters']} timed eager decode(s); spatial: {setup['warmup']} warm-up "
+        f"(compile) + {setup['iters']} timed decode(s). "
         f"Memory: peak RSS minus RSS before the first decode call, per process.",
         "",
         format_vae_table(results),
