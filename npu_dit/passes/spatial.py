@@ -309,12 +309,17 @@ class _Rewriter:
         elif name == "unsqueeze":
             d = (args[0] if args else node.kwargs["dim"]) % out_ndim
             new = band.dim + 1 if d <= band.dim else band.dim
-        else:  # squeeze: rows are never a size-1 dim of the graph (its height is symbolic)
-            kept = [d for d, s in enumerate(_shape(node.args[0])) if s != 1 or
-                    (args and (args[0] if not isinstance(args[0], (list, tuple)) else None) not in (d, d - ndim))]
-            if out_ndim == ndim:
-                kept = list(range(ndim))
-            new = kept.index(band.dim) if band.dim in kept else self.refuse(node, "squeezes the rows")
+        else:  # squeeze: the rows are never a size-1 dim (the height is symbolic), so they stay
+            in_shape = _shape(node.args[0])
+            dims = args[0] if args else node.kwargs.get("dim")
+            if dims is None:
+                removed = {d for d, size in enumerate(in_shape) if size == 1}
+            else:
+                dims = dims if isinstance(dims, (list, tuple)) else [dims]
+                removed = {d % ndim for d in dims if in_shape[d % ndim] == 1}
+            if band.dim in removed:
+                self.refuse(node, "squeezes the rows")
+            new = band.dim - sum(1 for d in removed if d < band.dim)
         self.bands[node] = band.moved(new)
 
     def visit_split(self, node: fx.Node, sharded: list, name: str) -> None:
@@ -510,9 +515,15 @@ class _Rewriter:
             wait = self.call_before(node, S.gather_rows_wait, (start, band.dim))
             gathered.append(wait)
             self.count("gather_rows")
-        node.replace_input_with(k, gathered[0])
-        if v is not k:
-            node.replace_input_with(v, gathered[1])
+        # by position, not by value: q, k and v may be one node (self-attention on one tensor)
+        call = list(node.args)
+        kwargs = dict(node.kwargs)
+        for position, name, new in ((1, "key", gathered[0]), (2, "value", gathered[1])):
+            if len(call) > position:
+                call[position] = new
+            else:
+                kwargs[name] = new
+        node.args, node.kwargs = tuple(call), kwargs
         self.bands[node] = bands[0]
         self.sites.append(f"{module_path(node) or node.name}: attention over pixels -> keys and values gathered "
                           f"along the rows, queries local")
@@ -537,7 +548,9 @@ def _sharded_input(gm: fx.GraphModule) -> tuple[int, int, fx.Node]:
     return index, dim, node
 
 
-def _align(halos: list, strides: list[Fraction]) -> int:
+def _align(strides: list[Fraction]) -> int:
+    """Input rows per band unit: every strided conv's input scale times the unit is a whole multiple of
+    its stride (the lcm of the denominators of the scales the strided convs produce)."""
     align = 1
     for scale in strides:
         align = math.lcm(align, scale.denominator)
@@ -550,7 +563,7 @@ def spatial_pass(gm: fx.GraphModule, *, ctx: ParallelContext) -> PassResult:
     rewriter.run()
     if not rewriter.counts.get("conv"):
         raise Refusal("spatial sharding found no convolution over the rows of the input")
-    align = _align(rewriter.halos, rewriter.strides)
+    align = _align(rewriter.strides)
     # a halo of h rows at scale q needs every band to hold h rows there: units * align * q >= h
     min_units = max([1] + [math.ceil(Fraction(h) / (align * q)) for h, q in rewriter.halos if h])
     height = input_node.meta["val"].shape[dim]
