@@ -156,3 +156,23 @@ def test_spatial_matches_serial(world_size, tmp_path):
             error_40, warned_40 = unbandable[40]
             assert error_52 <= TOLERANCE and len(warned_52) == 1
             assert error_40 <= TOLERANCE and not warned_40
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(units=st.integers(1, 300), align=st.sampled_from([1, 2, 8, 16]), world=st.integers(1, 8))
+def test_bands_are_contiguous_whole_units(units, align, world):
+    from npu_dit.runtime.spatial_ops import band_rows, band_units
+
+    height = units * align
+    counts = band_units(height, align, world)
+    rows = band_rows(height, align, world)
+    assert sum(rows) == height and len(rows) == world
+    assert max(counts) - min(counts) <= 1  # as even as whole units allow
+    starts = [sum(rows[:r]) for r in range(world)]
+    assert all(start % align == 0 for start in starts)  # every band edge on every stride
+    # the bands tile the rows in rank order, as torch.tensor_split of the units would
+    expected = [len(t) * align for t in torch.tensor_split(torch.arange(units), world)]
+    assert rows == expected
