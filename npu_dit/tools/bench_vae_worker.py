@@ -54,22 +54,23 @@ def main(argv: list[str] | None = None) -> None:
             torch.distributed.barrier()
 
     before = rss_mib()
-    times = []
+    times, cpu = [], []
     with torch.no_grad():
         for _ in range(args.warmup):
             out = decode(z).sample
         for _ in range(args.iters):
             barrier()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             out = decode(z).sample
+            cpu.append(time.process_time() - start_cpu)
             barrier()
             times.append(time.perf_counter() - start)
     growth = peak_rss_mib() - before
-    memory = [growth]
+    memory, cpu_s = [growth], [statistics.median(cpu)]
     if world > 1:
         gathered = [None] * world
-        torch.distributed.all_gather_object(gathered, growth)
-        memory = gathered
+        torch.distributed.all_gather_object(gathered, (growth, cpu_s[0]))
+        memory, cpu_s = [g[0] for g in gathered], [g[1] for g in gathered]
     fell_back = False
     if args.mode == "spatial":
         from npu_dit.backend import RECORDS
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.save(out, args.save_output)
         print("NPU_DIT_BENCH " + json.dumps({
             "mode": args.mode, "world_size": world, "median_s": statistics.median(times), "times_s": times,
-            "rss_before_mib": before, "peak_growth_mib": memory, "fell_back": fell_back,
+            "rss_before_mib": before, "peak_growth_mib": memory, "cpu_s": cpu_s, "fell_back": fell_back,
         }), flush=True)
     if world > 1 and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
