@@ -110,17 +110,15 @@ def group_norm(
     global_mean = (means * counts).sum(0) / total
     global_var = (m2s + counts * (means - global_mean) ** 2).sum(0) / total
     # one fused pass with the global statistics (batch_norm in eval mode: (x - mean) / sqrt(var + eps)),
-    # then one for the affine: as few passes over the band as the serial kernel makes
+    # then the affine in place: few passes over the band and no temporaries of its size
     normed = F.batch_norm(grouped.reshape(1, batch * num_groups, count), global_mean.reshape(-1),
                           global_var.reshape(-1), None, None, False, 0.0, eps)
     shape = [1, channels] + [1] * (x.dim() - 2)
-    out = normed.reshape(x.shape)
-    if weight is not None and bias is not None:
-        out = torch.addcmul(bias.float().reshape(shape), out, weight.float().reshape(shape))
-    elif weight is not None:
-        out = out * weight.float().reshape(shape)
-    elif bias is not None:
-        out = out + bias.float().reshape(shape)
+    out = normed.reshape(x.shape)  # a fresh tensor: the affine runs in place, no temporaries
+    if weight is not None:
+        out.mul_(weight.float().reshape(shape))
+    if bias is not None:
+        out.add_(bias.float().reshape(shape))
     return out.to(x.dtype)
 
 
