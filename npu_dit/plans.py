@@ -109,6 +109,7 @@ def rebuild_outputs(plan: CachePlan, values: dict[str, tuple]) -> object:
     flat = [values[kind][index] if kind != "const" else index for kind, index in plan.outputs]
     return tree_unflatten(flat, plan.output_spec)
 
+
 SPATIAL_META_KEY = "npu_dit.spatial"  # gm.meta key of the SpatialPlan
 
 
