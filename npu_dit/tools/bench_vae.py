@@ -51,6 +51,10 @@ def bench_vae(*, degree: int = 2, height: int = 1024, width: int = 1024, warmup:
     # CPU seconds per decode (process time: what the machine's other load cannot inflate)
     results["spatial"]["cpu_speedup"] = results["serial"]["cpu_s"][0] / max(results["spatial"]["cpu_s"])
     results["spatial"]["memory_ratio"] = [g / serial_growth for g in results["spatial"]["peak_growth_mib"]]
+    serial_decode = results["serial"].get("decode_growth_mib", [None])[0]
+    if serial_decode:
+        results["spatial"]["decode_memory_ratio"] = [
+            g / serial_decode if g is not None else None for g in results["spatial"]["decode_growth_mib"]]
     results["setup"] = {
         "model": f"{vae} VAE ({size} config, random weights), decode of a {height}x{width} image's latent",
         "degree": degree, "warmup": warmup, "iters": iters,
@@ -73,6 +77,13 @@ def format_vae_table(results: dict[str, Any]) -> str:
         f"{', '.join(f'{g:.0f}' for g in spatial['peak_growth_mib'])} MiB | "
         f"{', '.join(f'{r:.2f}x' for r in spatial['memory_ratio'])} | {spatial['max_abs_err_vs_serial']:.1e} |",
     ]
+    if spatial.get("decode_memory_ratio"):
+        rows.append(
+            f"\nPeak RSS growth during the timed decode alone (high-water mark reset after the warm-up / compile): "
+            f"serial {serial['decode_growth_mib'][0]:.0f} MiB; spatial_degree={degree} "
+            f"{', '.join(f'{g:.0f}' for g in spatial['decode_growth_mib'])} MiB per process = "
+            f"{', '.join(f'{r:.2f}x' for r in spatial['decode_memory_ratio'])} of the serial growth."
+        )
     if spatial.get("fell_back"):
         rows.append("\nWARNING: the spatial graph fell back to the captured graph (see the warning).")
     return "\n".join(rows)

@@ -22,6 +22,24 @@ def rss_mib() -> float:
     return 0.0
 
 
+def reset_peak_rss() -> bool:
+    """Reset the kernel's high-water mark of this process's RSS (Linux: clear_refs 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def hwm_mib() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -58,6 +76,11 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         for _ in range(args.warmup):
             out = decode(z).sample
+        import gc
+
+        gc.collect()
+        can_reset = reset_peak_rss()
+        before_timed = rss_mib()
         for _ in range(args.iters):
             barrier()
             start, start_cpu = time.perf_counter(), time.process_time()
@@ -66,11 +89,12 @@ def main(argv: list[str] | None = None) -> None:
             barrier()
             times.append(time.perf_counter() - start)
     growth = peak_rss_mib() - before
-    memory, cpu_s = [growth], [statistics.median(cpu)]
+    decode_growth = hwm_mib() - before_timed if can_reset else None
+    memory, cpu_s, decode_memory = [growth], [statistics.median(cpu)], [decode_growth]
     if world > 1:
         gathered = [None] * world
-        torch.distributed.all_gather_object(gathered, (growth, cpu_s[0]))
-        memory, cpu_s = [g[0] for g in gathered], [g[1] for g in gathered]
+        torch.distributed.all_gather_object(gathered, (growth, cpu_s[0], decode_growth))
+        memory, cpu_s, decode_memory = ([g[i] for g in gathered] for i in range(3))
     fell_back = False
     if args.mode == "spatial":
         from npu_dit.backend import RECORDS
@@ -81,7 +105,8 @@ def main(argv: list[str] | None = None) -> None:
             torch.save(out, args.save_output)
         print("NPU_DIT_BENCH " + json.dumps({
             "mode": args.mode, "world_size": world, "median_s": statistics.median(times), "times_s": times,
-            "rss_before_mib": before, "peak_growth_mib": memory, "cpu_s": cpu_s, "fell_back": fell_back,
+            "rss_before_mib": before, "peak_growth_mib": memory, "cpu_s": cpu_s,
+            "decode_growth_mib": decode_memory, "fell_back": fell_back,
         }), flush=True)
     if world > 1 and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
