@@ -31,11 +31,12 @@ from npu_dit.passes.infra import PipelineReport, run_passes
 from npu_dit.passes.pipeline import build_pipeline
 from npu_dit.passes.prepare import prepare_meta
 from npu_dit.passes.scalar_inputs import SCALAR_INPUTS_KEY
-from npu_dit.plans import SHARDING_META_KEY, TP_META_KEY
+from npu_dit.plans import SHARDING_META_KEY, SPATIAL_META_KEY, TP_META_KEY
 from npu_dit.runtime import agreement
 from npu_dit.runtime.cache import CacheController
-from npu_dit.runtime.dist import ParallelContext, check_same_cache_config, ensure_parallel
+from npu_dit.runtime.dist import ParallelContext, check_same_cache_config, ensure_parallel, ensure_process_group
 from npu_dit.runtime.executor import GraphExecutor
+from npu_dit.runtime.spatial_executor import SpatialExecutor
 from npu_dit.runtime.inner import compile_inner, compile_inner_lazily
 
 
@@ -72,7 +73,9 @@ def npu_dit_backend(
             f"drop mode or set options={{'inner_compiler': 'inductor'}}"
         )
     ctx = tp_ctx = None
-    if cfg.world_degree > 1:
+    if cfg.spatial_degree > 1:  # the VAE: one group over the world, as Ulysses'
+        ctx = ensure_process_group(cfg.spatial_degree, option="spatial_degree")
+    elif cfg.world_degree > 1:
         ctx, tp_ctx = ensure_parallel(cfg.ulysses_degree, cfg.tp_degree)
     parallel = ctx or tp_ctx  # the context that names this rank in tags and errors
     if parallel is not None:
@@ -94,6 +97,13 @@ def npu_dit_backend(
         return compile_inner(rewritten, example_inputs, cfg.inner_compiler, mode=mode)
     # the rewritten graph takes other inputs (local shapes, scalars, lengths): the inner compiler
     # gets it on its first real call
+    spatial_plan = rewritten.meta.get(SPATIAL_META_KEY)
+    if spatial_plan is not None:
+        return SpatialExecutor(
+            compile_inner_lazily(rewritten, cfg.inner_compiler, mode=mode),
+            compile_inner_lazily(gm, cfg.inner_compiler, mode=mode),  # heights the bands cannot take
+            plan=spatial_plan, ctx=ctx, scalar_inputs=rewritten.meta.get(SCALAR_INPUTS_KEY, ()),
+        )
     cache_plan = rewritten.meta.get(CACHE_PLAN_KEY)
     if cache_plan is not None:
         regions = tuple(compile_inner_lazily(r.gm, cfg.inner_compiler, mode=mode) for r in cache_plan.regions)
@@ -122,7 +132,7 @@ def _agree_across_ranks(
 ) -> fx.GraphModule:
     """Every rank runs the rewrite, or every rank runs the captured graph; different graphs or
     plans raise the same RankMismatchError on every rank (never a hang)."""
-    plan = rewritten.meta.get(SHARDING_META_KEY)
+    plan = rewritten.meta.get(SHARDING_META_KEY) or rewritten.meta.get(SPATIAL_META_KEY)
     tp_plan = rewritten.meta.get(TP_META_KEY)
     graph = f"{len(captured.graph.nodes)} nodes|{agreement.call_signature(example_inputs)}"
     what = "none"

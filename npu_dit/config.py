@@ -187,6 +187,7 @@ class CompileConfig:
     tp_degree: int = 1
     # tensor parallelism frees the full weights once each rank holds its shards (runtime/weights.py)
     release_weights: bool = True
+    spatial_degree: int = 1  # convolutional graphs (the VAE): height bands over this many ranks
     async_ulysses: bool = False
     attention_backend: str = "auto"
     cache: CacheConfig | None = None
@@ -205,6 +206,8 @@ class CompileConfig:
             kw["tp_degree"] = _check_int("tp_degree", options["tp_degree"], minimum=1)
         if "release_weights" in options:
             kw["release_weights"] = _check_bool("release_weights", options["release_weights"])
+        if "spatial_degree" in options:
+            kw["spatial_degree"] = _check_int("spatial_degree", options["spatial_degree"], minimum=1)
         if "async_ulysses" in options:
             kw["async_ulysses"] = _check_bool("async_ulysses", options["async_ulysses"])
         if "attention_backend" in options:
@@ -226,6 +229,16 @@ class CompileConfig:
         return cfg
 
     def _check_combinations(self) -> None:
+        if self.spatial_degree > 1:
+            others = [f"{k}={getattr(self, k)!r}" for k, default in
+                      (("ulysses_degree", 1), ("tp_degree", 1), ("cache", None), ("async_ulysses", False))
+                      if getattr(self, k) != default]
+            if others:
+                raise ValueError(
+                    f"option 'spatial_degree={self.spatial_degree}' is for convolutional graphs (the VAE) and "
+                    f"cannot be combined with {', '.join(others)} (options of the transformer); compile the VAE "
+                    f"and the transformer separately, each with its own options"
+                )
         if self.async_ulysses and self.ulysses_degree == 1:
             raise ValueError(
                 "option 'async_ulysses=True' needs 'ulysses_degree' > 1 (it overlaps Ulysses' all-to-all "

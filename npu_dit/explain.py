@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from npu_dit.plans import SHARDING_META_KEY, TP_META_KEY
+from npu_dit.plans import SHARDING_META_KEY, SPATIAL_META_KEY, TP_META_KEY
 
-_COLLECTIVES = ("all_to_all", "all_gather", "all_reduce", "localize", "global_tables")
+_COLLECTIVES = ("all_to_all", "all_gather", "all_reduce", "localize", "global_tables", "halo_exchange", "group_norm",
+                "gather_rows")
 
 
 def format_record(record: Any) -> str:
@@ -26,7 +27,8 @@ def format_record(record: Any) -> str:
         fired = ", ".join(f"{k}={v}" for k, v in sorted(r.counts.items())) or "-"
         state = "modified" if r.modified else "unchanged"
         lines.append(f"  pass {r.name:20} {state:9} {r.seconds * 1000:8.1f} ms  {fired}")
-    plan = record.graph.meta.get(SHARDING_META_KEY) if not report.fell_back else None
+    meta = record.graph.meta
+    plan = (meta.get(SHARDING_META_KEY) or meta.get(SPATIAL_META_KEY)) if not report.fell_back else None
     if plan is not None:
         lines.extend(f"  {line}" for line in plan.describe())
         counts = report.counts

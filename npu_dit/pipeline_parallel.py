@@ -11,8 +11,11 @@ steps mask; a different step count on a later call recompiles with the new count
 by default: ulysses_degree = world // tp_degree). `text_encoder_parallel=True` (TEP) compiles each text
 encoder with `tp_degree` = the world size: T5 whole, a vision-language encoder's language model
 (`text_encoder.model.language_model`; its vision tower stays replicated). Tensor parallelism releases
-the full weights it shards (`release_weights`, runtime/weights.py). VAE parallelism is issue #11: its
-flag is accepted at its default and refused with a `ValueError` naming the issue otherwise.
+the full weights it shards (`release_weights`, runtime/weights.py).
+
+`vae_parallel=True` compiles the VAE's `decode` and `encode` (the edit pipelines encode their input
+images) with `options={"spatial_degree": world size}`: each rank decodes a band of rows, exactly (see
+`passes/spatial.py`); with one process there is nothing to shard and the VAE is left as it is.
 """
 
 from __future__ import annotations
@@ -34,16 +37,10 @@ def _world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _check_unavailable(tp_degree: Any, text_encoder_parallel: Any, vae_parallel: Any) -> None:
+def _check_flags(tp_degree: Any, text_encoder_parallel: Any, vae_parallel: Any) -> None:
     for key, value in (("text_encoder_parallel", text_encoder_parallel), ("vae_parallel", vae_parallel)):
         if not isinstance(value, bool):
             raise ValueError(f"parallelize: {key} must be True or False, got {value!r}")
-    if vae_parallel:
-        raise ValueError(
-            "parallelize: vae_parallel=True is not available yet (issue #11, exact VAE parallelism); leave "
-            "it False: every rank decodes the full latent"
-        )
-
 
 DEFAULT_WARMUP_STEPS = CacheConfig.max_warmup_steps
 
@@ -124,7 +121,7 @@ def parallelize(
             f"parallelize: {type(pipe).__name__} has no `transformer` module; pass a diffusers DiT pipeline "
             f"(FluxPipeline, QwenImagePipeline, QwenImageEditPipeline, ...)"
         )
-    _check_unavailable(tp_degree, text_encoder_parallel, vae_parallel)
+    _check_flags(tp_degree, text_encoder_parallel, vae_parallel)
     if getattr(pipe, _STATE_ATTR, None) is not None:
         raise ValueError("parallelize: this pipeline was already parallelized; build a fresh pipeline to change options")
     settings = dict(
@@ -140,6 +137,8 @@ def parallelize(
     pipe.transformer = torch.compile(original, backend="npu_dit", dynamic=True, options=options)
     if text_encoder_parallel:
         state["text_encoders"] = _parallelize_text_encoders(pipe, settings["world_size"])
+    if vae_parallel:
+        parallelize_vae(pipe, settings["world_size"], inner_compiler=inner_compiler)
     _wrap_call(pipe)
     return pipe
 
@@ -164,6 +163,22 @@ def _parallelize_text_encoders(pipe, world_size: int) -> list[str]:
             setattr(pipe, name, torch.compile(encoder, backend="npu_dit", dynamic=True, options=options))
             done.append(name)
     return done
+
+
+def parallelize_vae(pipe, world_size: int, *, inner_compiler: str = "eager") -> None:
+    """`pipe.vae.decode` / `.encode` compiled with height-band spatial parallelism over the world."""
+    vae = getattr(pipe, "vae", None)
+    if not isinstance(vae, torch.nn.Module):
+        raise ValueError(f"parallelize: vae_parallel=True but {type(pipe).__name__} has no `vae` module")
+    if world_size <= 1:
+        return  # one process: nothing to shard
+    options = {"spatial_degree": world_size, "inner_compiler": inner_compiler}
+    CompileConfig.from_options(options)
+    for name in ("decode", "encode"):
+        method = getattr(type(vae), name, None)
+        if method is not None:
+            bound = method.__get__(vae, type(vae))
+            setattr(vae, name, torch.compile(bound, backend="npu_dit", dynamic=True, options=options))
 
 
 def _default_steps(pipe) -> int | None:

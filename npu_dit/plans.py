@@ -161,3 +161,41 @@ class TensorParallelPlan:
             f"tensor parallel {self.world_size}: " + ", ".join(f"{n} {k}" for k, n in sorted(counts.items())),
             f"parameter bytes per rank: {self.local_parameter_bytes:,} of {self.parameter_bytes:,} ({ratio:.3f})",
         ]
+
+
+SPATIAL_META_KEY = "npu_dit.spatial"  # gm.meta key of the SpatialPlan
+
+
+@dataclasses.dataclass
+class SpatialPlan:
+    """What the spatial pass decided for a convolutional graph on one rank: shard one input's height
+    into contiguous bands of whole `align`-row units (`align` = the graph's total downsampling, so
+    every strided convolution sees bands on its stride), and gather the listed outputs along height.
+
+    The rewritten graph takes, after the original inputs, the band units of every rank (ints).
+    `min_units` is the fewest units a band may hold so that every halo fits in one neighbour's band;
+    inputs that give a rank fewer (or a height `align` does not divide) run the captured graph instead.
+    """
+
+    world_size: int
+    rank: int
+    input_index: int  # placeholder index of the sharded tensor
+    dim: int  # its height dim
+    align: int
+    min_units: int
+    local_symints: list[int]  # SymInt placeholders equal to the input's height: given the band's rows
+    outputs: list[tuple[int, int]]  # (output index, height dim) gathered along height
+    input_name: str = ""
+    streams: list = dataclasses.field(default_factory=list)  # none: the backend's token-stream warnings
+
+    def fingerprint(self) -> str:
+        return repr(("spatial", self.world_size, self.input_index, self.dim, self.align, self.min_units,
+                     self.local_symints, self.outputs))
+
+    def describe(self) -> list[str]:
+        gathered = ", ".join(f"output {i} dim {d}" for i, d in self.outputs) or "none"
+        return [
+            f"input {self.input_name or self.input_index} dim {self.dim}: {self.world_size} contiguous row bands "
+            f"of whole {self.align}-row units (at least {self.min_units} unit(s) per rank)",
+            f"gathered along height: {gathered}",
+        ]

@@ -25,7 +25,6 @@ def flux_pipe_factory():
         ({"tp_degree": 2}, "torchrun --nproc-per-node 2"),
         ({"tp_degree": 2, "ulysses_degree": 2}, "torchrun --nproc-per-node 4"),
         ({"text_encoder_parallel": "yes"}, "True or False"),
-        ({"vae_parallel": True}, "issue #11"),
         ({"vae_parallel": "yes"}, "True or False"),
         ({"ulysses_degree": 2}, "torchrun --nproc-per-node 2"),
         ({"async_ulysses": True}, "ulysses_degree"),
@@ -40,6 +39,16 @@ def test_bad_option_is_a_value_error_before_any_compile(flux_pipe_factory, optio
         npu_dit.parallelize(pipe, **options)
     assert pipe.transformer is transformer  # nothing was compiled or replaced
     assert not hasattr(pipe, "_npu_dit_parallel") and type(pipe).__module__.startswith("diffusers")
+
+
+def test_vae_parallel_compiles_decode_and_encode_over_the_world(flux_pipe_factory, monkeypatch):
+    pipe = npu_dit.parallelize(flux_pipe_factory(), vae_parallel=True)  # one process: nothing to shard
+    assert "decode" not in vars(pipe.vae) and "encode" not in vars(pipe.vae)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as under torchrun; compiling happens at the first call
+    pipe = npu_dit.parallelize(flux_pipe_factory(), vae_parallel=True)
+    for name in ("decode", "encode"):
+        compiled = vars(pipe.vae)[name]
+        assert getattr(compiled, "_torchdynamo_orig_callable", None) is not None, name
 
 
 def test_not_a_dit_pipeline():

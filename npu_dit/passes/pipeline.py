@@ -15,6 +15,9 @@ Order matters and is written down here, not left to import side effects:
                     Ulysses wrapped (in the BSND layout the all-to-all can deliver without transposes)
                     and because the Ulysses and async passes recognise attention as SDPA. Only in the
                     pipeline when it may fire: `auto` on a machine without an accelerator keeps SDPA.
+   spatial        — (convolutional graphs, `spatial_degree` > 1; never with the transformer passes
+                    above) height bands with halos, exact group-norm statistics, gathered attention
+                    keys/values; after scalar_inputs like every rewrite.
 5. cache_regions  — last: it cuts the final graph (sharded, scheduled, lowered) into front/middle/back
                     regions at block boundaries; it changes no node.
 """
@@ -34,7 +37,8 @@ def build_pipeline(cfg: CompileConfig, ctx: ParallelContext | None = None,
 
     passes: list[PassSpec] = []
     lowering = lowering_may_fire(cfg)
-    rewrites = cfg.ulysses_degree > 1 or cfg.tp_degree > 1 or lowering or cfg.cache is not None
+    rewrites = (cfg.ulysses_degree > 1 or cfg.tp_degree > 1 or lowering or cfg.cache is not None
+                or cfg.spatial_degree > 1)
     if rewrites:
         from npu_dit.passes.scalar_inputs import scalar_inputs_pass
 
@@ -58,6 +62,13 @@ def build_pipeline(cfg: CompileConfig, ctx: ParallelContext | None = None,
             from npu_dit.passes.async_ulysses import async_ulysses_pass
 
             passes.append(PassSpec("async_ulysses", async_ulysses_pass))
+    if cfg.spatial_degree > 1:
+        from npu_dit.passes.spatial import spatial_pass
+
+        if ctx is None:
+            raise ValueError("the spatial pass needs a ParallelContext (rank, world size, group)")
+        passes.append(PassSpec("spatial", functools.partial(spatial_pass, ctx=ctx), preserves_numerics=False,
+                               changes_shapes=True))
     if lowering:
         from npu_dit.passes.attention_lowering import attention_lowering_pass
 

@@ -65,24 +65,26 @@ def _npu_available() -> bool:
         return False
 
 
-def ensure_process_group(degree: int, *, device: torch.device | None = None) -> ParallelContext:
+def ensure_process_group(
+    degree: int, *, device: torch.device | None = None, option: str = "ulysses_degree"
+) -> ParallelContext:
     """Return the context for a `degree`-way Ulysses group, initialising torch.distributed if needed.
 
     The group is the whole world: launch exactly `degree` processes (torchrun --nproc-per-node N).
     """
-    ulysses, _ = ensure_parallel(degree, 1, device=device)
+    ulysses, _ = ensure_parallel(degree, 1, device=device, option=option)
     return ulysses
 
 
 def ensure_parallel(
-    ulysses_degree: int, tp_degree: int, *, device: torch.device | None = None
+    ulysses_degree: int, tp_degree: int, *, device: torch.device | None = None, option: str = "ulysses_degree"
 ) -> tuple[ParallelContext | None, ParallelContext | None]:
     """The Ulysses and tensor-parallel contexts (None where the degree is 1) on a DeviceMesh of shape
     (ulysses_degree, tp_degree) named ("ulysses", "tp"): TP groups are runs of adjacent ranks, Ulysses
     groups the ranks with the same TP index. ulysses_degree x tp_degree must be the world size."""
     degree = ulysses_degree * tp_degree
     asked = (f"ulysses_degree={ulysses_degree} x tp_degree={tp_degree}" if tp_degree > 1 and ulysses_degree > 1
-             else f"tp_degree={tp_degree}" if tp_degree > 1 else f"ulysses_degree={ulysses_degree}")
+             else f"tp_degree={tp_degree}" if tp_degree > 1 else f"{option}={ulysses_degree}")
     timeout_s = group_timeout_s()
     source = f"set with {TIMEOUT_ENV}"
     if not dist.is_initialized():
@@ -100,7 +102,7 @@ def ensure_parallel(
     world = dist.get_world_size()
     if world != degree:
         if tp_degree == 1:
-            fix = f"set ulysses_degree={world} or launch {degree} processes"
+            fix = f"set {option}={world} or launch {degree} processes"
         else:
             fix = f"make ulysses_degree x tp_degree equal {world} or launch {degree} processes"
         raise UserError(

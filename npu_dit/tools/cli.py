@@ -38,6 +38,8 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp-degree", type=int, default=None, help="tensor-parallel degree (column/row-sharded linears)")
     p.add_argument("--attention-backend", default=None, help="auto, sdpa, npu_fia, npu_fa, flash, cudnn, ...")
     p.add_argument("--cache", type=_json_dict, default=None, help='cache options as JSON, e.g. \'{"Fn_compute_blocks": 1}\'')
+    p.add_argument("--spatial-degree", type=int, default=None,
+                   help="spatial (height-band) parallelism of a convolutional graph: the VAE")
     p.add_argument("--options", type=_json_dict, default=None, help="any backend options as a JSON object")
 
 
@@ -53,6 +55,8 @@ def _collect_options(args: argparse.Namespace) -> dict[str, Any]:
         options["attention_backend"] = args.attention_backend
     if args.cache is not None:
         options["cache"] = args.cache
+    if getattr(args, "spatial_degree", None) is not None:
+        options["spatial_degree"] = args.spatial_degree
     return options
 
 
@@ -72,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an edit model's input image size in pixels; repeat for several (Edit-2509: up to 3)")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--dtype", default="bfloat16", choices=tuple(DTYPES))
+    p.add_argument("--vae", choices=("decode", "encode"), default=None,
+                   help="inspect the model's VAE call instead of the transformer (default with --spatial-degree: decode)")
     _add_options(p)
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--dump", metavar="DIR", default=None, help="write the captured graph and each pass's graphs here")
@@ -101,6 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--write", metavar="FILE", nargs="?", const="docs/BENCHMARKS.md", default=None,
                    help="update the Ulysses section of FILE (default docs/BENCHMARKS.md)")
     u.add_argument("--json", action="store_true")
+    v = bsub.add_parser("vae", help="full-size FLUX VAE decode: one process vs spatial_degree over Gloo processes",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    v.add_argument("--degree", type=int, default=2)
+    v.add_argument("--height", type=int, default=1024)
+    v.add_argument("--width", type=int, default=1024)
+    v.add_argument("--vae", default="flux", choices=("flux", "qwen-image"))
+    v.add_argument("--size", default="full", choices=("full", "tiny"))
+    v.add_argument("--warmup", type=int, default=1)
+    v.add_argument("--iters", type=int, default=1)
+    v.add_argument("--write", metavar="FILE", nargs="?", const="docs/BENCHMARKS.md", default=None)
+    v.add_argument("--json", action="store_true")
     c = bsub.add_parser("cache", help="28-step denoising with DBCache/TaylorSeer/steps-mask configs vs no cache",
                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     c.add_argument("--sizes", default="tiny,bench-deep", help="FLUX configs to run, comma-separated")
@@ -151,6 +168,14 @@ def _inspect(args: argparse.Namespace) -> int:
         print(json.dumps(report, indent=1, default=str) if args.json else format_text_encoder_report(report))
         return 0
 
+    if args.vae is not None or args.spatial_degree is not None:
+        from npu_dit.tools.inspect_vae import format_vae_report, inspect_vae
+
+        report = inspect_vae(args.model, fn=args.vae or "decode", height=args.height, width=args.width,
+                             size=args.size, dtype=DTYPES[args.dtype], options=_collect_options(args))
+        print(json.dumps(report, indent=1, default=str) if args.json else format_vae_report(report))
+        return 0
+
     report = inspect_model(
         args.model,
         size=args.size,
@@ -177,6 +202,8 @@ def _bench(args: argparse.Namespace, argv: list[str] | None) -> int:
     log = (lambda *a, **k: print(*a, file=sys.stderr, **k))
     if args.bench == "cache":
         return _bench_cache(args, argv, log)
+    if args.bench == "vae":
+        return _bench_vae(args, argv, log)
     results = bench_ulysses(
         degree=args.degree, height=args.height, width=args.width, prompt_len=args.prompt_len,
         warmup=args.warmup, iters=args.iters, inner_compiler=args.inner_compiler, profile_dir=args.profile,
@@ -189,6 +216,18 @@ def _bench(args: argparse.Namespace, argv: list[str] | None) -> int:
     if args.write:
         command = "npu-dit " + " ".join(argv if argv is not None else sys.argv[1:])
         write_section(args.write, command, results)
+        print(f"wrote {args.write}", file=sys.stderr)
+    return 0
+
+
+def _bench_vae(args: argparse.Namespace, argv: list[str] | None, log) -> int:
+    from npu_dit.tools.bench_vae import bench_vae, format_vae_table, write_vae_section
+
+    results = bench_vae(degree=args.degree, height=args.height, width=args.width, vae=args.vae, size=args.size,
+                        warmup=args.warmup, iters=args.iters, log=log)
+    print(json.dumps(results, indent=1) if args.json else format_vae_table(results))
+    if args.write:
+        write_vae_section(args.write, "npu-dit " + " ".join(argv if argv is not None else sys.argv[1:]), results)
         print(f"wrote {args.write}", file=sys.stderr)
     return 0
 

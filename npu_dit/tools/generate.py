@@ -58,7 +58,7 @@ def add_parser(sub) -> None:
     g.add_argument("--text-encoder-parallel", "--parallel-text-encoder", dest="text_encoder_parallel", action="store_true",
                    help="shard the text encoders over the world (TEP: tensor parallelism of T5 / the Qwen2.5-VL language model)")
     g.add_argument("--vae-parallel", "--parallel-vae", dest="vae_parallel", action="store_true",
-                   help="shard the VAE (issue #11, not available yet)")
+                   help="decode (and encode) the image in row bands across the ranks, exactly (spatial_degree = world size)")
     g.add_argument("--cache", nargs="?", const="{}", default=None, metavar="PRESET|JSON",
                    help="hybrid cache: a preset FnBm (e.g. F1B0), or JSON options; bare --cache: cache-dit's defaults (F8B0)")
     g.add_argument("--attention-backend", default="auto", help="auto, sdpa, npu_fia, npu_fa, flash, cudnn, efficient, math")

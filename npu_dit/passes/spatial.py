@@ -1,0 +1,612 @@
+"""Spatial parallelism for convolutional graphs (the VAE): height bands, halos, exact statistics.
+
+Before (one rank decodes the whole latent):
+
+    h = conv2d(z, w, b, stride=1, padding=1)                 # [B, C, H, W]
+    h = group_norm(h, 32, gamma, beta, eps)
+    h = interpolate(h, scale_factor=2, mode="nearest")
+    q, k, v = linear(flatten(h))...;  o = sdpa(q, k, v)      # attention over all H*W pixels
+    h = conv2d(pad(h, (0, 1, 0, 1)), w2, b2, stride=2)       # encoder downsampling
+
+After, on rank r of P (the executor hands it rows [b_r, b_{r+1}) of the input):
+
+    h = conv2d(halo_exchange(z, top=1, bottom=1, edge=1), w, b, stride=1, padding=(0, 1))
+    h = spatial_ops.group_norm(h, 32, gamma, beta, eps)     # all-gathered (count, mean, M2): serial stats
+    h = interpolate(h, scale_factor=2, mode="nearest")      # local: the band doubles with the rows
+    k, v = gather_rows(k), gather_rows(v);  o = sdpa(q, k, v)  # queries stay local
+    h = conv2d(halo_exchange(edge_pad(h), top=0, bottom=1), w2, b2, stride=2, padding=(0, 0))
+
+Every feature map is held as contiguous row bands. A band's state (`Band`) is the dim carrying the
+rows, its scale against the input, the explicit padding rank 0 holds above the data (from an `F.pad`
+that the next convolution consumes) and, for maps whose rows were flattened with the columns
+(attention's [B, H*W, C]), the positions per row. Bands are whole units of `align` input rows, where
+`align` is the graph's total downsampling, so each strided convolution sees band edges on its stride
+and no output row is computed twice or missed.
+
+The rule table (one dispatch in `_Rewriter.visit`): pointwise ops (dim_flow's `is_pointwise`) and
+same-shape ops carry the band, replicated operands must be broadcast along it; linear, permute,
+transpose, (un)squeeze, chunk/split/getitem away from the rows, reshape/view/flatten where the rows
+stay the outermost factor of their dim (proved on symbolic sizes); conv1d/2d/3d with the rows a
+spatial dim: halo exchange (the rows the kernel reads across the band edge), zero padding only at
+the global edges, bands aligned for strides; `F.pad` of the rows: at the global edges only; nearest
+/ nearest-exact upsampling by an integer factor: local; group_norm: exact cross-rank statistics;
+normalisations over other dims (RMS over channels): local; SDPA over flattened pixels: keys and
+values gathered, queries local. Anything else that touches a band (a reduction or softmax along the
+rows, bilinear resampling, a slice of the rows, a full-height tensor meeting a band, an op without a
+rule) raises `Refusal`: the graph runs unrewritten with one warning, on every rank.
+
+Preconditions: one non-parameter input of rank >= 4 (NCHW or NCTHW); its height symbolic
+(`dynamic=True`). Postconditions: `gm.meta["npu_dit.spatial"]` holds the `SpatialPlan`; every
+node's `meta["val"]` is the value on this rank (for the example input's bands).
+Pipeline position: after scalar_inputs; the only sharding pass of a spatial graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import operator
+from fractions import Fraction
+from typing import Any
+
+import sympy
+import torch
+import torch.fx as fx
+
+from npu_dit.passes.analysis.attention_ops import is_sdpa, node_value
+from npu_dit.passes.analysis.dim_flow import _NORMS, _SAME_AS_SELF, is_pointwise
+from npu_dit.passes.analysis.module_paths import module_path
+from npu_dit.passes.infra import PassResult, Refusal
+from npu_dit.plans import SPATIAL_META_KEY, SpatialPlan
+from npu_dit.runtime import spatial_ops as S
+from npu_dit.runtime.dist import ParallelContext
+
+
+@dataclasses.dataclass(frozen=True)
+class Band:
+    dim: int
+    scale: Fraction  # rows of this map per input row
+    pending_top: int = 0  # explicit padding rows above the data on rank 0 (until a conv consumes them)
+    inner: Any = sympy.Integer(1)  # positions per row when the rows are flattened with the columns
+
+    def moved(self, dim: int) -> "Band":
+        return dataclasses.replace(self, dim=dim)
+
+
+_CONVS = {"conv1d": 1, "conv2d": 2, "conv3d": 3}
+_NEAREST = {"nearest", "nearest-exact"}
+_SIZE_QUERIES = {"size", "sym_size", "dim", "numel", "stride", "sym_numel", "sym_stride"}
+_SHAPE_ONLY = _SAME_AS_SELF | {"silu", "gelu", "relu", "sigmoid", "tanh"}
+
+
+def _name(node: fx.Node) -> str:
+    target = node.target
+    if isinstance(target, str):
+        return target
+    name = getattr(target, "__name__", str(target))
+    if hasattr(target, "overloadpacket"):
+        name = target.overloadpacket.__name__
+    return name
+
+
+def _expr(size: Any) -> sympy.Expr:
+    if isinstance(size, torch.SymInt):
+        return sympy.sympify(size.node.expr)
+    return sympy.Integer(int(size))
+
+
+def _eq(a: sympy.Expr, b: sympy.Expr) -> bool:
+    return a == b or sympy.simplify(a - b) == 0
+
+
+def _prod(values: list[sympy.Expr]) -> sympy.Expr:
+    return sympy.Mul(*values) if values else sympy.Integer(1)
+
+
+def _shape(node: Any) -> list[sympy.Expr] | None:
+    value = node_value(node)
+    if isinstance(value, torch.Tensor):
+        return [_expr(s) for s in value.shape]
+    return None
+
+
+def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def _tuple(value: Any, n: int) -> tuple:
+    if isinstance(value, (list, tuple)):
+        return tuple(value) if len(value) == n else tuple(value) * n
+    return (value,) * n
+
+
+class _Rewriter:
+    def __init__(self, gm: fx.GraphModule, ctx: ParallelContext, input_index: int, dim: int) -> None:
+        self.gm, self.graph, self.ctx = gm, gm.graph, ctx
+        self.world, self.rank = ctx.world_size, ctx.rank
+        self.input_index, self.dim = input_index, dim
+        self.bands: dict[fx.Node, Any] = {}  # node -> Band | list[Band | None] (tuple outputs) | None
+        self.counts: dict[str, int] = {}
+        self.sites: list[str] = []  # one line per rewritten op, for inspect
+        self.halos: list[tuple[int, Fraction]] = []  # (rows a neighbour must hold, scale) per halo
+        self.strides: list[Fraction] = []  # scales of the maps strided convolutions read
+        self.units_nodes: list[fx.Node] = []
+        self.outputs: list[tuple[int, int]] = []
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def refuse(self, node: fx.Node, why: str) -> None:
+        where = module_path(node) or node.name
+        raise Refusal(f"spatial sharding has no exact rule for {_name(node)} at {where}: {why}")
+
+    def count(self, key: str) -> None:
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+    def call_before(self, node: fx.Node, fn: Any, args: tuple) -> fx.Node:
+        with self.graph.inserting_before(node):
+            new = self.graph.call_function(fn, args)
+        new.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+        return new
+
+    def sharded_inputs(self, node: fx.Node) -> list[tuple[fx.Node, Band]]:
+        found = []
+        for a in node.all_input_nodes:
+            band = self.bands.get(a)
+            if isinstance(band, Band):
+                found.append((a, band))
+            elif isinstance(band, list) and any(b is not None for b in band):
+                if not (_name(node) == "getitem"):
+                    self.refuse(node, "a tuple of bands used whole")
+        return found
+
+    # ---- the walk ------------------------------------------------------------------------------
+    def run(self) -> None:
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        self.bands[placeholders[self.input_index]] = Band(self.dim, Fraction(1))
+        last = placeholders[-1]
+        for j in range(self.world):
+            with self.graph.inserting_after(last):
+                last = self.graph.placeholder(f"spatial_units_{j}")
+            last.meta["val"] = 1
+            self.units_nodes.append(last)
+        for node in list(self.graph.nodes):
+            if node.op in ("placeholder", "get_attr") or node in self.units_nodes:
+                continue
+            if node.op == "output":
+                self.visit_output(node)
+                continue
+            self.visit(node)
+
+    def visit_output(self, node: fx.Node) -> None:
+        values = node.args[0]
+        flat = list(values) if isinstance(values, (list, tuple)) else [values]
+        for i, value in enumerate(flat):
+            band = self.bands.get(value) if isinstance(value, fx.Node) else None
+            if band is None:
+                continue
+            if not isinstance(band, Band) or band.pending_top or not _eq(band.inner, sympy.Integer(1)):
+                self.refuse(node, f"output {i} is not a plain band of rows")
+            self.outputs.append((i, band.dim))
+
+    def visit(self, node: fx.Node) -> None:
+        if _name(node) == "getitem" and isinstance(self.bands.get(node.args[0]), list):
+            return self.visit_getitem(node)
+        sharded = self.sharded_inputs(node)
+        if not sharded:
+            self.bands[node] = None
+            return
+        name = _name(node)
+        value = node_value(node)
+        if name in _SIZE_QUERIES:
+            self.bands[node] = None  # the local size: what the graph's arithmetic should see
+            return
+        if name == "getitem":
+            return self.visit_getitem(node)
+        if name in _CONVS:
+            return self.visit_conv(node, sharded, _CONVS[name])
+        if name == "pad":
+            return self.visit_pad(node, sharded)
+        if name in ("interpolate", "upsample_nearest2d", "upsample_nearest3d"):
+            return self.visit_interpolate(node, sharded)
+        if name == "group_norm":
+            return self.visit_group_norm(node, sharded)
+        if name in _NORMS:
+            return self.visit_other_norm(node, sharded, name)
+        if is_sdpa(node):
+            return self.visit_attention(node)
+        if name in ("view", "reshape", "flatten", "unflatten"):
+            return self.visit_reshape(node, sharded)
+        if name in ("permute", "transpose", "movedim", "squeeze", "unsqueeze", "t"):
+            return self.visit_layout(node, sharded, name)
+        if name in ("chunk", "split", "split_with_sizes", "tensor_split", "unbind"):
+            return self.visit_split(node, sharded, name)
+        if name == "cat":
+            return self.visit_cat(node, sharded)
+        if name == "linear":
+            band = sharded[0][1]
+            if node.args[0] is not sharded[0][0] or len(sharded) > 1 or band.dim == len(_shape(node.args[0])) - 1:
+                self.refuse(node, "the rows are contracted")
+            self.bands[node] = band
+            return
+        if name in ("type_as", "to") and len(node.args) > 1 and isinstance(node.args[1], fx.Node):
+            # the second operand only gives the dtype (and device)
+            if node.args[0] not in dict(sharded):
+                self.refuse(node, "casts a full tensor like a band")
+            self.bands[node] = self.bands[node.args[0]]
+            return
+        if isinstance(value, torch.Tensor) and (is_pointwise(node) or name in _SHAPE_ONLY):
+            return self.visit_pointwise(node, sharded)
+        self.refuse(node, "no rule for this op on a band of rows")
+
+    # ---- rules ---------------------------------------------------------------------------------
+    def visit_pointwise(self, node: fx.Node, sharded: list[tuple[fx.Node, Band]]) -> None:
+        out = _shape(node)
+        bands = set()
+        for arg, band in sharded:
+            bands.add(dataclasses.replace(band, dim=len(out) - len(_shape(arg)) + band.dim))
+        if len(bands) != 1:
+            self.refuse(node, "operands hold their rows differently")
+        band = bands.pop()
+        for arg in node.all_input_nodes:
+            if arg in dict(sharded):
+                continue
+            shape = _shape(arg)
+            if shape is None:
+                continue
+            d = len(shape) - len(out) + band.dim
+            if d >= 0 and shape[d] != 1:
+                self.refuse(node, f"a full-height tensor ({arg.name}) meets a band of rows")
+        self.bands[node] = band
+
+    def visit_getitem(self, node: fx.Node) -> None:
+        source, index = node.args[0], node.args[1]
+        band = self.bands.get(source)
+        if isinstance(band, list):
+            self.bands[node] = band[index] if isinstance(index, int) else self.refuse(node, "slice of a tuple")
+            return
+        assert isinstance(band, Band)
+        items = index if isinstance(index, tuple) else (index,)
+        dim, out_dim, new_dim = 0, 0, None
+        for item in items:
+            if item is None:
+                out_dim += 1
+                continue
+            if item is Ellipsis or isinstance(item, fx.Node):
+                self.refuse(node, "an indexing form the rules do not cover")
+            if dim == band.dim:
+                if not (isinstance(item, slice) and item == slice(None, None, None)):
+                    self.refuse(node, "a slice or index of the rows")
+                new_dim = out_dim
+            if isinstance(item, int):
+                dim += 1
+                continue
+            dim += 1
+            out_dim += 1
+        if new_dim is None:
+            new_dim = out_dim + (band.dim - dim)
+        self.bands[node] = band.moved(new_dim)
+
+    def visit_layout(self, node: fx.Node, sharded: list, name: str) -> None:
+        band = sharded[0][1]
+        ndim = len(_shape(node.args[0]))
+        out_ndim = len(_shape(node))
+        args = list(node.args[1:])
+        if name == "permute":
+            dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+            dims = [d % ndim for d in (dims or node.kwargs.get("dims"))]
+            new = dims.index(band.dim)
+        elif name in ("transpose", "t"):
+            a, b = (args + [0, 1])[:2] if name == "transpose" else (0, 1)
+            a, b = a % ndim, b % ndim
+            new = b if band.dim == a else a if band.dim == b else band.dim
+        elif name == "movedim":
+            order = list(range(ndim))
+            src, dst = args[0] % ndim, args[1] % ndim
+            order.pop(src)
+            order.insert(dst, src)
+            new = order.index(band.dim)
+        elif name == "unsqueeze":
+            d = (args[0] if args else node.kwargs["dim"]) % out_ndim
+            new = band.dim + 1 if d <= band.dim else band.dim
+        else:  # squeeze: the rows are never a size-1 dim (the height is symbolic), so they stay
+            in_shape = _shape(node.args[0])
+            dims = args[0] if args else node.kwargs.get("dim")
+            if dims is None:
+                removed = {d for d, size in enumerate(in_shape) if size == 1}
+            else:
+                dims = dims if isinstance(dims, (list, tuple)) else [dims]
+                removed = {d % ndim for d in dims if in_shape[d % ndim] == 1}
+            if band.dim in removed:
+                self.refuse(node, "squeezes the rows")
+            new = band.dim - sum(1 for d in removed if d < band.dim)
+        self.bands[node] = band.moved(new)
+
+    def visit_split(self, node: fx.Node, sharded: list, name: str) -> None:
+        band = sharded[0][1]
+        ndim = len(_shape(node.args[0]))
+        dim = _arg(node, 2, "dim", 0) if name != "unbind" else _arg(node, 1, "dim", 0)
+        if int(dim) % ndim == band.dim:
+            self.refuse(node, "splits the rows")
+        value = node_value(node)
+        count = len(value) if isinstance(value, (list, tuple)) else 1
+        if name == "unbind":
+            new = band.dim - 1 if int(dim) % ndim < band.dim else band.dim
+            self.bands[node] = [band.moved(new)] * count
+        else:
+            self.bands[node] = [band] * count
+
+    def visit_cat(self, node: fx.Node, sharded: list) -> None:
+        tensors = node.args[0]
+        dim = _arg(node, 1, "dim", 0)
+        bands = {self.bands.get(t) for t in tensors}
+        if len(bands) != 1 or None in bands:
+            self.refuse(node, "concatenates a band with a full tensor or a differently held band")
+        band = bands.pop()
+        if int(dim) % len(_shape(node)) == band.dim:
+            self.refuse(node, "concatenates along the rows")
+        self.bands[node] = band
+
+    def visit_reshape(self, node: fx.Node, sharded: list) -> None:
+        band = sharded[0][1]
+        src, out = _shape(node.args[0]), _shape(node)
+        pre = _prod(src[:band.dim])
+        j = next((j for j in range(len(out) + 1) if _eq(_prod(out[:j]), pre)), None)
+        # size-1 dims before the rows do not matter: take the last j with the same prefix
+        while j is not None and j + 1 < len(out) and out[j] == 1:
+            j += 1
+        if j is None or j >= len(out):
+            self.refuse(node, "the rows do not stay the outer factor of a dim")
+        size = src[band.dim]
+        rows = sympy.simplify(size / band.inner)
+        if _eq(out[j], size):
+            self.bands[node] = band.moved(j)
+            return
+        for k in range(band.dim + 2, len(src) + 1):  # merge: rows x inner x following dims
+            if _eq(out[j], size * _prod(src[band.dim + 1:k])):
+                self.bands[node] = dataclasses.replace(band, dim=j, inner=sympy.simplify(band.inner * _prod(src[band.dim + 1:k])))
+                self._check_plain_pending(node, band)
+                return
+        for k in range(j + 2, len(out) + 1):  # split: rows x (inner / following dims)
+            rest = _prod(out[j + 1:k])
+            if _eq(_prod(out[j:k]), size):
+                inner = sympy.simplify(band.inner / rest)
+                if _eq(out[j], rows * inner) and inner.is_polynomial() and sympy.fraction(sympy.together(inner))[1] == 1:
+                    self.bands[node] = dataclasses.replace(band, dim=j, inner=inner)
+                    self._check_plain_pending(node, band)
+                    return
+        self.refuse(node, "the rows do not stay the outer factor of a dim")
+
+    def _check_plain_pending(self, node: fx.Node, band: Band) -> None:
+        if band.pending_top:
+            self.refuse(node, "reshapes a band that still holds edge padding")
+
+    def visit_pad(self, node: fx.Node, sharded: list) -> None:
+        band = sharded[0][1]
+        if node.args[0] is not sharded[0][0]:
+            self.refuse(node, "pads with a band as the value")
+        pad = list(_arg(node, 1, "pad"))
+        mode = _arg(node, 2, "mode", "constant")
+        value = _arg(node, 3, "value", None)
+        ndim = len(_shape(node.args[0]))
+        index = 2 * (ndim - 1 - band.dim)
+        if index + 1 >= len(pad) or (pad[index] == 0 and pad[index + 1] == 0):
+            self.bands[node] = band
+            return
+        if mode != "constant" or any(isinstance(p, fx.Node) for p in pad):
+            self.refuse(node, f"{mode} padding of the rows")
+        if band.inner != 1:
+            self.refuse(node, "pads flattened rows")
+        new = self.call_before(node, S.edge_pad, (node.args[0], pad, value, index, self.rank, self.world))
+        new.meta["val"] = node.meta.get("val")
+        node.replace_all_uses_with(new)
+        self.graph.erase_node(node)
+        self.bands[new] = dataclasses.replace(band, pending_top=band.pending_top + int(pad[index]))
+        self.count("edge_pad")
+
+    def visit_conv(self, node: fx.Node, sharded: list, spatial: int) -> None:
+        x, band = sharded[0]
+        if node.args[0] is not x or len(sharded) > 1:
+            self.refuse(node, "a band as the weight")
+        in_shape = _shape(x)
+        if len(in_shape) != spatial + 2 or band.dim < 2 or band.inner != 1:
+            self.refuse(node, "the rows are not a spatial dim of a batched convolution")
+        k = band.dim - 2
+        weight = _shape(node.args[1])
+        kernel = weight[2 + k]
+        stride = _tuple(_arg(node, 3, "stride", 1), spatial)
+        padding = _arg(node, 4, "padding", 0)
+        dilation = _tuple(_arg(node, 5, "dilation", 1), spatial)
+        if isinstance(padding, str) or not kernel.is_Integer:
+            self.refuse(node, f"padding={padding!r} / kernel {kernel}")
+        padding = list(_tuple(padding, spatial))
+        s, p, kernel_rows = int(stride[k]), int(padding[k]), (int(kernel) - 1) * int(dilation[k]) + 1
+        if kernel_rows == 1 and s == 1 and p == 0:
+            self.bands[node] = band  # pointwise along the rows
+            return
+        if band.pending_top % s:
+            self.refuse(node, "explicit padding not on the stride")
+        top = band.pending_top + p
+        bottom = kernel_rows - s - top
+        self.halos.append((max(top, bottom, 0), band.scale))
+        if s > 1:
+            self.strides.append(band.scale / s)
+        with self.graph.inserting_before(node):
+            xin = x
+            if bottom < 0:
+                xin = self.graph.call_function(S.crop_rows, (xin, band.dim, -bottom, self.rank, self.world))
+            if top or bottom > 0 or p:
+                xin = self.graph.call_function(
+                    S.halo_exchange,
+                    (xin, band.dim, top, max(bottom, 0), p, p, self.rank, self.world, self.ctx.group_name),
+                )
+                self.count("halo_exchange")
+        for n in (xin,) if xin is not x else ():
+            n.meta["nn_module_stack"] = node.meta.get("nn_module_stack", {})
+        padding[k] = 0
+        args = list(node.args)
+        args[0] = xin
+        kwargs = dict(node.kwargs)
+        if len(args) > 4:
+            args[4] = tuple(padding)
+        else:
+            kwargs["padding"] = tuple(padding)
+        node.args, node.kwargs = tuple(args), kwargs
+        self.bands[node] = Band(band.dim, band.scale / s)
+        self.sites.append(
+            f"{module_path(node) or node.name}: conv k={int(kernel)} s={s} p={p} -> halo {top} row(s) above, "
+            f"{max(bottom, 0)} below; padding only at the global edges"
+        )
+        self.count("conv")
+
+    def visit_interpolate(self, node: fx.Node, sharded: list) -> None:
+        band = sharded[0][1]
+        mode = _arg(node, 3, "mode", "nearest")
+        size = _arg(node, 1, "size", None)
+        scale = _arg(node, 2, "scale_factor", None)
+        if mode not in _NEAREST or size is not None or scale is None or band.pending_top or band.inner != 1:
+            self.refuse(node, f"mode={mode!r}, size={size!r}: only nearest upsampling by a scale factor is local")
+        factors = _tuple(scale, len(_shape(node)) - 2)
+        factor = factors[band.dim - 2]
+        if float(factor) != int(factor) or int(factor) < 1:
+            self.refuse(node, f"scale factor {factor} along the rows is not a whole number")
+        self.bands[node] = Band(band.dim, band.scale * int(factor))
+        self.count("upsample")
+
+    def visit_group_norm(self, node: fx.Node, sharded: list) -> None:
+        x, band = sharded[0]
+        if node.args[0] is not x or len(sharded) > 1 or band.dim < 2 or band.pending_top:
+            self.refuse(node, "group norm of a band with edge padding, or of channels")
+        groups = _arg(node, 1, "num_groups")
+        weight, bias, eps = _arg(node, 2, "weight"), _arg(node, 3, "bias"), _arg(node, 4, "eps", 1e-5)
+        new = self.call_before(node, S.group_norm, (x, groups, weight, bias, eps, self.ctx.group_name, self.world))
+        new.meta["val"] = node.meta.get("val")
+        node.replace_all_uses_with(new)
+        self.graph.erase_node(node)
+        self.bands[new] = band
+        self.sites.append(f"{module_path(new) or new.name}: group_norm({groups} groups) -> all-gather of "
+                          f"per-group count, mean, M2 (float32)")
+        self.count("group_norm")
+
+    def visit_other_norm(self, node: fx.Node, sharded: list, name: str) -> None:
+        from npu_dit.passes.analysis.dim_flow import _norm_dims
+
+        band = sharded[0][1]
+        ndim = len(_shape(node.args[0]))
+        if node.args[0] is not sharded[0][0] or len(sharded) > 1 or band.dim in _norm_dims(node, name, ndim):
+            self.refuse(node, "normalises over the rows")
+        self.bands[node] = band
+
+    def visit_attention(self, node: fx.Node) -> None:
+        from npu_dit.passes.analysis.attention_ops import sdpa_args
+
+        args = sdpa_args(node)
+        q, k, v, mask = args["query"], args["key"], args["value"], args.get("attn_mask")
+        bands = [self.bands.get(t) for t in (q, k, v)]
+        ndim = len(_shape(q))
+        if mask is not None or args.get("is_causal") or any(
+            not isinstance(b, Band) or b.dim != ndim - 2 or b.pending_top for b in bands
+        ):
+            self.refuse(node, "attention whose queries, keys and values are not all sharded along the pixels")
+        gathered = []
+        for t, band in ((k, bands[1]), (v, bands[2])):
+            start = self.call_before(node, S.gather_rows_start,
+                                     (t, band.dim, list(self.units_nodes), self.rank, self.world, self.ctx.group_name))
+            wait = self.call_before(node, S.gather_rows_wait, (start, band.dim))
+            gathered.append(wait)
+            self.count("gather_rows")
+        # by position, not by value: q, k and v may be one node (self-attention on one tensor)
+        call = list(node.args)
+        kwargs = dict(node.kwargs)
+        for position, name, new in ((1, "key", gathered[0]), (2, "value", gathered[1])):
+            if len(call) > position:
+                call[position] = new
+            else:
+                kwargs[name] = new
+        node.args, node.kwargs = tuple(call), kwargs
+        self.bands[node] = bands[0]
+        self.sites.append(f"{module_path(node) or node.name}: attention over pixels -> keys and values gathered "
+                          f"along the rows, queries local")
+
+
+def _sharded_input(gm: fx.GraphModule) -> tuple[int, int, fx.Node]:
+    candidates = []
+    for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        value = node_value(node)
+        if isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter) and value.dim() >= 4:
+            candidates.append((i, node, value))
+    if len(candidates) != 1:
+        names = [n.meta.get("npu_dit.input_name", n.name) for _, n, _ in candidates]
+        raise Refusal(f"spatial sharding needs exactly one image/latent input of rank >= 4, found {names or 'none'}")
+    index, node, value = candidates[0]
+    dim = value.dim() - 2  # NCHW / NCTHW: the height
+    if not isinstance(value.shape[dim], torch.SymInt):
+        raise Refusal(
+            f"the height of {node.meta.get('npu_dit.input_name', node.name)} is static in this graph",
+            fix="compile with dynamic=True (torch.compile(vae.decode, backend='npu_dit', dynamic=True, ...))",
+        )
+    return index, dim, node
+
+
+def _align(strides: list[Fraction]) -> int:
+    """Input rows per band unit: every strided conv's input scale times the unit is a whole multiple of
+    its stride (the lcm of the denominators of the scales the strided convs produce)."""
+    align = 1
+    for scale in strides:
+        align = math.lcm(align, scale.denominator)
+    return align
+
+
+def spatial_pass(gm: fx.GraphModule, *, ctx: ParallelContext) -> PassResult:
+    index, dim, input_node = _sharded_input(gm)
+    rewriter = _Rewriter(gm, ctx, index, dim)
+    rewriter.run()
+    if not rewriter.counts.get("conv"):
+        raise Refusal("spatial sharding found no convolution over the rows of the input")
+    align = _align(rewriter.strides)
+    # a halo of h rows at scale q needs every band to hold h rows there: units * align * q >= h
+    min_units = max([1] + [math.ceil(Fraction(h) / (align * q)) for h, q in rewriter.halos if h])
+    height = input_node.meta["val"].shape[dim]
+    local_symints = [
+        i for i, n in enumerate(p for p in gm.graph.nodes if p.op == "placeholder")
+        if isinstance(node_value(n), torch.SymInt) and _eq(_expr(node_value(n)), _expr(height))
+    ]
+    plan = SpatialPlan(
+        world_size=ctx.world_size, rank=ctx.rank, input_index=index, dim=dim, align=align, min_units=min_units,
+        local_symints=local_symints, outputs=rewriter.outputs,
+        input_name=str(input_node.meta.get("npu_dit.input_name", input_node.name)),
+    )
+    gm.meta[SPATIAL_META_KEY] = plan
+    gm.graph.lint()
+    gm.recompile()
+    refresh_local_shapes(gm, plan)
+    return PassResult(gm, modified=True, counts=rewriter.counts, notes=plan.describe() + rewriter.sites)
+
+
+def refresh_local_shapes(gm: fx.GraphModule, plan: SpatialPlan) -> None:
+    """meta["val"] of every node becomes this rank's value for the example input's bands: the height
+    symbol gets the band's rows (a fresh symbol whose hint is this rank's row count), the unit inputs
+    their example values."""
+    from npu_dit.passes.analysis.fake_prop import SymbolMap, copied_placeholder_values, repropagate
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    source = node_value(placeholders[plan.input_index])
+    height = source.shape[plan.dim]
+    hint = int(height.node.hint) if isinstance(height, torch.SymInt) and height.node.hint is not None else 8 * plan.align
+    units = S.band_units(hint, plan.align, plan.world_size)
+    if hint % plan.align or min(units) < plan.min_units:  # the example would run unrewritten anyway
+        units = [plan.min_units] * plan.world_size
+    symbols = SymbolMap()
+    unit_syms = [symbols.env.create_symintnode(symbols.new_symbol(f"units_{j}", max(u, 2)), hint=max(u, 2))
+                 for j, u in enumerate(units)]
+    rows = unit_syms[plan.rank] * plan.align
+    if isinstance(height, torch.SymInt):
+        symbols.bind(height.node.expr, rows.node.expr)
+    first_unit = len(placeholders) - plan.world_size
+
+    def override(i: int, node: fx.Node) -> Any:
+        if i >= first_unit:
+            return unit_syms[i - first_unit]
+        return None
+
+    repropagate(gm, copied_placeholder_values(gm, symbols, override))
