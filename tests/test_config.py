@@ -70,24 +70,6 @@ def test_cache_options_parse_with_cache_dit_names():
     assert CacheConfig.from_options({"steps_mask": "fast", "num_inference_steps": 28}).steps_mask == "fast"
 
 
-@pytest.mark.parametrize("feature, key", sorted(UNAVAILABLE_FEATURES.items()))
-def test_unavailable_features_accept_only_defaults(feature, key):
-    defaults = CompileConfig()
-    CompileConfig.from_options({key: getattr(defaults, key)})  # the default is accepted
-    non_default = {
-        "tp_degree": 2,
-        "ulysses_degree": 2,
-        "async_ulysses": True,
-        "cache": {"Fn_compute_blocks": 1},
-        "attention_backend": "npu_fia",
-    }[key]
-    options = {key: non_default}
-    if key == "async_ulysses" and "ulysses" not in UNAVAILABLE_FEATURES:
-        options["ulysses_degree"] = 2
-    with pytest.raises(ValueError, match="not available in this version of npu-dit yet"):
-        CompileConfig.from_options(options)
-
-
 def test_dump_dir_from_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("NPU_DIT_DUMP_DIR", str(tmp_path))
     assert CompileConfig.from_options({}).dump_dir == str(tmp_path)

@@ -152,7 +152,7 @@ def call_kwargs(args: argparse.Namespace, spec, steps: int) -> dict[str, Any]:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import npu_dit
     from npu_dit.models import get_model
-    from npu_dit.pipeline_parallel import _check_unavailable, build_options
+    from npu_dit.pipeline_parallel import _check_flags, build_options
     from npu_dit.pipelines import load_pipeline
 
     spec = get_model(args.model)
@@ -162,7 +162,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = dict(ulysses_degree=args.ulysses, tp_degree=args.tp, async_ulysses=args.async_ulysses,
                     attention_backend=args.attention_backend, cache=cache, inner_compiler=args.inner_compiler)
     # every option is checked before the (possibly large) pipeline is loaded
-    _check_unavailable(args.tp, args.text_encoder_parallel, args.vae_parallel)
+    _check_flags(args.tp, args.text_encoder_parallel, args.vae_parallel)
     build_options(num_inference_steps=steps, dump_dir=None, world_size=world, **settings)
     if args.quiet:
         _quiet_libraries()
