@@ -101,20 +101,11 @@ class GraphExecutor:
             tensor = result[gather.index]
             per_stream = [chunk_lengths(global_lengths[s], self.ctx.world_size) for s in gather.streams]
             pieces = torch.split(tensor, [lengths[self.ctx.rank] for lengths in per_stream], gather.dim)
-            gathered = [self._gather_uneven(p, gather.dim, lengths) for p, lengths in zip(pieces, per_stream)]
+            group = process_group(self.ctx)
+            gathered = [gather_uneven(p, gather.dim, lengths, group=group) for p, lengths in zip(pieces, per_stream)]
             result[gather.index] = gathered[0] if len(gathered) == 1 else torch.cat(gathered, gather.dim)
         return type(outputs)(result) if isinstance(outputs, tuple) else result
 
-    def _gather_uneven(self, tensor: torch.Tensor, dim: int, lengths: list[int]) -> torch.Tensor:
-        longest = max(lengths)
-        missing = longest - tensor.shape[dim]
-        if missing:
-            pad_shape = list(tensor.shape)
-            pad_shape[dim] = missing
-            tensor = torch.cat([tensor, tensor.new_zeros(pad_shape)], dim)
-        slots = [torch.empty_like(tensor) for _ in lengths]
-        dist.all_gather(slots, tensor.contiguous(), group=process_group(self.ctx))
-        return torch.cat([slot.narrow(dim, 0, n) for slot, n in zip(slots, lengths)], dim)
 
 
 def _looks_distributed(exc: BaseException) -> bool:
@@ -123,3 +114,16 @@ def _looks_distributed(exc: BaseException) -> bool:
         key in text
         for key in ("gloo", "nccl", "hccl", "connection", "timed out", "timeout", "peer", "c10d", "socket", "broken pipe")
     )
+
+
+def gather_uneven(tensor: torch.Tensor, dim: int, lengths: list[int], group=None) -> torch.Tensor:
+    """All-gather pieces of different lengths along `dim` (padded to the longest, then cut)."""
+    longest = max(lengths)
+    missing = longest - tensor.shape[dim]
+    if missing:
+        pad_shape = list(tensor.shape)
+        pad_shape[dim] = missing
+        tensor = torch.cat([tensor, tensor.new_zeros(pad_shape)], dim)
+    slots = [torch.empty_like(tensor) for _ in lengths]
+    dist.all_gather(slots, tensor.contiguous(), group=group)
+    return torch.cat([slot.narrow(dim, 0, n) for slot, n in zip(slots, lengths)], dim)

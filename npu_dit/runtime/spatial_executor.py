@@ -18,6 +18,8 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from npu_dit.runtime.executor import gather_uneven
+
 from npu_dit.plans import SpatialPlan
 from npu_dit.runtime.agreement import CALL, call_signature, check_records, exchange
 from npu_dit.runtime.dist import ParallelContext
@@ -67,7 +69,7 @@ class SpatialExecutor:
         for index, dim in self.plan.outputs:
             tensor = result[index]
             per_unit = tensor.shape[dim] // units[self.ctx.rank]
-            result[index] = _gather_uneven(tensor, dim, [per_unit * u for u in units])
+            result[index] = gather_uneven(tensor, dim, [per_unit * u for u in units])
         return type(outputs)(result) if isinstance(outputs, tuple) else result
 
     def _warn_unsharded(self, height: int) -> None:
@@ -83,15 +85,3 @@ class SpatialExecutor:
             RuntimeWarning,
             stacklevel=3,
         )
-
-
-def _gather_uneven(tensor: torch.Tensor, dim: int, lengths: list[int]) -> torch.Tensor:
-    longest = max(lengths)
-    missing = longest - tensor.shape[dim]
-    if missing:
-        pad_shape = list(tensor.shape)
-        pad_shape[dim] = missing
-        tensor = torch.cat([tensor, tensor.new_zeros(pad_shape)], dim)
-    slots = [torch.empty_like(tensor) for _ in lengths]
-    dist.all_gather(slots, tensor.contiguous())
-    return torch.cat([slot.narrow(dim, 0, n) for slot, n in zip(slots, lengths)], dim)
