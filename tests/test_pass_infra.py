@@ -122,3 +122,42 @@ def test_backend_dumps_the_captured_graph_when_asked(tmp_path):
     dumped = list(tmp_path.iterdir())
     assert len(dumped) == 1 and dumped[0].name.endswith("captured.txt")
     assert "linear" in dumped[0].read_text()
+
+
+def _doubling_pass(refresh: bool):
+    """A shape-changing pass: cat(x, x) in place of x + 1. With `refresh` it ends as the sharding
+    passes do (a fresh propagation from the placeholders); without, its new node copies an old value."""
+    from npu_dit.passes.analysis.fake_prop import SymbolMap, copied_placeholder_values, repropagate
+
+    def run(gm: fx.GraphModule) -> PassResult:
+        add = next(n for n in gm.graph.nodes if n.target is operator.add)
+        with gm.graph.inserting_before(add):
+            doubled = gm.graph.call_function(torch.cat, ([add.args[0], add.args[0]],))
+        doubled.meta["val"] = add.meta["val"]
+        add.replace_all_uses_with(doubled)
+        gm.graph.erase_node(add)
+        if refresh:
+            repropagate(gm, copied_placeholder_values(gm, SymbolMap()))
+        return PassResult(gm, modified=True)
+
+    return run
+
+
+@pytest.mark.parametrize("refresh", [True, False])
+def test_the_meta_lint_catches_values_left_from_before_a_rewrite(refresh, monkeypatch):
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    monkeypatch.delenv("NPU_DIT_LINT", raising=False)
+    gm = fx.symbolic_trace(Toy())
+    FakeTensorProp(gm, FakeTensorMode()).propagate(torch.randn(5))  # Dynamo's values, in its own mode
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rewritten, report = run_passes(gm, [PassSpec("double", _doubling_pass(refresh), changes_shapes=True)])
+    if refresh:
+        assert not report.fell_back, report.fallback_reason
+        out = next(n for n in rewritten.graph.nodes if n.op == "output").args[0]
+        assert out.meta["val"].shape == (10,)
+    else:  # the cat's value is the old add's, from another propagation: stale, the rewrite is dropped
+        assert report.fell_back and "stale shapes" in report.fallback_reason, report.fallback_reason
+        assert rewritten is gm and len(caught) == 1
