@@ -88,3 +88,27 @@ def test_inspect_shows_cache_regions_with_parameter_and_flop_shares(capsys):
     assert abs(sum(r["parameter_share"] for r in regions) - 1) < 1e-9
     assert abs(sum(r["flop_share"] for r in regions) - 1) < 1e-9
     assert regions[1]["flops"] > regions[0]["flops"] > 0
+
+
+def test_help_shows_every_default_once():
+    import argparse
+
+    from npu_dit.tools.cli import build_parser
+
+    def parsers(parser):
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    yield from parsers(sub)
+
+    checked = 0
+    for parser in parsers(build_parser()):
+        text = " ".join(parser.format_help().split())
+        for action in parser._actions:
+            if action.option_strings and action.default is not None and not isinstance(action.default, bool) \
+                    and action.default is not argparse.SUPPRESS:
+                assert f"default: {action.default}" in text or "default" in (action.help or ""), (parser.prog, action.dest)
+                checked += 1
+        assert "(default: None)" not in text and "benchmark commands later" not in text, parser.prog
+    assert checked > 20

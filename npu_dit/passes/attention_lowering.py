@@ -84,6 +84,9 @@ def attention_kernel_choices(
 def _refusal(backend: str, refused: list[KernelChoice], registry: AttentionKernelRegistry) -> UserError:
     first = refused[0]
     accepting = [n for n in registry.names() if n not in first.refused]
+    # kernels that run here through their reference op when forced (CPU without torch_npu)
+    accepting += [f"{n} (reference op)" for n in registry.names()
+                  if n in first.refused and n != backend and registry.select(first.call, n).kernel == n]
     more = f" ({len(refused) - 1} more site(s) refused too)" if len(refused) > 1 else ""
     return UserError(
         f"attention_backend={backend!r} cannot lower {first.call.site}: {first.refused[backend]}{more}. "

@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from npu_dit.tools.help_format import HelpFormatter, show_defaults
 from npu_dit.models import DEFAULT_MODEL, MODELS
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -65,16 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="trace a full-size model on the meta device and show what the passes do",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"one of: {', '.join(MODELS)}, or a text encoder: t5-v1.1-xxl, qwen2.5-vl-7b-lm (default {DEFAULT_MODEL})")
     p.add_argument("--size", default="full", help="which config of the model: full or tiny (flux.1-dev also: bench, bench-deep)")
-    p.add_argument("--height", type=int, default=1024)
-    p.add_argument("--width", type=int, default=1024)
+    p.add_argument("--height", type=int, default=1024, help="image height in pixels")
+    p.add_argument("--width", type=int, default=1024, help="image width in pixels")
     p.add_argument("--prompt-len", type=int, default=None, help="text tokens (default: the model's pipeline default)")
     p.add_argument("--input-image", type=_image_size, action="append", default=None, metavar="HxW",
                    help="an edit model's input image size in pixels; repeat for several (Edit-2509: up to 3)")
-    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--batch", type=int, default=1, help="batch size of the example call")
     p.add_argument("--dtype", default="bfloat16", choices=tuple(DTYPES))
     p.add_argument("--vae", choices=("decode", "encode"), default=None,
                    help="inspect the model's VAE call instead of the transformer (default with --spatial-degree: decode)")
@@ -92,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="benchmarks; results go to docs/BENCHMARKS.md with --write")
     bsub = b.add_subparsers(dest="bench", required=True)
     u = bsub.add_parser("ulysses", help="serial vs Ulysses vs Async Ulysses (bench-size FLUX, Gloo on CPU)",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=HelpFormatter)
     u.add_argument("--degree", type=int, default=2)
     u.add_argument("--height", type=int, default=512)
     u.add_argument("--width", type=int, default=512)
@@ -108,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="update the Ulysses section of FILE (default docs/BENCHMARKS.md)")
     u.add_argument("--json", action="store_true")
     v = bsub.add_parser("vae", help="full-size FLUX VAE decode: one process vs spatial_degree over Gloo processes",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=HelpFormatter)
     v.add_argument("--degree", type=int, default=2)
     v.add_argument("--height", type=int, default=1024)
     v.add_argument("--width", type=int, default=1024)
@@ -119,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--write", metavar="FILE", nargs="?", const="docs/BENCHMARKS.md", default=None)
     v.add_argument("--json", action="store_true")
     c = bsub.add_parser("cache", help="28-step denoising with DBCache/TaylorSeer/steps-mask configs vs no cache",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                        formatter_class=HelpFormatter)
     c.add_argument("--sizes", default="tiny,bench-deep", help="FLUX configs to run, comma-separated")
     c.add_argument("--steps", type=int, default=28)
     c.add_argument("--threshold-f1", type=float, default=0.42, help="residual_diff_threshold of the F1B0 configs")
@@ -128,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="FLUX config for the Inductor compile count over three shapes ('none' to skip)")
     c.add_argument("--write", metavar="FILE", nargs="?", const="docs/BENCHMARKS.md", default=None)
     c.add_argument("--json", action="store_true")
+    show_defaults(parser)
     return parser
 
 

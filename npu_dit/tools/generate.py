@@ -21,6 +21,8 @@ import sys
 import time
 from typing import Any
 
+from npu_dit.tools.help_format import HelpFormatter
+
 import torch
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -32,7 +34,7 @@ def add_parser(sub) -> None:
 
     g = sub.add_parser(
         "generate", help="run a whole pipeline (tiny offline weights by default); torchrun for several ranks",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     g.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"one of: {', '.join(MODELS)}")
     g.add_argument("--weights", "--model-path", dest="weights", default=None, metavar="DIR",

@@ -296,7 +296,9 @@ def format_report(r: dict[str, Any]) -> str:
         add("  passes:")
         for rec in ps["records"]:
             counts = ", ".join(f"{k}={v}" for k, v in rec["counts"].items()) or "-"
-            add(f"    {rec['name']:<24} {'modified' if rec['modified'] else 'unchanged':<10} {rec['seconds'] * 1000:8.1f} ms  {counts}")
+            # a pass that only plans (cache_regions builds its regions beside the graph) is not "unchanged"
+            state = "modified" if rec["modified"] else "planned" if rec["counts"] else "unchanged"
+            add(f"    {rec['name']:<24} {state:<10} {rec['seconds'] * 1000:8.1f} ms  {counts}")
             for note in rec["notes"]:
                 add(f"      {note}")
     else:
