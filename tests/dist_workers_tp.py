@@ -115,11 +115,23 @@ def two_rank_cases(rank, world_size):
     return results
 
 
+FOUR_RANK_CASES = [
+    ("flux-ulysses2-tp2", "flux.1-dev", {}, dict(height=128, width=112, prompt_len=7),
+     {"ulysses_degree": 2, "tp_degree": 2}),
+    ("flux-tp4", "flux.1-dev", {}, dict(height=96, width=128, prompt_len=9), {"tp_degree": 4}),
+    ("qwen-edit-tp4", "qwen-image-edit", {}, dict(height=96, width=128, prompt_len=9), {"tp_degree": 4}),
+    ("qwen-edit-2509-tp4", "qwen-image-edit-2509", {}, dict(height=96, width=96, prompt_len=8, input_images=[(64, 64), (96, 64)]),
+     {"tp_degree": 4}),
+]
+ENCODER_CASES_4 = [
+    ("t5-tp4", "t5-v1.1-xxl", {}, 12, {"tp_degree": 4}),
+    ("qwen-lm-tp4", "qwen2.5-vl-7b-lm", {}, 12, {"tp_degree": 4}),
+]
+
+
 def four_rank_cases(rank, world_size):
-    results = transformer_cases(rank, world_size, [
-        ("flux-ulysses2-tp2", "flux.1-dev", {}, dict(height=128, width=112, prompt_len=7),
-         {"ulysses_degree": 2, "tp_degree": 2}),
-    ])
+    results = transformer_cases(rank, world_size, FOUR_RANK_CASES)
+    results.update(encoder_cases(rank, world_size, ENCODER_CASES_4))
     return results
 
 

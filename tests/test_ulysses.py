@@ -71,10 +71,12 @@ def test_ulysses_matches_the_serial_run(world_size, tmp_path):
     assert pairs == (2 * len(records) if world_size == 2 else 0)
 
 
-def test_ulysses_with_inductor(tmp_path):
+def test_ulysses_and_tensor_parallel_with_inductor(tmp_path):
     cases = [
         ("flux-uneven-async-inductor", "flux", UNEVEN, {}, {"async_ulysses": True, "inner_compiler": "inductor"}),
         ("qwen-static-text-inductor", "qwen-edit-masked", UNEVEN, {}, {"inner_compiler": "inductor"}),
+        # tensor parallelism's all-reduces and held weight shards through Inductor too
+        ("flux-tp2-inductor", "flux", UNEVEN, {}, {"ulysses_degree": 1, "tp_degree": 2, "inner_compiler": "inductor"}),
     ]
     records = run_ranks(run_cases, 2, tmp_path, timeout=900, cases=cases)
     expected = serial_outputs(cases)

@@ -137,24 +137,24 @@ def dump_graph(gm: fx.GraphModule, dump_dir: str, stem: str) -> str:
     return path
 
 
-# The meta lint. Every shape-changing pass ends by propagating its whole graph again on fresh fake
-# values (`fake_prop.repropagate`), so every node's value then belongs to that propagation's fake
-# mode: a value from any other mode (Dynamo's, or one a pass set by hand) is stale. That check is
-# one walk over the nodes and always runs. Propagating once more and comparing every shape (the
+# The meta lint. Every shape-changing pass ends by propagating its whole graph again
+# (`fake_prop.repropagate`), which gives every node a new value: a value recorded before the pass
+# (left in place, or copied to a new node by hand) is stale. That check is one walk over the nodes
+# and always runs. Propagating once more and comparing every shape (the
 # same computation the pass just did: ~40 % of a tiny model's compile, minutes at full size) runs
 # with NPU_DIT_LINT=1; tests/test_sound_sharding.py does it explicitly.
 
 
-def _placeholder_modes(gm: fx.GraphModule) -> set:
-    from npu_dit.passes.analysis.fake_prop import placeholder_modes
+def _recorded_values(gm: fx.GraphModule) -> dict:
+    from npu_dit.passes.analysis.fake_prop import recorded_values
 
-    return placeholder_modes(gm)
+    return recorded_values(gm)
 
 
-def _lint_meta(gm: fx.GraphModule, name: str, modes_before: set) -> None:
+def _lint_meta(gm: fx.GraphModule, name: str, values_before: dict) -> None:
     from npu_dit.passes.analysis.fake_prop import meta_mismatches, stale_meta
 
-    problems = stale_meta(gm, before=modes_before)
+    problems = stale_meta(gm, values_before)
     if not problems and os.environ.get("NPU_DIT_LINT") == "1":
         problems = meta_mismatches(gm)
     if problems:
@@ -184,7 +184,7 @@ def run_passes(
         if dump_dir:
             dump_graph(work, dump_dir, stem + "_before")
         nodes_before = count_nodes(work)
-        modes_before = _placeholder_modes(work) if spec.changes_shapes else set()
+        values_before = _recorded_values(work) if spec.changes_shapes else {}
         start = time.perf_counter()
         try:
             result = spec.fn(work)
@@ -193,7 +193,7 @@ def run_passes(
                 result.graph_module.recompile()
                 invalidate_analyses(result.graph_module)
                 if spec.changes_shapes:
-                    _lint_meta(result.graph_module, spec.name, modes_before)
+                    _lint_meta(result.graph_module, spec.name, values_before)
         except UserError:
             raise
         except Refusal as exc:  # the pass cannot prove its rewrite exact for this graph

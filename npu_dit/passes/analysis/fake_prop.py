@@ -8,8 +8,8 @@ symbol (`L0`, hint = this rank's chunk), the global-length inputs a *global* one
 symbol a fresh copy. Afterwards every node's `meta["val"]` is the local value on this rank, and
 later shape-based passes (the cache regions, tensor parallelism) read true shapes.
 
-`stale_meta` is the runner's lint (one walk over the nodes: every value must come from the fake mode
-of the placeholders' values); `meta_mismatches` is the thorough one (`NPU_DIT_LINT=1`, and the
+`stale_meta` is the runner's lint (one walk over the nodes: no value may be one recorded before the
+pass); `meta_mismatches` is the thorough one (`NPU_DIT_LINT=1`, and the
 tests): propagate again from the placeholders' current values and list the nodes whose recorded
 shape differs.
 """
@@ -83,6 +83,9 @@ def repropagate(gm: fx.GraphModule, placeholder_values: list[Any]) -> None:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, value in zip(placeholders, placeholder_values):
         node.meta["val"] = value
+    for node in gm.graph.nodes:  # a node that returns nothing gets no value, not its old one
+        if node.op != "placeholder":
+            node.meta.pop("val", None)
     with mode.shape_env.suppress_guards() if mode.shape_env is not None else contextlib.nullcontext():
         FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*placeholder_values)
 
@@ -111,13 +114,15 @@ def meta_mismatches(gm: fx.GraphModule, limit: int = 5) -> list[str]:
     recorded = {n: node_value(n) for n in gm.graph.nodes}
     symbols = SymbolMap()
     values = copied_placeholder_values(gm, symbols)
-    saved = {n: n.meta.get("val") for n in gm.graph.nodes}
+    saved = {n: n.meta["val"] for n in gm.graph.nodes if "val" in n.meta}
     try:
         repropagate(gm, values)
         fresh = {n: n.meta.get("val") for n in gm.graph.nodes}
     finally:
-        for n, v in saved.items():
-            n.meta["val"] = v
+        for n in gm.graph.nodes:
+            n.meta.pop("val", None)
+            if n in saved:
+                n.meta["val"] = saved[n]
     problems = []
     for node, old in recorded.items():
         new = fresh.get(node)
@@ -130,41 +135,31 @@ def meta_mismatches(gm: fx.GraphModule, limit: int = 5) -> list[str]:
     return problems
 
 
-def _mode_of(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return getattr(value, "fake_mode", None)
-    if isinstance(value, torch.SymInt):
-        return value.node.shape_env
-    return None
+def recorded_values(gm: fx.GraphModule) -> dict[int, Any]:
+    """The tensors and SymInts in the non-placeholder nodes' meta["val"], by id (kept alive so ids
+    stay unique): what a shape-changing pass must have replaced."""
+    values = {}
+    for node in gm.graph.nodes:
+        if node.op != "placeholder":
+            for value in tree_leaves(node.meta.get("val")):
+                if isinstance(value, (torch.Tensor, torch.SymInt)):
+                    values[id(value)] = value
+    return values
 
 
-def placeholder_modes(gm: fx.GraphModule) -> set[Any]:
-    """The fake modes (and shape envs) of the placeholders' values."""
-    return {_mode_of(node_value(n)) for n in gm.graph.nodes if n.op == "placeholder"} - {None}
-
-
-def stale_meta(gm: fx.GraphModule, before: set[Any] | None = None, limit: int = 5) -> list[str]:
-    """Nodes whose value was not made by the fake mode of the placeholders' values (the last
-    `repropagate`): values a pass left from before its rewrite, or set without propagating.
-    `before`: the placeholders' modes before the pass; a shape-changing pass must have replaced them."""
-    current = placeholder_modes(gm)
-    if not current:
-        return []
-    if before is not None and current <= before:
-        return ["the pass changed shapes but did not propagate the graph again (fake_prop.repropagate)"]
-    modes = {m for m in current if not isinstance(m, ShapeEnv)}
-    envs = {m for m in current if isinstance(m, ShapeEnv)} | {m.shape_env for m in modes}
+def stale_meta(gm: fx.GraphModule, before: dict[int, Any], limit: int = 5) -> list[str]:
+    """Nodes whose value is one recorded before the pass (`recorded_values`): a shape-changing pass
+    ends by propagating its whole graph again (`repropagate`), which gives every node a new value;
+    a value left from before the rewrite, or copied from an old node, is stale."""
     problems = []
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             continue
-        for value in tree_leaves(node.meta.get("val")):
-            mode = _mode_of(value)
-            if mode is not None and mode not in modes and mode not in envs:
-                problems.append(f"{node.name}: its value comes from another propagation than its inputs'")
+        old = [v for v in tree_leaves(node.meta.get("val")) if id(v) in before and before[id(v)] is v]
+        if old:
+            problems.append(f"{node.name}: its value ({old[0]!r}) is one from before the pass (not propagated again)")
+            if len(problems) >= limit:
                 break
-        if len(problems) >= limit:
-            break
     return problems
 
 
