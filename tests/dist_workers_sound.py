@@ -71,3 +71,47 @@ def mismatched_shapes(rank, world_size):
             cause = cause.__cause__
         return type(cause).__name__, str(cause), time.monotonic() - start
     return None, "no error", time.monotonic() - start
+
+
+def patch_cases():
+    """(name, model factory, inputs) of DiTs whose tokens are patchified inside the graph."""
+    from tests.synthetic import PatchDiT
+
+    def sd3():
+        from diffusers import SD3Transformer2DModel
+
+        torch.manual_seed(0)
+        model = SD3Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+            joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
+            pos_embed_max_size=16).eval()
+        g = torch.Generator().manual_seed(1)
+        inputs = dict(hidden_states=torch.randn(1, 4, 10, 8, generator=g),
+                      encoder_hidden_states=torch.randn(1, 5, 16, generator=g),
+                      pooled_projections=torch.randn(1, 16, generator=g), timestep=torch.tensor([3.0]))
+        return model, inputs
+
+    def synthetic(**kwargs):
+        def make():
+            torch.manual_seed(0)
+            model = PatchDiT(**kwargs).eval()
+            return model, model.example_inputs(1, 10, 8)  # 5 patch rows: uneven on 2 and 4 ranks
+        return make
+
+    return {"conv-patchify": synthetic(), "reshape-patchify": synthetic(patchify="reshape"),
+            "overlapping-conv": synthetic(kernel=3), "sd3": sd3}
+
+
+def patch_models(rank, world_size, names):
+    from npu_dit.backend import RECORDS
+
+    results = {}
+    for name in names:
+        model, inputs = patch_cases()[name]()
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="npu_dit", dynamic=True, options={"ulysses_degree": world_size})
+        with torch.no_grad():
+            out = compiled(**inputs)[0]
+        report = RECORDS[-1].report
+        results[name] = (out, report.fell_back, report.fallback_reason or "")
+    return results

@@ -156,3 +156,26 @@ def test_meta_after_the_rewrite_is_the_local_value(key, tiny_capture):
     for wait in waits:
         seq = wait.meta["val"].shape[2]
         assert isinstance(seq, torch.SymInt) and seq.node.expr.free_symbols <= {s for e in global_symbols for s in e.free_symbols}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_tokens_patchified_inside_the_graph_refuse_and_stay_exact(world_size, tmp_path):
+    """Issue 8 item 6, first part: tokens made by a patch-embedding convolution (the synthetic PatchDiT,
+    diffusers' SD3 with its cropped learned table) or by reshape/permute, and an overlapping patch
+    convolution, are not sharded yet: every rank refuses alike (naming the patch grid where the
+    analysis found one) and gives the serial result. 5 patch rows: uneven on 2 and 4 ranks."""
+    from tests.dist_workers_sound import patch_cases, patch_models
+
+    names = ("conv-patchify", "reshape-patchify", "overlapping-conv", "sd3")
+    records = run_ranks(patch_models, world_size, tmp_path, timeout=600, names=names)
+    for name in names:
+        model, inputs = patch_cases()[name]()
+        with torch.no_grad():
+            expected = model(**inputs)[0]
+        for rank, record in enumerate(records):
+            out, fell_back, reason = record["result"][name]
+            assert fell_back and "refused" in reason, (name, rank, reason)
+            if name in ("conv-patchify", "sd3"):
+                assert "made inside the graph" in reason and "2x2 patches" in reason, (name, reason)
+            assert (out - expected).abs().max().item() <= 1e-5, name

@@ -65,6 +65,16 @@ def plan_streams(gm: fx.GraphModule, tokens: TokenDims, *, world_size: int, rank
                 stream.reason = "Dynamo specialised its length to a constant"
         else:
             stream.symbols = stream.symbols | {expr}
+    made_inside = [tokens.grids[s.id] for s in tokens.segments if s.id not in owner and s.id in tokens.grids]
+    if made_inside:
+        # tokens patchified from a latent: sharding them means sharding the latent's rows in whole
+        # patch rows, with all-to-all lengths in patch rows x columns; not implemented, so refuse
+        grids = "; ".join(g.describe() for g in made_inside)
+        raise Refusal(
+            f"the token sequence is made inside the graph from an input's spatial dims ({grids}); "
+            f"Ulysses does not shard an input's patch rows yet",
+            fix="Patchify outside the compiled module and pass the tokens ([B, tokens, C*p*p]) as its input.",
+        )
     if streams and not any(s.symbols for s in streams):
         for stream in streams:  # nothing symbolic at all: the graph was traced with static shapes
             stream.fix = "Compile with torch.compile(..., dynamic=True) so the sequence lengths stay symbolic."
