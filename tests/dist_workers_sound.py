@@ -104,6 +104,8 @@ def patch_cases():
 
 def patch_models(rank, world_size, names):
     from npu_dit.backend import RECORDS
+    from npu_dit.passes.analysis.token_dims import input_name
+    from npu_dit.plans import SHARDING_META_KEY
 
     results = {}
     for name in names:
@@ -112,6 +114,17 @@ def patch_models(rank, world_size, names):
         compiled = torch.compile(model, backend="npu_dit", dynamic=True, options={"ulysses_degree": world_size})
         with torch.no_grad():
             out = compiled(**inputs)[0]
-        report = RECORDS[-1].report
-        results[name] = (out, report.fell_back, report.fallback_reason or "")
+        record = RECORDS[-1]
+        plan = record.graph.meta.get(SHARDING_META_KEY)
+        names = {i: input_name(n) for i, n in enumerate(
+            n for n in record.graph.graph.nodes if n.op == "placeholder")}
+        structure = None
+        if plan is not None:
+            structure = {
+                "shard_inputs": sorted((names[ph], dim) for ph, dim, _ in plan.shard_inputs),
+                "grids": [(names[s.grid[0]],) + tuple(s.grid[1:]) for s in plan.streams if s.grid and s.sharded],
+                "output_gathers": [(o.index, o.dim) for o in plan.outputs],
+                "counts": dict(record.report.counts) if hasattr(record.report, "counts") else {},
+            }
+        results[name] = (out, record.report.fell_back, record.report.fallback_reason or "", structure)
     return results

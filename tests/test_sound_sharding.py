@@ -160,22 +160,41 @@ def test_meta_after_the_rewrite_is_the_local_value(key, tiny_capture):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("world_size", [2, 4])
-def test_tokens_patchified_inside_the_graph_refuse_and_stay_exact(world_size, tmp_path):
-    """Issue 8 item 6, first part: tokens made by a patch-embedding convolution (the synthetic PatchDiT,
-    diffusers' SD3 with its cropped learned table) or by reshape/permute, and an overlapping patch
-    convolution, are not sharded yet: every rank refuses alike (naming the patch grid where the
-    analysis found one) and gives the serial result. 5 patch rows: uneven on 2 and 4 ranks."""
+def test_tokens_patchified_inside_the_graph(world_size, tmp_path):
+    """Issue 8 item 6: tokens made by a patch-embedding convolution (a synthetic PatchDiT with a
+    learned table cropped to the grid and a per-sample timestep embedding; diffusers' SD3 with its
+    cropped pos_embed and a sharded text stream) are sharded in whole patch rows and give the serial
+    result; a reshape/permute patchify (not recognised yet) and an overlapping patch convolution
+    refuse on every rank and stay exact. 5 patch rows: uneven on 2 and 4 ranks."""
     from tests.dist_workers_sound import patch_cases, patch_models
 
-    names = ("conv-patchify", "reshape-patchify", "overlapping-conv", "sd3")
+    names = ("conv-patchify", "sd3", "reshape-patchify", "overlapping-conv")
     records = run_ranks(patch_models, world_size, tmp_path, timeout=600, names=names)
     for name in names:
         model, inputs = patch_cases()[name]()
         with torch.no_grad():
             expected = model(**inputs)[0]
         for rank, record in enumerate(records):
-            out, fell_back, reason = record["result"][name]
-            assert fell_back and "refused" in reason, (name, rank, reason)
+            out, fell_back, reason, structure = record["result"][name]
             if name in ("conv-patchify", "sd3"):
-                assert "made inside the graph" in reason and "2x2 patches" in reason, (name, reason)
-            assert (out - expected).abs().max().item() <= 1e-5, name
+                assert not fell_back, (name, rank, reason)
+            else:
+                assert fell_back and "refused" in reason, (name, rank, reason)
+            assert (out - expected).abs().max().item() <= 1e-5, (name, rank)
+
+
+def test_patch_grid_sharding_structure(tmp_path):
+    """Which inputs are sharded on which dim: the latent's patch grid is cut in whole patch rows where
+    the tokens are made (the latent enters whole), SD3's text input is sharded on dim 1, and the
+    unpatchified output is whole on every rank (gathered in the graph before the unpatchify)."""
+    from tests.dist_workers_sound import patch_models
+
+    records = run_ranks(patch_models, 2, tmp_path, timeout=600, names=("conv-patchify", "sd3"))
+    for record in records:
+        conv = record["result"]["conv-patchify"][3]
+        assert conv["shard_inputs"] == [] and conv["grids"] == [("latent", 2, 3, 2, 2)]
+        assert conv["output_gathers"] == []
+        sd3 = record["result"]["sd3"][3]
+        assert sd3["shard_inputs"] == [("encoder_hidden_states", 1)]
+        assert sd3["grids"] == [("hidden_states", 2, 3, 2, 2)]
+        assert sd3["output_gathers"] == []
