@@ -23,6 +23,9 @@ local head slice, and an all-gather over heads after. Sequence lengths of any si
 sizes, computed in the graph from the global lengths the executor passes in) and head counts of any
 size (zero heads padded to a multiple of P, stripped after) give the serial result.
 
+Tokens patchified inside the graph (no input carries them) are a grid stream: cut to this rank's
+whole patch rows where they are made, gathered before the unpatchify (docs/ARCHITECTURE.md, Ulysses).
+
 Preconditions: the token dims are symbolic (dynamic=True); attention is SDPA in BHSD layout; each
 q/k/v sequence holds at most one run of sharded tokens. Anything else raises, and the runner falls
 back to the captured graph.

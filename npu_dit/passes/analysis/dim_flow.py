@@ -13,6 +13,10 @@ built from two images).
 Sizes are Dynamo's symbolic sizes (sympy), so slicing by `s_txt` or by the constant text length is
 matched exactly, and a merged dim's size says how lengths combine (`s39 + s50`).
 
+Patch grids: a convolution with kernel == stride and a reshape [H] -> [H/p, p] make dims of whole
+patches (`patches`); reshapes that merge dims record the merged atoms (`merges`), and splitting a
+merged dim back into factors of the same sizes carries them (unpatchify).
+
 Ops without a rule get fresh atoms for their output dims (never a wrong connection) and are listed
 in `FlowResult.opaque`, so a pass that needs a dim to flow through them can refuse clearly.
 """
