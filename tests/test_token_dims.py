@@ -159,6 +159,22 @@ def test_tokens_of_a_patch_embedding_convolution_are_a_patch_grid_of_the_latent(
     assert any(t.segments == (segment.id,) and t.dim == 1 for t in tokens.built if t.name != "flatten")
 
 
+def test_tokens_of_a_reshape_permute_patchify_are_a_patch_grid_of_the_latent():
+    """`latent.reshape(B, C, H//p, p, W//p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, h*w, C*p*p)`:
+    Dynamo records the p dims as `H//(H//p)`; the split of H is proven from its guards
+    (H % (H//p) == 0, H//(H//p) == p), so h is a dim of whole patches of the latent's dim 2."""
+    cap, tokens = _patch_tokens(patchify="reshape")
+    assert tokens.inputs == []
+    (segment,) = tokens.segments
+    grid = tokens.grids[segment.id]
+    assert (grid.input_name, grid.row_dim, grid.col_dim, grid.patch) == ("latent", 2, 3, (2, 2))
+    # the unpatchify reshape splits the tokens back into the patchify's own patch rows and columns
+    reshapes = [n for n in cap.gm.graph.nodes if n.op == "call_method" and n.target == "reshape"]
+    patchify, unpatchify = reshapes[0], reshapes[-2]  # [B, C, h, p, w, p] and [B, h, w, p, p, C]
+    assert tokens.flow.seq(unpatchify, 1) == tokens.flow.seq(patchify, 2) is not None
+    assert tokens.flow.seq(unpatchify, 2) == tokens.flow.seq(patchify, 4) is not None
+
+
 def test_an_overlapping_patch_convolution_is_no_patch_grid_and_mixes_rows():
     cap, tokens = _patch_tokens(kernel=3)
     assert tokens.grids == {}

@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import sympy
 import torch
 import torch.fx as fx
+from torch.utils._sympy.functions import FloorDiv, Mod
 
 from npu_dit.passes.analysis.attention_ops import (
     LINEAR_TARGETS,
@@ -491,7 +492,7 @@ class _Flow:
         while i < len(ins) and j < len(outs):
             gi, gj = [ins[i]], [outs[j]]
             i, j = i + 1, j + 1
-            while not self._eq(_prod(in_shape, gi), _prod(out_shape, gj)):
+            while not self.group_eq(in_shape, gi, out_shape, gj):
                 hi, hj = _prod_hint(in_shape, gi), _prod_hint(out_shape, gj)
                 if hi is not None and hj is not None and hi < hj and i < len(ins):
                     gi.append(ins[i])
@@ -529,10 +530,49 @@ class _Flow:
                 self._eq(self.atoms.seq_size(f), out_shape[d].expr) for f, d in zip(factors, outs)
             ):
                 return list(factors)
-        last = out_shape[outs[-1]]
-        if len(outs) == 2 and last.is_static and int(last.expr) > 1 and fresh[0] is not None:
-            self.patches[fresh[0][0]] = (seq, int(last.expr))
+        patch = self.proven_int(out_shape[outs[-1]])
+        if len(outs) == 2 and patch is not None and patch > 1 and fresh[0] is not None:
+            self.patches[fresh[0][0]] = (seq, patch)
         return fresh
+
+    def group_eq(self, in_shape: list[Size], gi: list[int], out_shape: list[Size], gj: list[int]) -> bool:
+        """prod(in_shape[gi]) == prod(out_shape[gj]), proven. A dim split into factors that Dynamo
+        wrote as divisions of it (a patchify `reshape(B, C, H // p, p, ..)` is recorded as
+        `[.., H//2, H//(H//2), ..]`, with the guards `H % (H//2) == 0`, `H//(H//2) == 2`) is proven
+        by the division identity: H == f * (H // f) when H % f == 0."""
+        if self._eq(_prod(in_shape, gi), _prod(out_shape, gj)):
+            return True
+        hint_in, hint_out = _prod_hint(in_shape, gi), _prod_hint(out_shape, gj)
+        if hint_in is None or hint_in != hint_out:
+            return False  # not a whole group yet (the caller extends it): no proof to attempt
+        if len(gi) == 1 and len(gj) > 1:
+            return self.divides_into(in_shape[gi[0]].expr, [out_shape[d].expr for d in gj])
+        if len(gj) == 1 and len(gi) > 1:
+            return self.divides_into(out_shape[gj[0]].expr, [in_shape[d].expr for d in gi])
+        return False
+
+    def divides_into(self, whole: sympy.Expr, factors: list[sympy.Expr]) -> bool:
+        """whole == prod(factors), peeling off the outer or the inner factor f while whole % f == 0
+        is proven and recursing on whole // f."""
+        if len(factors) == 1:
+            return self._eq(whole, factors[0])
+        for k in dict.fromkeys((0, len(factors) - 1)):
+            try:
+                remainder, quotient = Mod(whole, factors[k]), FloorDiv(whole, factors[k])
+            except (ZeroDivisionError, TypeError):
+                continue
+            if self._eq(remainder, sympy.Integer(0)) and self.divides_into(quotient, factors[:k] + factors[k + 1:]):
+                return True
+        return False
+
+    def proven_int(self, size: Size) -> int | None:
+        """The size as an int when it is a constant, or provably equal to its example value under
+        the ShapeEnv's guards (`H//(H//2) == 2`); else None."""
+        if size.is_static:
+            return int(size.expr)
+        if size.hint is not None and self._eq(size.expr, sympy.Integer(size.hint)):
+            return size.hint
+        return None
 
     def merged_factors(self, atom: int) -> tuple[Seq, ...] | None:
         root = self.atoms.find(atom)
