@@ -99,7 +99,11 @@ def patch_cases():
         return make
 
     return {"conv-patchify": synthetic(), "reshape-patchify": synthetic(patchify="reshape"),
+            "tokens-out": synthetic(patchify="reshape", unpatchify=False),
             "overlapping-conv": synthetic(kernel=3), "sd3": sd3}
+
+
+PATCH_OPTIONS = {"sd3": {"async_ulysses": True}}  # beyond ulysses_degree, per case
 
 
 def patch_models(rank, world_size, names):
@@ -111,7 +115,8 @@ def patch_models(rank, world_size, names):
     for name in names:
         model, inputs = patch_cases()[name]()
         torch._dynamo.reset()
-        compiled = torch.compile(model, backend="npu_dit", dynamic=True, options={"ulysses_degree": world_size})
+        options = {"ulysses_degree": world_size, **PATCH_OPTIONS.get(name, {})}
+        compiled = torch.compile(model, backend="npu_dit", dynamic=True, options=options)
         with torch.no_grad():
             out = compiled(**inputs)[0]
         record = RECORDS[-1]

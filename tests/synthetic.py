@@ -82,13 +82,16 @@ class PatchDiT(torch.nn.Module):
     """A DiT whose tokens are made inside the graph: latent [B, C, H, W] -> patchify (a convolution
     with kernel = stride = p, or reshape/permute) -> [B, (H/p)(W/p), D], plus a learned positional
     table cropped to the latent's patch grid and a per-sample timestep embedding; one self-attention;
-    unpatchify back to [B, C, H, W]. `kernel > patch` makes the patches overlap."""
+    unpatchify back to [B, C, H, W] (or, with `unpatchify=False`, the tokens [B, (H/p)(W/p), D]).
+    `kernel > patch` makes the patches overlap."""
 
     def __init__(self, channels: int = 4, patch: int = 2, heads: int = 2, head_dim: int = 8,
-                 max_grid: int = 16, patchify: str = "conv", kernel: int | None = None) -> None:
+                 max_grid: int = 16, patchify: str = "conv", kernel: int | None = None,
+                 unpatchify: bool = True) -> None:
         super().__init__()
         dim = heads * head_dim
         self.patch, self.heads, self.channels, self.patchify = patch, heads, channels, patchify
+        self.unpatchify = unpatchify
         kernel = kernel or patch
         self.proj = torch.nn.Conv2d(channels, dim, kernel_size=kernel, stride=patch)
         self.proj_tokens = torch.nn.Linear(channels * patch * patch, dim)
@@ -114,6 +117,8 @@ class PatchDiT(torch.nn.Module):
         q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
         o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
         x = x + self.out(o)
+        if not self.unpatchify:
+            return (x,)
         y = self.unproj(x).reshape(b, h, w, p, p, c).permute(0, 5, 1, 3, 2, 4)
         return (y.reshape(b, c, h * p, w * p),)
 

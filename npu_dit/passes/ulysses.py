@@ -259,19 +259,21 @@ class _Rewriter:
             node.kwargs = fx.node.map_arg(node.kwargs, local)
 
     def gather_tokens(self, t: fx.Node, streams: set[int], *, before: fx.Node) -> fx.Node:
-        """Shard -> Replicate of patch-grid tokens before a reshape takes the grid apart (unpatchify):
-        an all-gather (as an all-to-all: Gloo has no uneven all-gather) of each local run."""
+        """Shard -> Replicate of patch-grid tokens before a reshape takes the grid apart (unpatchify)
+        or the graph returns them: an all-gather (as an all-to-all: Gloo has no uneven all-gather) of
+        each local run of `streams`. A dim whose local tokens are not all of `streams` is refused."""
         result = t
         value = node_value(t)
         with self.graph.inserting_before(before):
             for dim, _ in self.tokens.token_dims_of(t):
                 runs = self.runs(t, dim, self.local.get(t, frozenset()))
-                if not any(r.local for r in runs):
+                if not any(r.local and set(r.streams) & streams for r in runs):
                     continue
                 parts = []
                 for run, piece in zip(runs, self.split_runs(result, dim, runs, gathered=False)):
-                    if run.local and len(run.streams) != 1:
-                        raise Refusal(f"{self.where(before)} takes apart a token dim holding several sharded streams")
+                    if run.local and (len(run.streams) != 1 or run.streams[0] not in streams):
+                        raise Refusal(f"{self.where(before)} takes apart or returns a token dim holding patch-grid "
+                                      f"tokens next to other sharded tokens (dim {dim})")
                     if run.local:
                         start = self.call(C.gather_seq_start, (piece, dim, self.lengths_of(run.streams), self.world,
                                                                self.ctx.group_name))
@@ -604,11 +606,24 @@ class _Rewriter:
     # -- outputs -------------------------------------------------------------------------------
     def plan_outputs(self, output: fx.Node) -> None:
         flat, _ = tree_flatten(output.args[0])
+        gathered: dict[fx.Node, fx.Node] = {}
         for index, out in enumerate(flat):
             if not isinstance(out, fx.Node) or not self.local.get(out):
                 continue
-            for dim, _ in self.tokens.token_dims_of(out):
-                runs = self.runs(out, dim, self.local[out])
+            grids = set(self.local[out]) & set(self.grid_rows)
+            if grids:
+                # patch-grid tokens returned as tokens: the executor knows no global length for them
+                # (no input carries them), so they are gathered here, in the graph
+                if out not in gathered:
+                    gathered[out] = self.gather_tokens(out, grids, before=output)
+                    output.replace_input_with(out, gathered[out])
+            local = self.local[gathered[out]] if grids else self.local[out]
+            if not local:
+                continue
+            for dim, _ in self.tokens.token_dims_of(out):  # the dims the analysis saw (before any gather)
+                runs = self.runs(out, dim, local)
+                if grids and not any(r.local for r in runs):
+                    continue  # the gathered grid dim
                 if not all(r.local for r in runs):
                     raise Refusal(f"output {index} mixes sharded and replicated tokens on dim {dim}")
                 streams = tuple(s for r in runs for s in r.streams)

@@ -80,7 +80,10 @@ def plan_streams(gm: fx.GraphModule, tokens: TokenDims, *, world_size: int, rank
             stream.fix = "Compile with torch.compile(..., dynamic=True) so the sequence lengths stay symbolic."
 
     if not any(s.sharded for s in streams):
-        reasons = "; ".join(f"stream {s.id} ({s.name}): {s.reason}" for s in streams)
+        reasons = "; ".join([f"stream {s.id} ({s.name}): {s.reason}" for s in streams] + [
+            f"tokens made inside the graph at {seg.origin}, not a patch grid of an input (a convolution "
+            f"with kernel == stride and no padding, or a row-major reshape/permute patchify)"
+            for seg in tokens.segments if seg.id not in owner])
         fix = "Compile with torch.compile(..., dynamic=True)." if any(s.fix for s in streams) else None
         raise Refusal(f"Ulysses found no token stream it can shard ({reasons})", fix=fix)
 
