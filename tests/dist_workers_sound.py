@@ -106,7 +106,7 @@ def patch_cases():
 PATCH_OPTIONS = {"sd3": {"async_ulysses": True}}  # beyond ulysses_degree, per case
 
 
-def patch_models(rank, world_size, names):
+def patch_models(rank, world_size, names, options=None):
     from npu_dit.backend import RECORDS
     from npu_dit.passes.analysis.token_dims import input_name
     from npu_dit.plans import SHARDING_META_KEY
@@ -115,8 +115,8 @@ def patch_models(rank, world_size, names):
     for name in names:
         model, inputs = patch_cases()[name]()
         torch._dynamo.reset()
-        options = {"ulysses_degree": world_size, **PATCH_OPTIONS.get(name, {})}
-        compiled = torch.compile(model, backend="npu_dit", dynamic=True, options=options)
+        case_options = {"ulysses_degree": world_size, **PATCH_OPTIONS.get(name, {}), **(options or {}).get(name, {})}
+        compiled = torch.compile(model, backend="npu_dit", dynamic=True, options=case_options)
         with torch.no_grad():
             out = compiled(**inputs)[0]
         record = RECORDS[-1]

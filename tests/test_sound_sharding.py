@@ -166,15 +166,18 @@ def test_tokens_patchified_inside_the_graph(world_size, tmp_path):
     the grid and a per-sample timestep embedding), a reshape/permute patchify (also returning the
     tokens without unpatchify), and diffusers' SD3 (cropped pos_embed, sharded text stream, async
     Ulysses). An overlapping patch convolution refuses on every rank and stays exact. 5 patch rows:
-    uneven on 2 and 4 ranks. One spawn runs every case; on 4 ranks only the synthetic conv and
-    reshape patchifies (the other cases add no rule that depends on the world size)."""
+    uneven on 2 and 4 ranks. One spawn runs every case; on 4 ranks only the reshape patchify
+    returning tokens on Ulysses-4 and the conv patchify on Ulysses-2 x TP-2 (the other cases add no
+    rule that depends on the world size)."""
     from tests.dist_workers_sound import patch_cases, patch_models
 
     sharded = ("conv-patchify", "sd3", "reshape-patchify", "tokens-out")
     names = sharded + ("overlapping-conv",)
+    options = {}
     if world_size == 4:
         sharded = names = ("conv-patchify", "tokens-out")
-    records = run_ranks(patch_models, world_size, tmp_path, timeout=600, names=names)
+        options = {"conv-patchify": {"ulysses_degree": 2, "tp_degree": 2}}
+    records = run_ranks(patch_models, world_size, tmp_path, timeout=600, names=names, options=options)
     for name in names:
         model, inputs = patch_cases()[name]()
         with torch.no_grad():
@@ -196,6 +199,8 @@ def test_tokens_patchified_inside_the_graph(world_size, tmp_path):
             structure = record["result"][name][3]
             assert structure["shard_inputs"] == [] and structure["grids"] == [("latent", 2, 3, 2, 2)], name
             assert structure["output_gathers"] == [], name
+            if name in options:  # the TP pass ran first and sharded linears, the grid on TP-local heads
+                assert structure["counts"].get("row_linear", 0) > 0, structure["counts"]
         if "sd3" not in names:
             continue
         sd3 = record["result"]["sd3"][3]
