@@ -31,6 +31,10 @@ class Stream:
     example_length: int | None
     name: str = ""  # the inputs carrying it, e.g. "hidden_states[1], img_ids[0]"
     fix: str | None = None  # what the user can do to have it sharded, when replicated for a fixable reason
+    # tokens made inside the graph from an input's patch grid (no input carries them):
+    # (placeholder index, row dim, column dim, patch rows, patch columns); each rank holds a run of
+    # whole patch rows, cut in the graph right where the tokens are made
+    grid: tuple[int, int, int, int, int] | None = None
 
 
 @dataclasses.dataclass
@@ -52,11 +56,12 @@ class ShardingPlan:
 
     @property
     def sharded_streams(self) -> list[Stream]:
-        return [s for s in self.streams if s.sharded]
+        """Streams the executor shards at the inputs (a patch-grid stream is cut inside the graph)."""
+        return [s for s in self.streams if s.sharded and s.grid is None]
 
     def fingerprint(self) -> str:
         """What must be equal on every rank for the rewritten graphs to exchange matching collectives."""
-        streams = [(s.id, s.segments, s.inputs, s.sharded) for s in self.streams]
+        streams = [(s.id, s.segments, s.inputs, s.sharded, s.grid) for s in self.streams]
         return repr((self.world_size, streams, self.shard_inputs, self.local_symints, self.global_lengths,
                      [(o.index, o.dim, o.streams) for o in self.outputs]))
 
@@ -64,6 +69,8 @@ class ShardingPlan:
         lines = []
         for s in self.streams:
             state = "sharded" if s.sharded else f"replicated ({s.reason})"
+            if s.grid is not None and s.sharded:
+                state = f"sharded in whole patch rows of {s.name}"
             carried = s.name or f"segments {list(s.segments)}"
             lines.append(f"stream {s.id} ({carried}, e.g. {s.example_length} tokens): {state}")
         return lines

@@ -71,3 +71,65 @@ def mismatched_shapes(rank, world_size):
             cause = cause.__cause__
         return type(cause).__name__, str(cause), time.monotonic() - start
     return None, "no error", time.monotonic() - start
+
+
+def patch_cases():
+    """(name, model factory, inputs) of DiTs whose tokens are patchified inside the graph."""
+    from tests.synthetic import PatchDiT
+
+    def sd3():
+        from diffusers import SD3Transformer2DModel
+
+        torch.manual_seed(0)
+        model = SD3Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+            joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
+            pos_embed_max_size=16).eval()
+        g = torch.Generator().manual_seed(1)
+        inputs = dict(hidden_states=torch.randn(1, 4, 10, 8, generator=g),
+                      encoder_hidden_states=torch.randn(1, 5, 16, generator=g),
+                      pooled_projections=torch.randn(1, 16, generator=g), timestep=torch.tensor([3.0]))
+        return model, inputs
+
+    def synthetic(**kwargs):
+        def make():
+            torch.manual_seed(0)
+            model = PatchDiT(**kwargs).eval()
+            return model, model.example_inputs(1, 10, 8)  # 5 patch rows: uneven on 2 and 4 ranks
+        return make
+
+    return {"conv-patchify": synthetic(), "reshape-patchify": synthetic(patchify="reshape"),
+            "tokens-out": synthetic(patchify="reshape", unpatchify=False),
+            "overlapping-conv": synthetic(kernel=3), "sd3": sd3}
+
+
+PATCH_OPTIONS = {"sd3": {"async_ulysses": True}}  # beyond ulysses_degree, per case
+
+
+def patch_models(rank, world_size, names, options=None):
+    from npu_dit.backend import RECORDS
+    from npu_dit.passes.analysis.token_dims import input_name
+    from npu_dit.plans import SHARDING_META_KEY
+
+    results = {}
+    for name in names:
+        model, inputs = patch_cases()[name]()
+        torch._dynamo.reset()
+        case_options = {"ulysses_degree": world_size, **PATCH_OPTIONS.get(name, {}), **(options or {}).get(name, {})}
+        compiled = torch.compile(model, backend="npu_dit", dynamic=True, options=case_options)
+        with torch.no_grad():
+            out = compiled(**inputs)[0]
+        record = RECORDS[-1]
+        plan = record.graph.meta.get(SHARDING_META_KEY)
+        names = {i: input_name(n) for i, n in enumerate(
+            n for n in record.graph.graph.nodes if n.op == "placeholder")}
+        structure = None
+        if plan is not None:
+            structure = {
+                "shard_inputs": sorted((names[ph], dim) for ph, dim, _ in plan.shard_inputs),
+                "grids": [(names[s.grid[0]],) + tuple(s.grid[1:]) for s in plan.streams if s.grid and s.sharded],
+                "output_gathers": [(o.index, o.dim) for o in plan.outputs],
+                "counts": dict(record.report.counts) if hasattr(record.report, "counts") else {},
+            }
+        results[name] = (out, record.report.fell_back, record.report.fallback_reason or "", structure)
+    return results

@@ -76,3 +76,53 @@ class TokenMixing(JointAttention):
             scores = (img @ img.transpose(1, 2)) / img.shape[-1] ** 0.5
             return (scores.softmax(dim=-1) @ img,)
         raise ValueError(self.kind)
+
+
+class PatchDiT(torch.nn.Module):
+    """A DiT whose tokens are made inside the graph: latent [B, C, H, W] -> patchify (a convolution
+    with kernel = stride = p, or reshape/permute) -> [B, (H/p)(W/p), D], plus a learned positional
+    table cropped to the latent's patch grid and a per-sample timestep embedding; one self-attention;
+    unpatchify back to [B, C, H, W] (or, with `unpatchify=False`, the tokens [B, (H/p)(W/p), D]).
+    `kernel > patch` makes the patches overlap."""
+
+    def __init__(self, channels: int = 4, patch: int = 2, heads: int = 2, head_dim: int = 8,
+                 max_grid: int = 16, patchify: str = "conv", kernel: int | None = None,
+                 unpatchify: bool = True) -> None:
+        super().__init__()
+        dim = heads * head_dim
+        self.patch, self.heads, self.channels, self.patchify = patch, heads, channels, patchify
+        self.unpatchify = unpatchify
+        kernel = kernel or patch
+        self.proj = torch.nn.Conv2d(channels, dim, kernel_size=kernel, stride=patch)
+        self.proj_tokens = torch.nn.Linear(channels * patch * patch, dim)
+        self.pos = torch.nn.Parameter(torch.randn(1, max_grid, max_grid, dim) * 0.1)
+        self.time = torch.nn.Linear(1, dim)
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.out = torch.nn.Linear(dim, dim)
+        self.unproj = torch.nn.Linear(dim, patch * patch * channels)
+
+    def forward(self, latent, timestep):
+        b, c, height, width = latent.shape
+        p = self.patch
+        h, w = height // p, width // p
+        if self.patchify == "conv":
+            x = self.proj(latent)
+            h, w = x.shape[-2], x.shape[-1]
+            x = x.flatten(2).transpose(1, 2)
+        else:
+            x = latent.reshape(b, c, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w, c * p * p)
+            x = self.proj_tokens(x)
+        x = x + self.pos[:, :h, :w].reshape(1, h * w, -1)
+        x = x + self.time(timestep[:, None].to(x.dtype))[:, None]
+        q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        x = x + self.out(o)
+        if not self.unpatchify:
+            return (x,)
+        y = self.unproj(x).reshape(b, h, w, p, p, c).permute(0, 5, 1, 3, 2, 4)
+        return (y.reshape(b, c, h * p, w * p),)
+
+    def example_inputs(self, batch: int, height: int, width: int):
+        g = torch.Generator().manual_seed(height + 7 * width)
+        return {"latent": torch.randn(batch, self.channels, height, width, generator=g),
+                "timestep": torch.tensor([3.0] * batch)}

@@ -156,3 +156,98 @@ def test_meta_after_the_rewrite_is_the_local_value(key, tiny_capture):
     for wait in waits:
         seq = wait.meta["val"].shape[2]
         assert isinstance(seq, torch.SymInt) and seq.node.expr.free_symbols <= {s for e in global_symbols for s in e.free_symbols}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_tokens_patchified_inside_the_graph(world_size, tmp_path):
+    """Issue 8 item 6: tokens made inside the graph are sharded in whole patch rows and give the
+    serial result: a patch-embedding convolution (a synthetic PatchDiT with a learned table cropped to
+    the grid and a per-sample timestep embedding), a reshape/permute patchify (also returning the
+    tokens without unpatchify), and diffusers' SD3 (cropped pos_embed, sharded text stream, async
+    Ulysses). An overlapping patch convolution refuses on every rank and stays exact. 5 patch rows:
+    uneven on 2 and 4 ranks. One spawn runs every case; on 4 ranks only the reshape patchify
+    returning tokens on Ulysses-4 and the conv patchify on Ulysses-2 x TP-2 (the other cases add no
+    rule that depends on the world size)."""
+    from tests.dist_workers_sound import patch_cases, patch_models
+
+    sharded = ("conv-patchify", "sd3", "reshape-patchify", "tokens-out")
+    names = sharded + ("overlapping-conv",)
+    options = {}
+    if world_size == 4:
+        sharded = names = ("conv-patchify", "tokens-out")
+        options = {"conv-patchify": {"ulysses_degree": 2, "tp_degree": 2}}
+    records = run_ranks(patch_models, world_size, tmp_path, timeout=600, names=names, options=options)
+    for name in names:
+        model, inputs = patch_cases()[name]()
+        with torch.no_grad():
+            expected = model(**inputs)[0]
+        for rank, record in enumerate(records):
+            out, fell_back, reason, structure = record["result"][name]
+            if name in sharded:
+                assert not fell_back, (name, rank, reason)
+            else:
+                assert fell_back and "refused" in reason and "not a patch grid" in reason, (name, rank, reason)
+            assert out.shape == expected.shape, (name, rank)
+            assert (out - expected).abs().max().item() <= 1e-5, (name, rank)
+    # which inputs are sharded on which dim (a plan written by hand): the latent's patch grid is cut
+    # in whole patch rows inside the graph (the latent enters whole), SD3's text input is sharded on
+    # dim 1, and nothing is left for the executor to gather (unpatchified or returned tokens are
+    # gathered in the graph)
+    for record in records:
+        for name in {"conv-patchify", "reshape-patchify", "tokens-out"} & set(names):
+            structure = record["result"][name][3]
+            assert structure["shard_inputs"] == [] and structure["grids"] == [("latent", 2, 3, 2, 2)], name
+            assert structure["output_gathers"] == [], name
+            if name in options:  # the TP pass ran first and sharded linears, the grid on TP-local heads
+                assert structure["counts"].get("row_linear", 0) > 0, structure["counts"]
+        if "sd3" not in names:
+            continue
+        sd3 = record["result"]["sd3"][3]
+        assert sd3["shard_inputs"] == [("encoder_hidden_states", 1)]
+        assert sd3["grids"] == [("hidden_states", 2, 3, 2, 2)]
+        assert sd3["output_gathers"] == []
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"patchify": "reshape"}, {"patchify": "reshape", "unpatchify": False}],
+                         ids=["conv", "reshape", "tokens-out"])
+def test_patch_grid_rewrite_structure(kwargs):
+    """Rank 1 of 2, without collectives: the tokens are cut to this rank's rows where they are made
+    (the patch embedding and the cropped positional table: two `localize_rows`), attention exchanges
+    them by all-to-all, and one gather makes them whole again before the unpatchify reshape (or the
+    output); meta after the rewrite is the local value."""
+    import functools
+
+    from npu_dit.passes.analysis.fake_prop import meta_mismatches
+    from npu_dit.passes.infra import PassSpec, run_passes
+    from npu_dit.passes.scalar_inputs import scalar_inputs_pass
+    from npu_dit.passes.ulysses import ulysses_pass
+    from npu_dit.plans import SHARDING_META_KEY
+    from npu_dit.runtime import collectives as C
+    from npu_dit.runtime.dist import inspection_context
+    from npu_dit.tools.capture import capture_graph
+    from tests.synthetic import PatchDiT
+
+    torch.manual_seed(0)
+    model = PatchDiT(**kwargs).eval()
+    cap = capture_graph(model, model.example_inputs(1, 10, 8))
+    gm, report = run_passes(cap.gm, [PassSpec("scalar_inputs", scalar_inputs_pass),
+                                     PassSpec("ulysses", functools.partial(ulysses_pass, ctx=inspection_context(2, 1)))])
+    assert not report.fell_back, report.fallback_reason
+    plan = gm.meta[SHARDING_META_KEY]
+    assert plan.shard_inputs == [] and plan.global_lengths == [] and plan.outputs == []
+    (stream,) = plan.streams
+    assert stream.sharded and stream.grid[1:] == (2, 3, 2, 2)
+
+    def calls(fn):
+        return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is fn]
+
+    assert len(calls(C.localize_rows)) == 2
+    assert len(calls(C.seq_to_heads_start)) == 3 and len(calls(C.heads_to_seq_start)) == 1
+    (gather,) = calls(C.gather_seq_wait)
+    (user,) = gather.users
+    if kwargs.get("unpatchify", True):
+        assert user.op == "call_method" and user.target == "reshape"
+    else:
+        assert user.op == "output"
+    assert meta_mismatches(gm) == []

@@ -138,3 +138,63 @@ def test_static_token_dims_are_a_refusal_that_names_the_fix():
     with pytest.raises(Refusal, match=r"Pass dynamic=True to torch.compile"):
         require_dynamic_token_dims(tokens, "Ulysses sequence parallelism")
     require_dynamic_token_dims(token_dims(capture_graph(model, inputs).gm), "Ulysses")  # dynamic: fine
+
+
+def _patch_tokens(**kwargs):
+    from tests.synthetic import PatchDiT
+
+    torch.manual_seed(0)
+    model = PatchDiT(**kwargs).eval()
+    cap = capture_graph(model, model.example_inputs(1, 10, 8))
+    return cap, token_dims(cap.gm)
+
+
+def test_tokens_of_a_patch_embedding_convolution_are_a_patch_grid_of_the_latent():
+    _, tokens = _patch_tokens()
+    assert tokens.inputs == []  # no input carries a token dim: the sequence is made in the graph
+    (segment,) = tokens.segments
+    grid = tokens.grids[segment.id]
+    assert (grid.input_name, grid.row_dim, grid.col_dim, grid.patch) == ("latent", 2, 3, (2, 2))
+    # the learned table cropped to the patch grid carries the same tokens
+    assert any(t.segments == (segment.id,) and t.dim == 1 for t in tokens.built if t.name != "flatten")
+
+
+def test_tokens_of_a_reshape_permute_patchify_are_a_patch_grid_of_the_latent():
+    """`latent.reshape(B, C, H//p, p, W//p, p).permute(0, 2, 4, 1, 3, 5).reshape(B, h*w, C*p*p)`:
+    Dynamo records the p dims as `H//(H//p)`; the split of H is proven from its guards
+    (H % (H//p) == 0, H//(H//p) == p), so h is a dim of whole patches of the latent's dim 2."""
+    cap, tokens = _patch_tokens(patchify="reshape")
+    assert tokens.inputs == []
+    (segment,) = tokens.segments
+    grid = tokens.grids[segment.id]
+    assert (grid.input_name, grid.row_dim, grid.col_dim, grid.patch) == ("latent", 2, 3, (2, 2))
+    # the unpatchify reshape splits the tokens back into the patchify's own patch rows and columns
+    reshapes = [n for n in cap.gm.graph.nodes if n.op == "call_method" and n.target == "reshape"]
+    patchify, unpatchify = reshapes[0], reshapes[-2]  # [B, C, h, p, w, p] and [B, h, w, p, p, C]
+    assert tokens.flow.seq(unpatchify, 1) == tokens.flow.seq(patchify, 2) is not None
+    assert tokens.flow.seq(unpatchify, 2) == tokens.flow.seq(patchify, 4) is not None
+
+
+def test_an_overlapping_patch_convolution_is_no_patch_grid_and_mixes_rows():
+    cap, tokens = _patch_tokens(kernel=3)
+    assert tokens.grids == {}
+    conv = next(n for n in cap.gm.graph.nodes if n.op == "call_function" and "conv" in str(n.target))
+    assert sorted(d for _, d in tokens.flow.mixing[conv]) == [1, 2, 3]
+
+
+def test_sd3_image_tokens_are_a_patch_grid_of_hidden_states():
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
+        pos_embed_max_size=16).eval()
+    inputs = dict(hidden_states=torch.randn(1, 4, 12, 8), encoder_hidden_states=torch.randn(1, 5, 16),
+                  pooled_projections=torch.randn(1, 16), timestep=torch.tensor([3.0]))
+    tokens = token_dims(capture_graph(model, inputs).gm)
+    assert dims(tokens.inputs) == {("encoder_hidden_states", 1)}
+    (grid,) = tokens.grids.values()
+    assert (grid.input_name, grid.row_dim, grid.col_dim, grid.patch) == ("hidden_states", 2, 3, (2, 2))
+    # the cropped pos_embed table is a token dim of the same segment
+    assert any(t.segments == (grid.segment,) and t.name.startswith("pos_embed") and t.dim == 1 for t in tokens.built)

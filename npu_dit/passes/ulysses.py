@@ -23,6 +23,9 @@ local head slice, and an all-gather over heads after. Sequence lengths of any si
 sizes, computed in the graph from the global lengths the executor passes in) and head counts of any
 size (zero heads padded to a multiple of P, stripped after) give the serial result.
 
+Tokens patchified inside the graph (no input carries them) are a grid stream: cut to this rank's
+whole patch rows where they are made, gathered before the unpatchify (docs/ARCHITECTURE.md, Ulysses).
+
 Preconditions: the token dims are symbolic (dynamic=True); attention is SDPA in BHSD layout; each
 q/k/v sequence holds at most one run of sharded tokens. Anything else raises, and the runner falls
 back to the captured graph.
@@ -54,10 +57,18 @@ CONSTANT_FILLS = {
     "ones", "zeros", "full", "empty", "ones_like", "zeros_like", "full_like", "empty_like",
     "new_ones", "new_zeros", "new_full", "new_empty",
 }
+# reshapes that can take a merged token dim apart again (unpatchify)
+UNMERGING_OPS = {"reshape", "view", "unflatten", "view_as", "reshape_as"}
 _SYM_ARITHMETIC = {
     operator.add, operator.sub, operator.mul, operator.floordiv, operator.neg, operator.mod,
     torch.sym_max, torch.sym_min, torch.sym_sum,
 }
+
+
+def _same(a: sympy.Expr, b: sympy.Expr, shape_env: Any) -> bool:
+    from npu_dit.passes.analysis.dim_flow import facts_equal
+
+    return facts_equal(shape_env, a, b)
 
 
 def _op_name(node: fx.Node) -> str:
@@ -86,6 +97,8 @@ class _Rewriter:
         self.global_len: dict[int, fx.Node] = {}  # stream id -> its global length (input / full length)
         self.stream_len: dict[int, fx.Node] = {}  # stream id -> its length in this graph (local if sharded)
         self.chunks: dict[int, fx.Node] = {}  # sharded stream id -> per-rank chunk lengths
+        self.grid_rows: dict[int, tuple[fx.Node, fx.Node]] = {}  # patch-grid stream -> (rows, cols)
+        self.grid_symints: set[fx.Node] = set()  # lengths inserted for grid streams
         self.cache: dict[tuple, fx.Node] = {}
         self.setup_end: fx.Node | None = None
         self.stack: dict | None = None  # nn_module_stack given to inserted nodes
@@ -171,6 +184,9 @@ class _Rewriter:
         first_op = next(n for n in self.graph.nodes if n.op != "placeholder")
         with self.graph.inserting_before(first_op):
             for stream in self.plan.streams:
+                if stream.grid is not None:
+                    self.add_grid_lengths(stream.id, placeholders, *stream.grid)
+                    continue
                 ph, dim = stream.inputs[0]
                 self.stream_len[stream.id] = self.call(torch.ops.aten.sym_size.int, (placeholders[ph], dim))
                 if stream.sharded:
@@ -178,6 +194,96 @@ class _Rewriter:
                 else:
                     self.global_len[stream.id] = self.stream_len[stream.id]
         self.setup_end = first_op
+
+    def add_grid_lengths(self, stream: int, placeholders: list[fx.Node], ph: int, row_dim: int, col_dim: int,
+                         patch_rows: int, patch_cols: int) -> None:
+        """A patch-grid stream: rows = H // p and cols = W // p of its (whole) input; rank j holds
+        chunk j of the rows, so its tokens are rows_j * cols contiguous ones."""
+        size = torch.ops.aten.sym_size.int
+        rows = self.call(operator.floordiv, (self.call(size, (placeholders[ph], row_dim)), patch_rows))
+        cols = self.call(operator.floordiv, (self.call(size, (placeholders[ph], col_dim)), patch_cols))
+        self.grid_rows[stream] = (rows, cols)
+        self.global_len[stream] = self.call(operator.mul, (rows, cols))
+        self.chunks[stream] = self.call(C.grid_chunk_lengths, (rows, cols, self.world))
+        self.stream_len[stream] = self.call(operator.getitem, (self.chunks[stream], self.rank))
+        self.grid_symints |= {rows, cols, self.global_len[stream], self.stream_len[stream]}
+
+    def cut_grid_source(self, node: fx.Node, streams: set[int]) -> None:
+        """Where patch-grid tokens are made (the patch embedding's flatten, a table cropped to the
+        grid), cut them to this rank's rows at once: every later use sees local tokens."""
+        dims = [(d, self.seq_segments(node, d)) for d, _ in self.tokens.token_dims_of(node)]
+        dims = [(d, segs) for d, segs in dims if any(self.stream_of_segment.get(s) in streams for s in segs)]
+        if not isinstance(node_value(node), torch.Tensor) or not dims:
+            raise Refusal(f"{self.where(node)} makes patch-grid tokens Ulysses cannot cut to this rank's rows")
+        users = list(node.users)
+        cut = node
+        with self.graph.inserting_before(node.next):
+            for dim, segs in dims:
+                if len(segs) != 1:
+                    raise Refusal(f"{self.where(node)} holds patch-grid tokens next to other tokens on dim {dim}")
+                rows, cols = self.grid_rows[self.stream_of_segment[segs[0]]]
+                cut = self.call(C.localize_rows, (cut, dim, rows, cols, self.world, self.rank))
+                self.bump("localize")
+        for user in users:
+            user.replace_input_with(node, cut)
+        self.local[cut] = self.local[node] | frozenset(streams)
+
+    def localize_lengths(self, node: fx.Node, streams: set[int]) -> None:
+        """The grid's input enters whole, so lengths the graph reads off it are global: an op on local
+        grid tokens given the token count (SD3 splits its joint output at `residual.shape[1]`) gets
+        this rank's count instead. Any other length made from the grid's input dims is refused."""
+        if _op_name(node) in UNMERGING_OPS:
+            return  # gathered first (unpatchify)
+        total = {s: node_value(self.global_len[s]).node.expr for s in streams}
+        symbols = frozenset().union(*(e.free_symbols for e in total.values()))
+
+        def local(arg: Any) -> Any:
+            value = node_value(arg) if isinstance(arg, fx.Node) else None
+            if not isinstance(value, torch.SymInt) or not value.node.expr.free_symbols & symbols:
+                return arg
+            if arg in self.setup_nodes or arg in self.grid_symints:
+                return arg  # lengths this pass computed itself
+            expr = value.node.expr
+            stream = next((s for s, e in total.items() if _same(expr, e, self.atoms.shape_env)), None)
+            if stream is not None:
+                return self.stream_len[stream]
+            if arg.op == "call_function" and arg.target in _SYM_ARITHMETIC:
+                key = ("local", arg)
+                if key not in self.cache:
+                    self.cache[key] = self.call(arg.target, tuple(local(a) for a in arg.args))
+                return self.cache[key]
+            raise Refusal(f"{self.where(node)} uses a length of the patch grid's input ({expr}) on local tokens")
+
+        with self.graph.inserting_before(node):
+            node.args = fx.node.map_arg(node.args, local)
+            node.kwargs = fx.node.map_arg(node.kwargs, local)
+
+    def gather_tokens(self, t: fx.Node, streams: set[int], *, before: fx.Node) -> fx.Node:
+        """Shard -> Replicate of patch-grid tokens before a reshape takes the grid apart (unpatchify)
+        or the graph returns them: an all-gather (as an all-to-all: Gloo has no uneven all-gather) of
+        each local run of `streams`. A dim whose local tokens are not all of `streams` is refused."""
+        result = t
+        value = node_value(t)
+        with self.graph.inserting_before(before):
+            for dim, _ in self.tokens.token_dims_of(t):
+                runs = self.runs(t, dim, self.local.get(t, frozenset()))
+                if not any(r.local and set(r.streams) & streams for r in runs):
+                    continue
+                parts = []
+                for run, piece in zip(runs, self.split_runs(result, dim, runs, gathered=False)):
+                    if run.local and (len(run.streams) != 1 or run.streams[0] not in streams):
+                        raise Refusal(f"{self.where(before)} takes apart or returns a token dim holding patch-grid "
+                                      f"tokens next to other sharded tokens (dim {dim})")
+                    if run.local:
+                        start = self.call(C.gather_seq_start, (piece, dim, self.lengths_of(run.streams), self.world,
+                                                               self.ctx.group_name))
+                        parts.append(self.call(C.gather_seq_wait, (start, dim, value.dtype)))
+                        self.bump("all_gather")
+                    else:
+                        parts.append(piece)
+                result = parts[0] if len(parts) == 1 else self.call(torch.cat, (parts, dim))
+        self.local[result] = self.local.get(t, frozenset()) - frozenset(streams)
+        return result
 
     def _sum(self, nodes: list[fx.Node], key: tuple) -> fx.Node:
         if len(nodes) == 1:
@@ -242,6 +348,14 @@ class _Rewriter:
             carried |= self.local.get(inp, frozenset())
         self.check_rules(node)
         lost = carried - present
+        if carried & set(self.grid_rows):
+            self.localize_lengths(node, carried & set(self.grid_rows))
+        if lost and lost <= set(self.grid_rows) and _op_name(node) in UNMERGING_OPS:
+            # unpatchify: the grid's tokens are split back into rows and columns; gather them first
+            inp = node.args[0]
+            node.replace_input_with(inp, self.gather_tokens(inp, lost, before=node))
+            carried -= lost
+            lost = set()
         if lost and isinstance(node_value(node), torch.Tensor) and _op_name(node) not in SLICING_OPS:
             raise Refusal(
                 f"{self.where(node)} drops the sharded token dim of stream(s) {sorted(lost)}; Ulysses does "
@@ -257,6 +371,10 @@ class _Rewriter:
             if is_source and _op_name(node) in CONSTANT_FILLS and self._sized_by_local_length(node, stream):
                 local.add(stream)
         self.local[node] = frozenset(local)
+        made = {s for s in present - carried if s in self.grid_rows}
+        if made:
+            self.cut_grid_source(node, made)
+            local |= made
         self.globalize_lengths(node, present - local)
         for inp in list(node.all_input_nodes):
             need = (self.streams_of(inp) & self.local[node]) - self.local.get(inp, frozenset())
@@ -488,11 +606,24 @@ class _Rewriter:
     # -- outputs -------------------------------------------------------------------------------
     def plan_outputs(self, output: fx.Node) -> None:
         flat, _ = tree_flatten(output.args[0])
+        gathered: dict[fx.Node, fx.Node] = {}
         for index, out in enumerate(flat):
             if not isinstance(out, fx.Node) or not self.local.get(out):
                 continue
-            for dim, _ in self.tokens.token_dims_of(out):
-                runs = self.runs(out, dim, self.local[out])
+            grids = set(self.local[out]) & set(self.grid_rows)
+            if grids:
+                # patch-grid tokens returned as tokens: the executor knows no global length for them
+                # (no input carries them), so they are gathered here, in the graph
+                if out not in gathered:
+                    gathered[out] = self.gather_tokens(out, grids, before=output)
+                    output.replace_input_with(out, gathered[out])
+            local = self.local[gathered[out]] if grids else self.local[out]
+            if not local:
+                continue
+            for dim, _ in self.tokens.token_dims_of(out):  # the dims the analysis saw (before any gather)
+                runs = self.runs(out, dim, local)
+                if grids and not any(r.local for r in runs):
+                    continue  # the gathered grid dim
                 if not all(r.local for r in runs):
                     raise Refusal(f"output {index} mixes sharded and replicated tokens on dim {dim}")
                 streams = tuple(s for r in runs for s in r.streams)

@@ -65,19 +65,32 @@ def plan_streams(gm: fx.GraphModule, tokens: TokenDims, *, world_size: int, rank
                 stream.reason = "Dynamo specialised its length to a constant"
         else:
             stream.symbols = stream.symbols | {expr}
+    for segment in tokens.segments:
+        grid = tokens.grids.get(segment.id)
+        if segment.id in owner or grid is None:
+            continue
+        # tokens patchified from an input (no input carries them): every rank keeps a contiguous run of
+        # whole patch rows, cut where the tokens are made; the input itself stays whole
+        stream = Stream(len(streams), (segment.id,), [], True, "patch rows", frozenset(), segment.hint,
+                        name=grid.describe(), grid=(index_of[grid.input], grid.row_dim, grid.col_dim, *grid.patch))
+        streams.append(stream)
+        owner[segment.id] = stream.id
     if streams and not any(s.symbols for s in streams):
         for stream in streams:  # nothing symbolic at all: the graph was traced with static shapes
             stream.fix = "Compile with torch.compile(..., dynamic=True) so the sequence lengths stay symbolic."
 
     if not any(s.sharded for s in streams):
-        reasons = "; ".join(f"stream {s.id} ({s.name}): {s.reason}" for s in streams)
+        reasons = "; ".join([f"stream {s.id} ({s.name}): {s.reason}" for s in streams] + [
+            f"tokens made inside the graph at {seg.origin}, not a patch grid of an input (a convolution "
+            f"with kernel == stride and no padding, or a row-major reshape/permute patchify)"
+            for seg in tokens.segments if seg.id not in owner])
         fix = "Compile with torch.compile(..., dynamic=True)." if any(s.fix for s in streams) else None
         raise Refusal(f"Ulysses found no token stream it can shard ({reasons})", fix=fix)
 
-    shard_inputs = [(ph, dim, s.id) for s in streams if s.sharded for ph, dim in s.inputs]
+    shard_inputs = [(ph, dim, s.id) for s in streams if s.sharded and s.grid is None for ph, dim in s.inputs]
     local_symbols: dict[sympy.Symbol, tuple[int, int]] = {}
     for stream in streams:
-        if stream.sharded:
+        if stream.sharded and stream.grid is None:
             for ph, dim in stream.inputs:
                 local_symbols.setdefault(node_value(placeholders[ph]).shape[dim].node.expr, (ph, dim))
     local_symints = []

@@ -34,6 +34,19 @@ def add_lengths(*lists: Sequence[int]) -> list[int]:
     return [sum(values) for values in zip(*lists)]
 
 
+def grid_chunk_lengths(rows: int, cols: int, world: int) -> list[int]:
+    """Per-rank token counts of a patch grid (`rows` x `cols` tokens, row-major) when rank j holds
+    chunk j of `tensor_split` over whole rows: a contiguous run of the sequence."""
+    return [n * cols for n in chunk_lengths(rows, world)]
+
+
+def localize_rows(x: torch.Tensor, dim: int, rows: int, cols: int, world: int, rank: int) -> torch.Tensor:
+    """Replicate -> Shard for patch-grid tokens along `dim`: this rank's run of whole patch rows."""
+    counts = chunk_lengths(rows, world)
+    start = sum(counts[:rank]) * cols
+    return x.narrow(dim, start, counts[rank] * cols)
+
+
 def padded_heads(num_heads: int, world: int) -> int:
     return -(-num_heads // world) * world
 

@@ -88,8 +88,8 @@ def collective_report(gm: fx.GraphModule, plan: ShardingPlan, ctx: ParallelConte
         entry["count"] += 1
         entry["bytes"] += nbytes
     a2a_bytes = sum(b for kind, _, b, _ in runner.sent if kind.startswith("all_to_all (seq->heads)") or kind.startswith("all_to_all (heads->seq)"))
-    tokens = sum(global_lengths.values()) + sum(
-        s.example_length or 0 for s in plan.streams if not s.sharded
+    tokens = sum(global_lengths.values()) + sum(  # + replicated and patch-grid streams (no input carries a grid)
+        s.example_length or 0 for s in plan.streams if not s.sharded or s.grid is not None
     )
     element = next((a.element_size() for a in local_args if isinstance(a, torch.Tensor) and a.is_floating_point()), 4)
     formula = 4 * tokens * hidden // ctx.world_size * element

@@ -13,6 +13,10 @@ built from two images).
 Sizes are Dynamo's symbolic sizes (sympy), so slicing by `s_txt` or by the constant text length is
 matched exactly, and a merged dim's size says how lengths combine (`s39 + s50`).
 
+Patch grids: a convolution with kernel == stride and a reshape [H] -> [H/p, p] make dims of whole
+patches (`patches`); reshapes that merge dims record the merged atoms (`merges`), and splitting a
+merged dim back into factors of the same sizes carries them (unpatchify).
+
 Ops without a rule get fresh atoms for their output dims (never a wrong connection) and are listed
 in `FlowResult.opaque`, so a pass that needs a dim to flow through them can refuse clearly.
 """
@@ -27,6 +31,7 @@ from typing import Any, Sequence
 import sympy
 import torch
 import torch.fx as fx
+from torch.utils._sympy.functions import FloorDiv, Mod
 
 from npu_dit.passes.analysis.attention_ops import (
     LINEAR_TARGETS,
@@ -210,6 +215,12 @@ class FlowResult:
     # node -> [(input node, dim)] sliced with cut points inside an atom (x[:, :1] of the image
     # tokens): not at a stream boundary
     inexact_slices: dict[fx.Node, list[tuple[fx.Node, int]]] = dataclasses.field(default_factory=dict)
+    # atom -> (atoms of the dim it was cut from, patch size): a dim of whole patches, made by a
+    # convolution with kernel == stride (no padding, no dilation) or by a reshape [.., H, ..] ->
+    # [.., H/p, p, ..]; position i of it is rows i*p .. i*p+p-1 of the source dim
+    patches: dict[int, tuple[Seq, int]] = dataclasses.field(default_factory=dict)
+    # atom -> atoms of the dims a reshape merged into it, outer first ([h, w] -> h*w tokens)
+    merges: dict[int, tuple[Seq, ...]] = dataclasses.field(default_factory=dict)
 
     @functools.cached_property
     def opaque_set(self) -> frozenset:
@@ -249,6 +260,8 @@ class _Flow:
         self.opaque: list[fx.Node] = []
         self.mixing: dict[fx.Node, list[tuple[fx.Node, int]]] = {}
         self.inexact_slices: dict[fx.Node, list[tuple[fx.Node, int]]] = {}
+        self.patches: dict[int, tuple[Seq, int]] = {}
+        self.merges: dict[int, tuple[Seq, ...]] = {}
 
     # -- helpers ------------------------------------------------------------------------------
     def fresh(self, node: fx.Node, shape: list[Size], dim: int) -> Seq | None:
@@ -342,7 +355,8 @@ class _Flow:
             elif node.op == "call_module":
                 self.values[node] = self.fresh_all(node)
                 self.opaque.append(node)
-        return FlowResult(self.atoms, self.values, self.opaque, self.mixing, self.inexact_slices)
+        return FlowResult(self.atoms, self.values, self.opaque, self.mixing, self.inexact_slices,
+                          self.patches, self.merges)
 
     def visit(self, node: fx.Node) -> Any:
         target = node.target
@@ -408,6 +422,8 @@ class _Flow:
             return self.rule_stack(node)
         if name in _REDUCTIONS:
             return self.rule_reduce(node)
+        if name in _CONVOLUTIONS:
+            return self.rule_conv(node)
         if name == "outer" or name == "ger":
             a, b = self.dims(args[0]), self.dims(args[1])
             out = _shape(node)
@@ -476,7 +492,7 @@ class _Flow:
         while i < len(ins) and j < len(outs):
             gi, gj = [ins[i]], [outs[j]]
             i, j = i + 1, j + 1
-            while not self._eq(_prod(in_shape, gi), _prod(out_shape, gj)):
+            while not self.group_eq(in_shape, gi, out_shape, gj):
                 hi, hj = _prod_hint(in_shape, gi), _prod_hint(out_shape, gj)
                 if hi is not None and hj is not None and hi < hj and i < len(ins):
                     gi.append(ins[i])
@@ -488,11 +504,114 @@ class _Flow:
                     return self.fresh_all(node)
             if len(gi) == 1 and len(gj) == 1:
                 result[gj[0]] = src[gi[0]]
+            elif len(gi) == 1:
+                for d, seq in zip(gj, self.split_dim(node, src[gi[0]], in_shape[gi[0]], out_shape, gj)):
+                    result[d] = seq
             else:
                 for d in gj:
                     result[d] = self.fresh(node, out_shape, d)
+                if len(gj) == 1 and result[gj[0]] is not None and all(src[d] is not None for d in gi):
+                    self.merges[result[gj[0]][0]] = tuple(self.atoms.normalize(src[d]) for d in gi)
         for d in outs[j:]:
             result[d] = self.fresh(node, out_shape, d)
+        return tuple(result)
+
+    def split_dim(self, node: fx.Node, seq: Seq | None, size: Size, out_shape: list[Size], outs: list[int]) -> list[Seq | None]:
+        """One dim reshaped into several: back into the atoms a reshape merged it from when their
+        sizes match exactly (unpatchify: h*w tokens -> [h, w]); [H] -> [H/p, p] with a constant p
+        is a dim of whole patches of H; anything else gets fresh atoms."""
+        fresh = [self.fresh(node, out_shape, d) for d in outs]
+        if seq is None:
+            return fresh
+        seq = self.atoms.normalize(seq)
+        if len(seq) == 1:
+            factors = self.merged_factors(seq[0])
+            if factors is not None and len(factors) == len(outs) and all(
+                self._eq(self.atoms.seq_size(f), out_shape[d].expr) for f, d in zip(factors, outs)
+            ):
+                return list(factors)
+        patch = self.proven_int(out_shape[outs[-1]])
+        if len(outs) == 2 and patch is not None and patch > 1 and fresh[0] is not None:
+            self.patches[fresh[0][0]] = (seq, patch)
+        return fresh
+
+    def group_eq(self, in_shape: list[Size], gi: list[int], out_shape: list[Size], gj: list[int]) -> bool:
+        """prod(in_shape[gi]) == prod(out_shape[gj]), proven. A dim split into factors that Dynamo
+        wrote as divisions of it (a patchify `reshape(B, C, H // p, p, ..)` is recorded as
+        `[.., H//2, H//(H//2), ..]`, with the guards `H % (H//2) == 0`, `H//(H//2) == 2`) is proven
+        by the division identity: H == f * (H // f) when H % f == 0."""
+        if self._eq(_prod(in_shape, gi), _prod(out_shape, gj)):
+            return True
+        hint_in, hint_out = _prod_hint(in_shape, gi), _prod_hint(out_shape, gj)
+        if hint_in is None or hint_in != hint_out:
+            return False  # not a whole group yet (the caller extends it): no proof to attempt
+        if len(gi) == 1 and len(gj) > 1:
+            return self.divides_into(in_shape[gi[0]].expr, [out_shape[d].expr for d in gj])
+        if len(gj) == 1 and len(gi) > 1:
+            return self.divides_into(out_shape[gj[0]].expr, [in_shape[d].expr for d in gi])
+        return False
+
+    def divides_into(self, whole: sympy.Expr, factors: list[sympy.Expr]) -> bool:
+        """whole == prod(factors), peeling off the outer or the inner factor f while whole % f == 0
+        is proven and recursing on whole // f."""
+        if len(factors) == 1:
+            return self._eq(whole, factors[0])
+        for k in dict.fromkeys((0, len(factors) - 1)):
+            try:
+                remainder, quotient = Mod(whole, factors[k]), FloorDiv(whole, factors[k])
+            except (ZeroDivisionError, TypeError):
+                continue
+            if self._eq(remainder, sympy.Integer(0)) and self.divides_into(quotient, factors[:k] + factors[k + 1:]):
+                return True
+        return False
+
+    def proven_int(self, size: Size) -> int | None:
+        """The size as an int when it is a constant, or provably equal to its example value under
+        the ShapeEnv's guards (`H//(H//2) == 2`); else None."""
+        if size.is_static:
+            return int(size.expr)
+        if size.hint is not None and self._eq(size.expr, sympy.Integer(size.hint)):
+            return size.hint
+        return None
+
+    def merged_factors(self, atom: int) -> tuple[Seq, ...] | None:
+        root = self.atoms.find(atom)
+        for key, factors in self.merges.items():
+            if self.atoms.find(key) == root:
+                return tuple(self.atoms.normalize(f) for f in factors)
+        return None
+
+    def rule_conv(self, node: fx.Node) -> DimsValue | None:
+        """conv{1,2,3}d(x [B, Cin, *space], w [Cout, Cin/g, *kernel], b, stride, padding, dilation, g):
+        batch carried, channels contracted (mixed), each spatial dim a fresh dim; with kernel ==
+        stride, no padding and no dilation it is a dim of whole patches of the input's (recorded in
+        `patches`); otherwise positions along it are mixed (overlapping or padded windows)."""
+        x, w = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        src, out, w_shape = self.dims(x), _shape(node), _shape(w)
+        if src is None or out is None or w_shape is None or len(src) != len(out):
+            self.opaque.append(node)
+            return self.fresh_all(node)
+        spatial = len(out) - 2
+        params = [node.args[i] if len(node.args) > i else node.kwargs.get(k, default)
+                  for i, k, default in ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1))]
+        stride, padding, dilation = ([p] * spatial if isinstance(p, int) else list(p) for p in params)
+        result: list[Seq | None] = [src[0], self.fresh(node, out, 1)]
+        mixed = [1]
+        for k in range(spatial):
+            d = 2 + k
+            result.append(self.fresh(node, out, d))
+            kernel = w_shape[d]
+            exact = (
+                kernel.is_static and isinstance(stride[k], int) and int(kernel.expr) == stride[k]
+                and padding[k] == 0 and dilation[k] == 1 and src[d] is not None and result[d] is not None
+            )
+            if exact and stride[k] > 1:
+                self.patches[result[d][0]] = (self.atoms.normalize(src[d]), stride[k])
+            elif not exact or stride[k] != 1:
+                mixed.append(d)
+            elif result[d] is not None:  # a 1x1 kernel: the same positions
+                result[d] = src[d]
+        self.mixing[node] = [(x, d) for d in mixed]
         return tuple(result)
 
     def rule_expand(self, node: fx.Node, src_node: Any) -> DimsValue | None:
@@ -696,6 +815,7 @@ _REDUCTIONS = {
     "mean", "sum", "amax", "amin", "max", "min", "any", "all", "std", "var", "prod", "argmax",
     "argmin", "logsumexp", "norm", "count_nonzero",
 }
+_CONVOLUTIONS = {"conv1d", "conv2d", "conv3d"}
 _CREATION = {
     "arange", "ones", "zeros", "full", "empty", "randn", "rand", "randint", "tensor", "as_tensor",
     "new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "linspace", "eye", "scalar_tensor",

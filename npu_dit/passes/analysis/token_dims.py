@@ -65,6 +65,25 @@ class AttentionTokens:
     size: sympy.Expr
 
 
+@dataclasses.dataclass(frozen=True)
+class PatchGrid:
+    """A token segment made inside the graph from an input's spatial dims: row-major patches,
+    token i*cols + j = patch (i, j) of `input_name` (rows: dim `row_dim` in patches of `patch[0]`,
+    columns: dim `col_dim` in patches of `patch[1]`), by a convolution with kernel == stride or by a
+    reshape/permute patchify."""
+
+    segment: int
+    input: fx.Node
+    input_name: str
+    row_dim: int
+    col_dim: int
+    patch: tuple[int, int]
+
+    def describe(self) -> str:
+        return (f"{self.input_name} dims {self.row_dim}, {self.col_dim} in {self.patch[0]}x{self.patch[1]} "
+                f"patches")
+
+
 @dataclasses.dataclass
 class TokenDims:
     flow: FlowResult
@@ -74,6 +93,7 @@ class TokenDims:
     outputs: list[TokenDim]
     attention: list[AttentionTokens]
     by_node: dict[fx.Node, list[tuple[int, tuple[int, ...]]]]  # node -> [(dim, segment ids)]
+    grids: dict[int, PatchGrid] = dataclasses.field(default_factory=dict)  # segment id -> its patch grid
 
     def token_dims_of(self, node: fx.Node) -> list[tuple[int, tuple[int, ...]]]:
         return self.by_node.get(node, [])
@@ -105,6 +125,7 @@ class TokenDims:
             "built_in_graph": [entry(t) for t in self.built],
             "outputs": [entry(t) for t in self.outputs],
             "attention_lengths": sorted({str(a.size) for a in self.attention}),
+            "patch_grids": {seg: g.describe() for seg, g in self.grids.items()},
         }
 
 
@@ -245,4 +266,37 @@ def token_dims(gm: fx.GraphModule) -> TokenDims:
         size = sympy.Add(*[atoms.size[a].expr for a in q_norm])
         attention_tokens.append(AttentionTokens(node, q_ids, k_ids, size))
 
-    return TokenDims(flow, segments, inputs, built, outputs, attention_tokens, by_node)
+    grids = {}
+    for segment in segments:
+        grid = patch_grid(flow, segment.atom)
+        if grid is not None:
+            node, row_dim, col_dim, patch = grid
+            grids[segment.id] = PatchGrid(segment.id, node, _name(node), row_dim, col_dim, patch)
+    return TokenDims(flow, segments, inputs, built, outputs, attention_tokens, by_node, grids)
+
+
+def patch_grid(flow: FlowResult, atom: int) -> tuple[fx.Node, int, int, tuple[int, int]] | None:
+    """(input, row dim, column dim, (patch rows, patch columns)) when `atom` is a reshape's merge of
+    two dims of whole patches cut from two dims of one graph input, rows first; else None."""
+    atoms = flow.atoms
+    root = atoms.find(atom)
+    factors = next((f for k, f in flow.merges.items() if atoms.find(k) == root), None)
+    if factors is None or len(factors) != 2:
+        return None
+    found = []
+    for factor in factors:
+        factor = atoms.normalize(factor)
+        if len(factor) != 1:
+            return None
+        cut = next((c for k, c in flow.patches.items() if atoms.find(k) == factor[0]), None)
+        if cut is None or len(atoms.normalize(cut[0])) != 1:
+            return None
+        source = atoms.find(atoms.normalize(cut[0])[0])
+        node, dim = atoms.origin[source]
+        if node.op != "placeholder":
+            return None
+        found.append((node, dim, cut[1]))
+    (rows_node, row_dim, p_rows), (cols_node, col_dim, p_cols) = found
+    if rows_node is not cols_node or row_dim >= col_dim:
+        return None
+    return rows_node, row_dim, col_dim, (p_rows, p_cols)
