@@ -75,21 +75,10 @@ def mismatched_shapes(rank, world_size):
 
 def patch_cases():
     """(name, model factory, inputs) of DiTs whose tokens are patchified inside the graph."""
-    from tests.synthetic import PatchDiT
+    from tests.synthetic import PatchDiT, tiny_sd3
 
     def sd3():
-        from diffusers import SD3Transformer2DModel
-
-        torch.manual_seed(0)
-        model = SD3Transformer2DModel(
-            sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
-            joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
-            pos_embed_max_size=16).eval()
-        g = torch.Generator().manual_seed(1)
-        inputs = dict(hidden_states=torch.randn(1, 4, 10, 8, generator=g),
-                      encoder_hidden_states=torch.randn(1, 5, 16, generator=g),
-                      pooled_projections=torch.randn(1, 16, generator=g), timestep=torch.tensor([3.0]))
-        return model, inputs
+        return tiny_sd3(10, 8, torch.Generator().manual_seed(1))
 
     def synthetic(**kwargs):
         def make():

@@ -126,3 +126,19 @@ class PatchDiT(torch.nn.Module):
         g = torch.Generator().manual_seed(height + 7 * width)
         return {"latent": torch.randn(batch, self.channels, height, width, generator=g),
                 "timestep": torch.tensor([3.0] * batch)}
+
+
+def tiny_sd3(height: int, width: int, generator: torch.Generator | None = None):
+    """diffusers' SD3Transformer2DModel, tiny (seed 0), and a call on a 4-channel latent of height x width:
+    a DiT whose image tokens are made inside the graph by a patch-embedding convolution."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(0)
+    model = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
+        pos_embed_max_size=16).eval()
+    inputs = dict(hidden_states=torch.randn(1, 4, height, width, generator=generator),
+                  encoder_hidden_states=torch.randn(1, 5, 16, generator=generator),
+                  pooled_projections=torch.randn(1, 16, generator=generator), timestep=torch.tensor([3.0]))
+    return model, inputs

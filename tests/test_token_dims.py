@@ -183,15 +183,9 @@ def test_an_overlapping_patch_convolution_is_no_patch_grid_and_mixes_rows():
 
 
 def test_sd3_image_tokens_are_a_patch_grid_of_hidden_states():
-    from diffusers import SD3Transformer2DModel
+    from tests.synthetic import tiny_sd3
 
-    torch.manual_seed(0)
-    model = SD3Transformer2DModel(
-        sample_size=8, patch_size=2, in_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
-        pos_embed_max_size=16).eval()
-    inputs = dict(hidden_states=torch.randn(1, 4, 12, 8), encoder_hidden_states=torch.randn(1, 5, 16),
-                  pooled_projections=torch.randn(1, 16), timestep=torch.tensor([3.0]))
+    model, inputs = tiny_sd3(12, 8)
     tokens = token_dims(capture_graph(model, inputs).gm)
     assert dims(tokens.inputs) == {("encoder_hidden_states", 1)}
     (grid,) = tokens.grids.values()
