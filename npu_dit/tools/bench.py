@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -22,8 +23,10 @@ import torch
 
 from npu_dit.runtime.dist import free_port
 
-MARK_START = "<!-- bench:ulysses:start -->"
-MARK_END = "<!-- bench:ulysses:end -->"
+def _marks(inner_compiler: str) -> tuple[str, str]:
+    """One section per inner compiler: `<!-- bench:ulysses:... -->` (eager), `...ulysses-inductor...`."""
+    tag = "ulysses" if inner_compiler == "eager" else f"ulysses-{inner_compiler}"
+    return f"<!-- bench:{tag}:start -->", f"<!-- bench:{tag}:end -->"
 
 
 def _run(cmd: list[str], env: dict[str, str], timeout: float) -> dict[str, Any]:
@@ -44,58 +47,86 @@ def bench_ulysses(
     prompt_len: int = 128,
     warmup: int = 2,
     iters: int = 5,
+    runs: int = 1,
     inner_compiler: str = "eager",
     profile_dir: str | None = None,
     peer: bool | None = None,
     timeout: float = 1800,
     log=print,
 ) -> dict[str, Any]:
-    """`peer`: also run cache-dit's Ulysses (npu_dit.tools.bench_peer); None = when it is installed."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    common = ["--size", "bench", "--height", str(height), "--width", str(width), "--prompt-len", str(prompt_len),
-              "--warmup", str(warmup), "--iters", str(iters), "--inner-compiler", inner_compiler]
-    workdir = tempfile.mkdtemp(prefix="npu_dit_bench_")
-    serial_out = os.path.join(workdir, "serial.pt")
-    results = {}
-    log(f"serial baseline (1 process, 1 thread) ...")
-    start = time.perf_counter()
-    results["serial"] = _run([sys.executable, "-m", "npu_dit.tools.bench_worker", "--mode", "serial",
-                              "--save-output", serial_out, *common], env, timeout)
-    log(f"  {results['serial']['median_s']:.3f} s per call ({time.perf_counter() - start:.0f} s)")
-    for name, extra in (("ulysses", []), ("ulysses-async", ["--async-ulysses"])):
-        log(f"{name} on {degree} processes (torchrun, Gloo, 1 thread each) ...")
-        out_path = os.path.join(workdir, f"{name}.pt")
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={degree}",
-               f"--master-port={free_port()}", "-m", "npu_dit.tools.bench_worker", "--mode", "ulysses",
-               "--save-output", out_path, *extra, *common]
-        if profile_dir:
-            cmd += ["--profile-dir", os.path.join(profile_dir, name)]
-        start = time.perf_counter()
-        results[name] = _run(cmd, env, timeout)
-        err = (torch.load(out_path) - torch.load(serial_out)).abs().max().item()
-        results[name]["max_abs_err_vs_serial"] = err
-        log(f"  {results[name]['median_s']:.3f} s per call, max |err| {err:.2e} ({time.perf_counter() - start:.0f} s)")
+    """Each configuration `runs` times in fresh processes, the configurations interleaved round by round
+    (a slow spell of a shared machine then hits every configuration alike). A configuration's time is
+    the median of its runs' medians; its spread is max - min of those run medians (with one run: of
+    the calls). `peer`: also run cache-dit's Ulysses (npu_dit.tools.bench_peer); None = when installed."""
     from npu_dit.tools import bench_peer
 
-    peer_keys: list[str] = []
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    common = ["--size", "bench", "--height", str(height), "--width", str(width), "--prompt-len", str(prompt_len),
+              "--warmup", str(warmup), "--iters", str(iters)]
+    workdir = tempfile.mkdtemp(prefix="npu_dit_bench_")
+
+    def torchrun(module: str) -> list[str]:
+        return [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={degree}",
+                f"--master-port={free_port()}", "-m", module]
+
+    # (key, label, processes, command without the output path)
+    ours = ["--inner-compiler", inner_compiler, *common]
+    configs: list[tuple[str, str, int, Any]] = [
+        ("serial", "baseline", 1,
+         lambda: [sys.executable, "-m", "npu_dit.tools.bench_worker", "--mode", "serial", *ours]),
+        ("ulysses", f"Ulysses-{degree}", degree,
+         lambda: [*torchrun("npu_dit.tools.bench_worker"), "--mode", "ulysses", *ours]),
+        ("ulysses-async", f"Async Ulysses-{degree}", degree,
+         lambda: [*torchrun("npu_dit.tools.bench_worker"), "--mode", "ulysses", "--async-ulysses", *ours]),
+    ]
+    results: dict[str, Any] = {}
     if peer is not False and bench_peer.available():
-        peers = bench_peer.run_peers(degree=degree, height=height, width=width, prompt_len=prompt_len,
-                                     warmup=warmup, iters=iters, serial_out=serial_out, workdir=workdir,
-                                     profile_dir=profile_dir, env=env, timeout=timeout, log=log)
-        results.update(peers)
-        peer_keys = list(peers)
+        for key, label, extra in bench_peer.PEER_CONFIGS:
+            configs.append((key, f"{label.format(P=degree)} ({bench_peer.version()})", degree,
+                            lambda extra=extra: [*torchrun("npu_dit.tools.bench_peer"), *extra, *common]))
     elif peer is not False:  # asked for, or by default: say how to get the column
         results["peer_note"] = bench_peer.missing_note()
         log(results["peer_note"])
+
+    per_run: dict[str, list[dict[str, Any]]] = {key: [] for key, *_ in configs}
+    for run in range(runs):
+        for key, label, procs, command in configs:
+            out_path = os.path.join(workdir, f"{key}.pt")
+            cmd = [*command(), "--save-output", out_path]
+            if profile_dir and key != "serial" and run == runs - 1:
+                cmd += ["--profile-dir", os.path.join(profile_dir, key)]
+            log(f"[run {run + 1}/{runs}] {label} on {procs} process{'es' if procs > 1 else ''}"
+                f"{' (torchrun, Gloo' if procs > 1 else ' ('}, 1 thread each) ...")
+            start = time.perf_counter()
+            r = _run(cmd, env, timeout)
+            r["label"] = label
+            r["max_abs_err_vs_serial"] = (0.0 if key == "serial" else
+                                          (torch.load(out_path) - torch.load(os.path.join(workdir, "serial.pt"))).abs().max().item())
+            per_run[key].append(r)
+            log(f"  {r['median_s']:.3f} s per call, max |err| {r['max_abs_err_vs_serial']:.2e} "
+                f"({time.perf_counter() - start:.0f} s)")
+    for key, label, procs, _ in configs:
+        rs = per_run[key]
+        medians = [r["median_s"] for r in rs]
+        merged = dict(rs[-1])
+        merged.update(
+            devices=procs,
+            run_medians_s=medians,
+            median_s=statistics.median(medians),
+            spread_s=(max(medians) - min(medians)) if runs > 1 else (max(rs[0]["times_s"]) - min(rs[0]["times_s"])),
+            max_abs_err_vs_serial=max(r["max_abs_err_vs_serial"] for r in rs),
+            fell_back=any(r.get("fell_back") for r in rs),
+        )
+        results[key] = merged
     t1 = results["serial"]["median_s"]
-    for name in ("ulysses", "ulysses-async", *peer_keys):
-        tp = results[name]["median_s"]
-        results[name]["speedup"] = t1 / tp
-        results[name]["efficiency"] = t1 / (degree * tp)
+    for key, *_ in configs:
+        results[key]["speedup"] = t1 / results[key]["median_s"]
+        results[key]["efficiency"] = t1 / (results[key]["devices"] * results[key]["median_s"])
+    results["order"] = [key for key, *_ in configs]
     results["setup"] = {
         "model": "flux.1-dev (bench config: 8 heads x 128 = hidden 1024, 2 double + 2 single blocks)",
         "tokens": {"image": (height // 16) * (width // 16), "text": prompt_len},
-        "degree": degree, "warmup": warmup, "iters": iters, "inner_compiler": inner_compiler,
+        "degree": degree, "warmup": warmup, "iters": iters, "runs": runs, "inner_compiler": inner_compiler,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
     }
     return results
@@ -103,29 +134,32 @@ def bench_ulysses(
 
 def format_table(results: dict[str, Any]) -> str:
     setup = results["setup"]
-    degree = setup["degree"]
+    spread_of = "run medians" if setup.get("runs", 1) > 1 else "calls"
     rows = [
-        "| configuration | devices | time per call (median) | spread (max-min) | 28 calls | speed-up | efficiency T1/(P·TP) | max abs err vs serial | blocked in wait_tensor | shape check per call |",
+        f"| configuration | devices | time per call (median) | spread (max-min of {spread_of}) | 28 calls | speed-up "
+        "| efficiency T1/(P·TP) | max abs err vs serial | blocked in wait_tensor | shape check per call |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    labels = {"serial": ("baseline", 1), "ulysses": (f"Ulysses-{degree}", degree), "ulysses-async": (f"Async Ulysses-{degree}", degree)}
-    # the peer's rows (npu_dit.tools.bench_peer), when it ran
-    labels.update({k: (r["label"], degree) for k, r in results.items() if isinstance(r, dict) and "label" in r})
-    for key, (label, devices) in labels.items():
+    for key in results["order"]:
         r = results[key]
+        devices = r["devices"]
         blocked = f"{r['wait_blocked_ms']:.0f} ms" if r.get("wait_blocked_ms") is not None else "-"
         check = r.get("agreement_check_ms")
         check = f"{check:.3f} ms ({100 * check / 1000 / r['median_s']:.2f} %)" if check is not None else "-"
-        spread = max(r["times_s"]) - min(r["times_s"])
+        label = r["label"] + (" (fell back)" if r.get("fell_back") else "")
         rows.append(
-            f"| {label} | {devices} CPU process{'es' if devices > 1 else ''} | {r['median_s']:.3f} s | {spread:.3f} s | "
-            f"{28 * r['median_s']:.1f} s | {r.get('speedup', 1.0):.2f}x | {r.get('efficiency', 1.0):.2f} | "
-            f"{r.get('max_abs_err_vs_serial', 0.0):.1e} | {blocked} | {check} |"
+            f"| {label} | {devices} CPU process{'es' if devices > 1 else ''} | {r['median_s']:.3f} s | "
+            f"{r['spread_s']:.3f} s | {28 * r['median_s']:.1f} s | {r['speedup']:.2f}x | {r['efficiency']:.2f} | "
+            f"{r['max_abs_err_vs_serial']:.1e} | {blocked} | {check} |"
         )
+    sync, asyn = results["ulysses"], results["ulysses-async"]
+    gain = sync["median_s"] - asyn["median_s"]
+    rows += ["", f"Async vs sync: {gain * 1000:+.0f} ms per call ({100 * gain / sync['median_s']:+.1f} %); spread "
+                 f"{sync['spread_s'] * 1000:.0f} ms (sync), {asyn['spread_s'] * 1000:.0f} ms (async) — the gain is "
+                 f"{'larger' if gain > max(sync['spread_s'], asyn['spread_s']) else 'not larger'} than the spread."]
     for key in ("ulysses", "ulysses-async"):
         if results[key].get("streams"):
-            rows.append("")
-            rows.append(f"{labels[key][0]} plan (public call): " + "; ".join(results[key]["streams"]))
+            rows += ["", f"{results[key]['label']} plan (public call): " + "; ".join(results[key]["streams"])]
             break
     if results.get("peer_note"):
         rows += ["", results["peer_note"]]
@@ -134,17 +168,19 @@ def format_table(results: dict[str, Any]) -> str:
 
 def write_section(path: str, command: str, results: dict[str, Any]) -> None:
     setup = results["setup"]
+    start, end = _marks(setup["inner_compiler"])
     body = "\n".join([
-        MARK_START,
+        start,
         f"Command: `{command}`  ",
         f"Machine: {setup['machine']}; Gloo over loopback, one thread per process.  ",
         f"Model: {setup['model']}; {setup['tokens']['image']} image + {setup['tokens']['text']} text tokens; "
-        f"{setup['warmup']} warm-up + {setup['iters']} timed calls; inner compiler `{setup['inner_compiler']}`.",
+        f"{setup['warmup']} warm-up + {setup['iters']} timed calls per run, {setup['runs']} run(s) per configuration, "
+        f"interleaved; inner compiler `{setup['inner_compiler']}`.",
         "",
         format_table(results),
-        MARK_END,
+        end,
     ])
-    replace_section(path, MARK_START, MARK_END, body, heading="## Ulysses on CPU (issues #3, #8)")
+    replace_section(path, start, end, body, heading="## Ulysses on CPU (issues #3, #8)")
 
 
 def replace_section(path: str, start: str, end: str, body: str, *, heading: str) -> None:

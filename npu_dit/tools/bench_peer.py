@@ -216,51 +216,6 @@ def missing_note() -> str:
     return f"peer column skipped: cache-dit is not installed (`{INSTALL_HINT}` into this environment, then rerun)"
 
 
-def run_peers(
-    *,
-    degree: int,
-    height: int,
-    width: int,
-    prompt_len: int,
-    warmup: int,
-    iters: int,
-    serial_out: str,
-    workdir: str,
-    profile_dir: str | None,
-    env: dict[str, str],
-    timeout: float,
-    log=print,
-) -> dict[str, dict]:
-    """Run each PEER_CONFIGS entry on `degree` torchrun processes; results keyed as PEER_CONFIGS, each
-    with `label`, `max_abs_err_vs_serial` against the serial output saved at `serial_out`."""
-    import sys
-
-    from npu_dit.runtime.dist import free_port
-    from npu_dit.tools.bench import _run
-
-    common = ["--size", "bench", "--height", str(height), "--width", str(width), "--prompt-len", str(prompt_len),
-              "--warmup", str(warmup), "--iters", str(iters)]
-    serial = torch.load(serial_out)
-    results = {}
-    for key, label, extra in PEER_CONFIGS:
-        label = label.format(P=degree)
-        log(f"{label} ({version()}) on {degree} processes (torchrun, Gloo, 1 thread each) ...")
-        out_path = os.path.join(workdir, f"{key}.pt")
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={degree}",
-               f"--master-port={free_port()}", "-m", "npu_dit.tools.bench_peer",
-               "--save-output", out_path, *extra, *common]
-        if profile_dir:
-            cmd += ["--profile-dir", os.path.join(profile_dir, key)]
-        start = time.perf_counter()
-        r = _run(cmd, env, timeout)
-        r["label"] = label
-        r["max_abs_err_vs_serial"] = (torch.load(out_path) - serial).abs().max().item()
-        results[key] = r
-        log(f"  {r['median_s']:.3f} s per call, max |err| {r['max_abs_err_vs_serial']:.2e} "
-            f"({time.perf_counter() - start:.0f} s)")
-    return results
-
-
 if __name__ == "__main__":
     import sys
 

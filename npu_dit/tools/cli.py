@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--width", type=int, default=512)
     u.add_argument("--prompt-len", type=int, default=128)
     u.add_argument("--warmup", type=int, default=2)
-    u.add_argument("--iters", type=int, default=5)
+    u.add_argument("--iters", type=int, default=5, help="timed calls per run")
+    u.add_argument("--runs", type=int, default=1,
+                   help="fresh-process runs per configuration, interleaved; the spread is over their medians")
     u.add_argument("--inner-compiler", default="eager", choices=("eager", "inductor"))
     u.add_argument("--profile", metavar="DIR", default=None, help="also write a Chrome trace per rank here")
     u.add_argument("--peer", action=argparse.BooleanOptionalAction, default=None,
@@ -208,7 +210,8 @@ def _bench(args: argparse.Namespace, argv: list[str] | None) -> int:
         return _bench_vae(args, argv, log)
     results = bench_ulysses(
         degree=args.degree, height=args.height, width=args.width, prompt_len=args.prompt_len,
-        warmup=args.warmup, iters=args.iters, inner_compiler=args.inner_compiler, profile_dir=args.profile,
+        warmup=args.warmup, iters=args.iters, runs=args.runs, inner_compiler=args.inner_compiler,
+        profile_dir=args.profile,
         peer=args.peer, log=log,
     )
     if args.json:
