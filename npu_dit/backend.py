@@ -36,6 +36,7 @@ from npu_dit.runtime import agreement
 from npu_dit.runtime.cache import CacheController
 from npu_dit.runtime.dist import ParallelContext, check_same_cache_config, ensure_parallel, ensure_process_group
 from npu_dit.runtime.executor import GraphExecutor
+from npu_dit.runtime.grad import COLLECTIVES, grad_required, refusing_runner
 from npu_dit.runtime.spatial_executor import SpatialExecutor
 from npu_dit.runtime.inner import compile_inner, compile_inner_lazily
 
@@ -80,6 +81,8 @@ def npu_dit_backend(
     parallel = ctx or tp_ctx  # the context that names this rank in tags and errors
     if parallel is not None:
         check_same_cache_config(cfg.cache, parallel)
+        if grad_required(example_inputs):  # every call would be refused after the rewrite: refuse now
+            return refusing_runner(COLLECTIVES)
     prepare_meta(gm)
     num_nodes = len(gm.graph.nodes)
     tag = "graph_" + str(gm.meta.get("dynamo_compile_id", "0")).replace("/", "_")

@@ -80,16 +80,17 @@ def patch_cases():
     def sd3():
         return tiny_sd3(10, 8, torch.Generator().manual_seed(1))
 
-    def synthetic(**kwargs):
+    def synthetic(height=10, **kwargs):
         def make():
             torch.manual_seed(0)
             model = PatchDiT(**kwargs).eval()
-            return model, model.example_inputs(1, 10, 8)  # 5 patch rows: uneven on 2 and 4 ranks
+            return model, model.example_inputs(1, height, 8)  # 5 patch rows: uneven on 2 and 4 ranks
         return make
 
     return {"conv-patchify": synthetic(), "reshape-patchify": synthetic(patchify="reshape"),
             "tokens-out": synthetic(patchify="reshape", unpatchify=False),
-            "overlapping-conv": synthetic(kernel=3), "sd3": sd3}
+            "overlapping-conv": synthetic(kernel=3), "sd3": sd3,
+            "three-patch-rows": synthetic(height=6)}  # fewer patch rows than 4 ranks: one rank holds none
 
 
 PATCH_OPTIONS = {"sd3": {"async_ulysses": True}}  # beyond ulysses_degree, per case

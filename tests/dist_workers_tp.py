@@ -108,8 +108,24 @@ ENCODER_CASES_2 = [
 ]
 
 
+def grouped_query_attention(rank, world_size):
+    """K/V heads grouped by SDPA itself (enable_gqa=True), too few to split: repeated, then sliced."""
+    from npu_dit.backend import RECORDS
+    from tests.synthetic import GroupedQueryAttention
+
+    torch.manual_seed(0)
+    model = GroupedQueryAttention(heads=4, kv_heads=1, head_dim=8)
+    x = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        expected = model(x)[0]
+        out = torch.compile(model, backend="npu_dit", dynamic=True, options={"tp_degree": world_size})(x)[0]
+    report = RECORDS[-1].report
+    return {"err": (out - expected).abs().max().item(), "fell_back": report.fell_back, "counts": report.counts}
+
+
 def two_rank_cases(rank, world_size):
-    results = transformer_cases(rank, world_size, TRANSFORMER_CASES_2)
+    results = {"gqa": grouped_query_attention(rank, world_size)}
+    results.update(transformer_cases(rank, world_size, TRANSFORMER_CASES_2))
     results.update(encoder_cases(rank, world_size, ENCODER_CASES_2))
     results["pipeline"] = pipeline_tep(rank, world_size, "flux.1-dev")
     return results

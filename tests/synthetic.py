@@ -142,3 +142,24 @@ def tiny_sd3(height: int, width: int, generator: torch.Generator | None = None):
                   encoder_hidden_states=torch.randn(1, 5, 16, generator=generator),
                   pooled_projections=torch.randn(1, 16, generator=generator), timestep=torch.tensor([3.0]))
     return model, inputs
+
+
+class GroupedQueryAttention(torch.nn.Module):
+    """Self-attention whose K/V have fewer heads than Q, grouped by SDPA itself (`enable_gqa=True`),
+    not repeated in the model (as transformers' attention does when no mask is passed)."""
+
+    def __init__(self, heads: int = 4, kv_heads: int = 1, head_dim: int = 8) -> None:
+        super().__init__()
+        self.heads, self.kv_heads = heads, kv_heads
+        dim = heads * head_dim
+        self.q = torch.nn.Linear(dim, dim)
+        self.k = torch.nn.Linear(dim, kv_heads * head_dim)
+        self.v = torch.nn.Linear(dim, kv_heads * head_dim)
+        self.o = torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        q = self.q(x).unflatten(-1, (self.heads, -1)).transpose(1, 2)
+        k = self.k(x).unflatten(-1, (self.kv_heads, -1)).transpose(1, 2)
+        v = self.v(x).unflatten(-1, (self.kv_heads, -1)).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+        return (self.o(out.transpose(1, 2).flatten(2)),)

@@ -5,6 +5,9 @@ import torch
 
 from tests.dist_utils import run_ranks
 
+# the runtime behaviour under test needs blocks, not many: one double and one single block keep
+# each rank's compile short
+ONE_BLOCK_EACH = {"num_layers": 1, "num_single_layers": 1}
 CACHE = {"Fn_compute_blocks": 1, "residual_diff_threshold": 0.3, "max_warmup_steps": 2}
 TIMESTEPS = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3]
 
@@ -27,7 +30,7 @@ def reset_on_one_rank(rank, world_size):
     from tests.conftest import tiny_model_and_inputs
 
     warnings.filterwarnings("ignore")
-    _, model, inputs = tiny_model_and_inputs("flux")
+    _, model, inputs = tiny_model_and_inputs("flux", ONE_BLOCK_EACH)
     compiled = torch.compile(model, backend="npu_dit", dynamic=True, options={"cache": CACHE, "ulysses_degree": world_size})
     with torch.no_grad():
         out = _loop(compiled, inputs, TIMESTEPS, on_step=lambda i: npu_dit.reset_cache() if rank == 1 and i == 5 else None)
@@ -45,7 +48,7 @@ def test_reset_on_one_rank_keeps_the_ranks_deciding_alike(tmp_path):
 def mismatched_config(rank, world_size):
     from tests.conftest import tiny_model_and_inputs
 
-    _, model, inputs = tiny_model_and_inputs("flux")
+    _, model, inputs = tiny_model_and_inputs("flux", ONE_BLOCK_EACH)
     options = {"ulysses_degree": world_size}
     if rank == 0:
         options["cache"] = CACHE
@@ -64,7 +67,7 @@ def test_cache_on_one_rank_only_is_an_error_on_every_rank(tmp_path):
 def grad_under_ulysses(rank, world_size):
     from tests.conftest import tiny_model_and_inputs
 
-    _, model, inputs = tiny_model_and_inputs("flux")
+    _, model, inputs = tiny_model_and_inputs("flux", ONE_BLOCK_EACH)
     compiled = torch.compile(model, backend="npu_dit", dynamic=True, options={"ulysses_degree": world_size})
     compiled(**inputs)  # grad mode on, parameters require grad
 

@@ -8,11 +8,14 @@ import torch
 
 from tests.dist_utils import free_port, run_ranks
 
+ONE_BLOCK_EACH = {"num_layers": 1, "num_single_layers": 1}  # what is tested is start-up, not the model
+
 MISSING_PEER = """
 import torch, warnings
 warnings.filterwarnings("ignore")
 from tests.conftest import tiny_model_and_inputs
-_, model, inputs = tiny_model_and_inputs("flux")
+ONE_BLOCK_EACH = {"num_layers": 1, "num_single_layers": 1}
+_, model, inputs = tiny_model_and_inputs("flux", ONE_BLOCK_EACH)
 compiled = torch.compile(model, backend="npu_dit", dynamic=True, options={"ulysses_degree": 2})
 with torch.no_grad():
     compiled(**inputs)
@@ -36,7 +39,7 @@ def users_own_group(rank, world_size):
     from tests.conftest import tiny_model_and_inputs
 
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=45))  # the user's own group
-    _, model, inputs = tiny_model_and_inputs("flux")
+    _, model, inputs = tiny_model_and_inputs("flux", ONE_BLOCK_EACH)
     compiled = torch.compile(model, backend="npu_dit", dynamic=True, options={"ulysses_degree": world_size})
     with torch.no_grad():
         compiled(**inputs)

@@ -167,15 +167,15 @@ def test_tokens_patchified_inside_the_graph(world_size, tmp_path):
     tokens without unpatchify), and diffusers' SD3 (cropped pos_embed, sharded text stream, async
     Ulysses). An overlapping patch convolution refuses on every rank and stays exact. 5 patch rows:
     uneven on 2 and 4 ranks. One spawn runs every case; on 4 ranks only the reshape patchify
-    returning tokens on Ulysses-4 and the conv patchify on Ulysses-2 x TP-2 (the other cases add no
-    rule that depends on the world size)."""
+    returning tokens on Ulysses-4, the conv patchify on Ulysses-2 x TP-2 (the other cases add no
+    rule that depends on the world size), and 3 patch rows on 4 ranks (one rank holds no tokens)."""
     from tests.dist_workers_sound import patch_cases, patch_models
 
     sharded = ("conv-patchify", "sd3", "reshape-patchify", "tokens-out")
     names = sharded + ("overlapping-conv",)
     options = {}
     if world_size == 4:
-        sharded = names = ("conv-patchify", "tokens-out")
+        sharded = names = ("conv-patchify", "tokens-out", "three-patch-rows")
         options = {"conv-patchify": {"ulysses_degree": 2, "tp_degree": 2}}
     records = run_ranks(patch_models, world_size, tmp_path, timeout=600, names=names, options=options)
     for name in names:

@@ -135,6 +135,18 @@ def test_grouped_kv_heads_that_do_not_divide_stay_replicated_and_are_sliced():
     assert len(plan.narrow) == 2 * 2  # k and v of each of the 2 layers
 
 
+def test_kv_heads_grouped_by_sdpa_itself_are_repeated_then_sliced():
+    # enable_gqa=True: 4 query heads read 1 K/V head; on 2 ranks the K/V projections stay replicated
+    # and each rank repeats the K/V head to 4 and keeps its 2 (the query stays sharded)
+    from tests.synthetic import GroupedQueryAttention
+
+    gm = capture_graph(GroupedQueryAttention(), {"x": torch.randn(2, 5, 32)}).gm
+    plan = feature_plan(gm, 2)
+    placements = _placements(plan)
+    assert placements == {"q": "column", "k": "replicated", "v": "replicated", "o": "row"}, placements
+    assert sorted(shard.repeat for shard in plan.narrow.values()) == [4, 4]
+
+
 def test_heads_that_do_not_divide_leave_the_attention_replicated_with_the_reason():
     plan, _ = _transformer_plan("flux.1-dev", 8)  # 4 heads x 16 on 8 ranks: 64 features divide, heads do not
     summary = {p["module"]: p for p in plan.summary()}
@@ -186,6 +198,9 @@ def test_tensor_parallel_2_ranks_matches_eager(tmp_path):
         assert pipeline["text_encoders"] == ["text_encoder", "text_encoder_2"]
         tp_graphs = [kinds for fell_back, kinds in pipeline["graphs"].values() if not fell_back and "row" in kinds]
         assert len(tp_graphs) >= 3, pipeline["graphs"]
+        gqa = record["result"].pop("gqa")
+        assert not gqa["fell_back"] and gqa["err"] <= 1e-5, gqa
+        assert gqa["counts"].get("localize") == 2, gqa  # K and V repeated, then sliced
         for name, result in record["result"].items():
             # tiny models: embeddings and norms weigh more than at full size (figures: inspect)
             # K/V projections kept replicated (one K/V head cannot be split) weigh more

@@ -119,7 +119,10 @@ class _Rewriter:
             self.bump("local_size")
         for (user, inp), shard in self.plan.narrow.items():
             with self.graph.inserting_before(user):
-                local = self.call(C.feature_block, (inp, shard.dim, shard.segs, self.world, self.rank), user)
+                full = inp
+                if shard.repeat > 1:  # grouped K/V heads: the query's head count first, then this rank's
+                    full = self.call(torch.repeat_interleave, (inp, shard.repeat, shard.dim), user)
+                local = self.call(C.feature_block, (full, shard.dim, shard.segs, self.world, self.rank), user)
             user.replace_input_with(inp, local)
             self.bump("localize")
 

@@ -21,7 +21,7 @@ from npu_dit.errors import RankMismatchError
 from npu_dit.runtime.agreement import CALL, call_signature, check_records, exchange
 from npu_dit.runtime.collectives import chunk_lengths, local_chunk
 from npu_dit.runtime.dist import ParallelContext, process_group
-from npu_dit.runtime.grad import refuse_grad
+from npu_dit.runtime.grad import COLLECTIVES, refuse_grad
 from npu_dit.runtime.weights import WeightFeeder
 
 
@@ -54,7 +54,7 @@ class GraphExecutor:
                 args[index] = args[index].item()
         if self.plan is None and self.feed_weights is None:
             return self.compiled(*args)
-        refuse_grad(args, "npu-dit's collectives are not differentiable (the output would come back detached)")
+        refuse_grad(args, COLLECTIVES)
         signature = call_signature(args)
         try:
             # every rank must run the same global shapes: one small all-gather, compared on every rank

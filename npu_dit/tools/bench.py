@@ -95,8 +95,8 @@ def bench_ulysses(
             cmd = [*command(), "--save-output", out_path]
             if profile_dir and key != "serial" and run == runs - 1:
                 cmd += ["--profile-dir", os.path.join(profile_dir, key)]
-            log(f"[run {run + 1}/{runs}] {label} on {procs} process{'es' if procs > 1 else ''}"
-                f"{' (torchrun, Gloo' if procs > 1 else ' ('}, 1 thread each) ...")
+            where = f"{procs} processes (torchrun, Gloo, 1 thread each)" if procs > 1 else "1 process (1 thread)"
+            log(f"[run {run + 1}/{runs}] {label} on {where} ...")
             start = time.perf_counter()
             r = _run(cmd, env, timeout)
             r["label"] = label

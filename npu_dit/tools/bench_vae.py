@@ -25,7 +25,11 @@ MARK_END = "<!-- bench:vae:end -->"
 
 
 def bench_vae(*, degree: int = 2, height: int = 1024, width: int = 1024, warmup: int = 1, iters: int = 1,
-              vae: str = "flux", size: str = "full", timeout: float = 3600, log=print) -> dict[str, Any]:
+              vae: str = "flux", size: str = "full", float64_reference: bool = False, timeout: float = 3600,
+              log=print) -> dict[str, Any]:
+    """`float64_reference`: also decode in float64 (one more serial process) and report both float32
+    decodes' error against it: whether the spatial decode's difference from the serial one is the
+    serial kernel's own float32 rounding."""
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     common = ["--vae", vae, "--size", size, "--height", str(height), "--width", str(width), "--iters", str(iters)]
     workdir = tempfile.mkdtemp(prefix="npu_dit_bench_vae_")
@@ -55,6 +59,27 @@ def bench_vae(*, degree: int = 2, height: int = 1024, width: int = 1024, warmup:
     if serial_decode:
         results["spatial"]["decode_memory_ratio"] = [
             g / serial_decode if g is not None else None for g in results["spatial"]["decode_growth_mib"]]
+    if float64_reference:
+        # CPU has no oneDNN path for float64 convolutions: ATen's im2col kernel holds a
+        # [C*k*k, H*W] buffer per convolution (9.4 GB for a 128-channel 3x3 conv at 1024x1024),
+        # so the reference fits only smaller images; a failure is reported, not fatal
+        reference_out = os.path.join(workdir, "float64.pt")
+        log("serial decode in float64 (1 process, 1 thread): the reference ...")
+        start = time.perf_counter()
+        try:
+            results["float64"] = _run([sys.executable, "-m", "npu_dit.tools.bench_vae_worker", "--mode", "serial",
+                                       "--float64", "--warmup", "0", "--save-output", reference_out, *common],
+                                      env, timeout)
+        except RuntimeError as exc:
+            results["float64_failed"] = str(exc).splitlines()[0][:300]
+            log(f"  the float64 reference failed (out of memory at this size?): {results['float64_failed']}")
+        else:
+            log(f"  {results['float64']['median_s']:.2f} s per decode ({time.perf_counter() - start:.0f} s)")
+            reference = torch.load(reference_out)
+            for key, path in (("serial", serial_out), ("spatial", parallel_out)):
+                diff = torch.load(path).double() - reference
+                results[key]["max_abs_err_vs_float64"] = diff.abs().max().item()
+                results[key]["mean_abs_err_vs_float64"] = diff.abs().mean().item()
     results["setup"] = {
         "model": f"{vae} VAE ({size} config, random weights), decode of a {height}x{width} image's latent",
         "degree": degree, "warmup": warmup, "iters": iters,
@@ -84,6 +109,15 @@ def format_vae_table(results: dict[str, Any]) -> str:
             f"{', '.join(f'{g:.0f}' for g in spatial['decode_growth_mib'])} MiB per process = "
             f"{', '.join(f'{r:.2f}x' for r in spatial['decode_memory_ratio'])} of the serial growth."
         )
+    if "max_abs_err_vs_float64" in spatial:
+        rows.append(
+            f"\nAgainst the same decode in float64: serial float32 max abs err "
+            f"{serial['max_abs_err_vs_float64']:.1e} (mean {serial['mean_abs_err_vs_float64']:.1e}), "
+            f"spatial_degree={degree} {spatial['max_abs_err_vs_float64']:.1e} "
+            f"(mean {spatial['mean_abs_err_vs_float64']:.1e})."
+        )
+    if results.get("float64_failed"):
+        rows.append(f"\nThe float64 reference decode failed: {results['float64_failed']}")
     if spatial.get("fell_back"):
         rows.append("\nWARNING: the spatial graph fell back to the captured graph (see the warning).")
     return "\n".join(rows)

@@ -55,12 +55,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--iters", type=int, default=1)
     p.add_argument("--save-output", default=None)
+    p.add_argument("--float64", action="store_true",
+                   help="serial only: decode the same weights and latent in float64 (the reference both "
+                        "float32 decodes are measured against)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     from npu_dit.models.vae import build_vae, example_input
 
     vae = build_vae(args.vae, args.size, seed=0)
     z = example_input(args.vae, args.size, height=args.height, width=args.width, encode=False, seed=1)
+    if args.float64:
+        vae, z = vae.double(), z.double()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     decode = vae.decode

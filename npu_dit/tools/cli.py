@@ -119,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--size", default="full", choices=("full", "tiny"))
     v.add_argument("--warmup", type=int, default=1)
     v.add_argument("--iters", type=int, default=1)
+    v.add_argument("--float64-reference", action="store_true",
+                   help="also decode in float64 and report both float32 decodes' error against it")
     v.add_argument("--write", metavar="FILE", nargs="?", const="docs/BENCHMARKS.md", default=None)
     v.add_argument("--json", action="store_true")
     c = bsub.add_parser("cache", help="28-step denoising with DBCache/TaylorSeer/steps-mask configs vs no cache",
@@ -229,7 +231,7 @@ def _bench_vae(args: argparse.Namespace, argv: list[str] | None, log) -> int:
     from npu_dit.tools.bench_vae import bench_vae, format_vae_table, write_vae_section
 
     results = bench_vae(degree=args.degree, height=args.height, width=args.width, vae=args.vae, size=args.size,
-                        warmup=args.warmup, iters=args.iters, log=log)
+                        warmup=args.warmup, iters=args.iters, float64_reference=args.float64_reference, log=log)
     print(json.dumps(results, indent=1) if args.json else format_vae_table(results))
     if args.write:
         write_vae_section(args.write, "npu-dit " + " ".join(argv if argv is not None else sys.argv[1:]), results)

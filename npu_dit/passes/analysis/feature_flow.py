@@ -24,8 +24,9 @@ dims (AdaLN modulation: [B, 6·dim] from a dim x 6·dim weight), are column-shar
 all-gather of their output, which is exact and splits their weight too.
 
 Head counts that do not divide by N are refused (the attention stays replicated, with the reason);
-grouped K/V heads are sharded when the K/V head count divides by N, and otherwise the attention
-stays replicated.
+grouped K/V heads are sharded when the K/V head count divides by N; otherwise the K/V projections
+stay replicated and each rank slices the K/V heads its query heads read (repeating them to the query's
+head count first when SDPA would group them itself, `enable_gqa=True`).
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ class Shard:
     dim: int
     segs: tuple[int, ...]  # global sizes of the segments of `dim`, each split in N equal blocks
     origins: frozenset  # column linears whose split this is
+    repeat: int = 1  # a narrow only: repeat each element of `dim` this often first (grouped K/V heads)
 
     @property
     def size(self) -> int:
@@ -425,11 +427,20 @@ class _Sweep:
         head_dim = ndim - 3
         qs = shards[0]
         if qs is not None and qs.dim == head_dim and len(qs.segs) == 1:
-            # grouped K/V heads that could not be split (too few to divide by N) but were repeated to
-            # the query's head count before the call: keep them replicated, slice this rank's heads
+            off_heads = [t for t, s in zip((k, v), shards[1:]) if s is not None and (s.dim != head_dim or len(s.segs) != 1)]
+            if off_heads:  # e.g. one K/V head: its split landed on head_dim; un-shard K/V only, not Q
+                raise Conflict(f"its split reaches {_name(node)} in {module_path(node) or 'the graph'}: key/value "
+                               f"split off their heads dim (too few K/V heads to divide)", self.origins(off_heads))
+            # grouped K/V heads that could not be split (too few to divide by N): keep them replicated
+            # and slice this rank's heads — of the K/V as they come when the model repeated them to the
+            # query's head count, or repeated here first when SDPA groups them itself (enable_gqa)
+            gqa = bound["enable_gqa"] is True
             for t, s in zip((k, v), shards[1:]):
-                if s is None and _static(node_value(t).shape[head_dim]) == qs.size:
+                kv_heads = _static(node_value(t).shape[head_dim]) if s is None else None
+                if kv_heads == qs.size:
                     self.narrow[(node, t)] = Shard(head_dim, qs.segs, frozenset())
+                elif gqa and kv_heads and qs.size % kv_heads == 0:
+                    self.narrow[(node, t)] = Shard(head_dim, qs.segs, frozenset(), repeat=qs.size // kv_heads)
             shards = [qs] + [qs if s is None and (node, t) in self.narrow else s for t, s in zip((k, v), shards[1:])]
         if any(s is None or s.dim != head_dim or len(s.segs) != 1 for s in shards):
             raise self.fail(node, "attention whose query, key and value are not all split by heads")
