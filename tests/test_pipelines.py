@@ -101,3 +101,20 @@ def test_shipped_tokenizers_are_what_the_script_builds(tmp_path):
         for tok in (shipped, rebuilt):
             assert tok.decode(tok(text, add_special_tokens=False).input_ids).lower().replace(" ", "") == text.lower().replace(" ", ""), name
     assert np.isscalar(AutoTokenizer.from_pretrained(asset("qwen2_tokenizer")).convert_tokens_to_ids("<|image_pad|>"))
+
+
+def test_bench_size_pipeline_components_fit_its_transformer(tmp_path):
+    """`size="bench"` (npu-dit bench seed): the bench transformer, and text encoder / VAE widths that feed it."""
+    spec = get_model("qwen-image-edit")
+    pipe = load_pipeline(spec, size="bench")
+    cfg = spec.config("bench")
+    assert pipe.transformer.config.num_attention_heads == cfg["num_attention_heads"]
+    assert pipe.text_encoder.config.text_config.hidden_size == cfg["joint_attention_dim"]
+    assert pipe.vae.config.z_dim * 4 == cfg["in_channels"]  # 2x2 packing of the latent channels
+    with torch.no_grad():
+        embeds, _ = pipe.encode_prompt("make it blue", image=edit_image(0), device="cpu")
+    assert embeds.shape[-1] == cfg["joint_attention_dim"]
+    with pytest.raises(ValueError, match="choose one of tiny, bench"):
+        load_pipeline(spec, size="huge")
+    with pytest.raises(ValueError, match="pass one or the other"):
+        load_pipeline(spec, size="bench", weights=tmp_path)

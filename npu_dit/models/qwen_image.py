@@ -39,6 +39,17 @@ TINY_CONFIG: dict[str, Any] = {
     "axes_dims_rope": (4, 6, 6),
 }
 
+# for whole-pipeline benchmarks on a CPU (`npu-dit bench seed`): the real head dim and RoPE axes, 4
+# heads (Ulysses-4 keeps one per rank), 2 blocks. Narrower than FLUX's bench config because the edit
+# pipelines always encode their input image at 1024x1024: 4096 input-image tokens ride along every call.
+BENCH_CONFIG: dict[str, Any] = {
+    **FULL_CONFIG,
+    "num_layers": 2,
+    "attention_head_dim": 128,
+    "num_attention_heads": 4,
+    "joint_attention_dim": 512,
+}
+
 
 def make_inputs(
     config: dict[str, Any],
@@ -81,6 +92,7 @@ def _spec(name: str, repo: str, pipeline: str, *, steps: int, true_cfg: bool, im
         transformer_cls="QwenImageTransformer2DModel",
         full_config=FULL_CONFIG,
         tiny_config=TINY_CONFIG,
+        bench_config=BENCH_CONFIG,
         default_steps=steps,
         true_cfg=true_cfg,
         embedded_guidance=None,

@@ -1,6 +1,7 @@
 """Whole diffusers pipelines for the seed models: tiny offline ones, or real weights from a local folder.
 
     pipe = load_pipeline("flux.1-dev")                       # tiny, random, built offline
+    pipe = load_pipeline("flux.1-dev", size="bench")         # bench-size transformer, encoders and VAE
     pipe = load_pipeline("qwen-image-edit", weights="/ckpt/Qwen-Image-Edit")   # from_pretrained(local dir)
     pipe = load_pipeline("qwen-image-edit-lightning", weights=..., lora="lightning-8steps.safetensors")
 """
@@ -20,12 +21,14 @@ def load_pipeline(
     model: str | ModelSpec,
     *,
     weights: str | os.PathLike | None = None,
+    size: str | None = None,
     lora: str | os.PathLike | None = None,
     lora_scale: float = 1.0,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ):
-    """The model's diffusers pipeline: tiny random components (weights=None) or `from_pretrained(weights)`.
+    """The model's diffusers pipeline: small random components (weights=None; `size` "tiny", the default,
+    or "bench") or `from_pretrained(weights)`.
 
     A LoRA is fused into the transformer here, before any compile or sharding. Lightning variants get
     the Lightning scheduler settings (also when loading a base checkpoint plus the Lightning LoRA).
@@ -34,8 +37,11 @@ def load_pipeline(
 
     spec = model if isinstance(model, ModelSpec) else get_model(model)
     if weights is None:
-        pipe = tiny_pipeline(spec, seed=seed, dtype=dtype)
+        pipe = tiny_pipeline(spec, size=size or "tiny", seed=seed, dtype=dtype)
     else:
+        if size is not None:
+            raise ValueError(f"size={size!r} picks an offline random pipeline, but weights={os.fspath(weights)!r} "
+                             f"brings the checkpoint's own config: pass one or the other")
         weights = os.fspath(weights)
         if not os.path.isdir(weights):
             raise ValueError(
