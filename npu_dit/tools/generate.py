@@ -2,6 +2,7 @@
 under torchrun, with the transformer compiled by `npu_dit.parallelize`.
 
     npu-dit generate flux.1-dev --out flux.png                        # tiny random pipeline, offline
+    npu-dit generate flux.1-dev --size bench --height 512 --width 512  # bench-size random pipeline
     torchrun --nproc-per-node 2 -m npu_dit.tools.cli generate flux.1-dev --ulysses 2 --async-ulysses
     npu-dit generate qwen-image-edit-lightning --weights /ckpt/Qwen-Image-Edit --lora lightning.safetensors --steps 8
 
@@ -31,6 +32,7 @@ TINY_SIDE = 256  # default output size of the tiny pipelines (1024 with --weight
 
 def add_parser(sub) -> None:
     from npu_dit.models import DEFAULT_MODEL, MODELS
+    from npu_dit.pipelines.tiny import SIZES
 
     g = sub.add_parser(
         "generate", help="run a whole pipeline (tiny offline weights by default); torchrun for several ranks",
@@ -39,6 +41,9 @@ def add_parser(sub) -> None:
     g.add_argument("model", nargs="?", default=DEFAULT_MODEL, help=f"one of: {', '.join(MODELS)}")
     g.add_argument("--weights", "--model-path", dest="weights", default=None, metavar="DIR",
                    help="a local diffusers checkpoint folder (from_pretrained); default: tiny random weights built offline")
+    g.add_argument("--size", default=None, choices=SIZES,
+                   help="the offline random pipeline's size: tiny (the default) or bench (the bench transformer config, "
+                        "text encoders and VAE scaled down alike: `npu-dit bench seed`); not with --weights")
     g.add_argument("--lora", default=None, metavar="FILE", help="a LoRA (.safetensors) fused into the transformer before sharding, e.g. Lightning")
     g.add_argument("--lora-scale", type=float, default=1.0)
     g.add_argument("--prompt", default="a photo of a cat sitting on a red chair")
@@ -119,6 +124,17 @@ def _timed(fn, totals: dict[str, float], stage: str):
     return wrapper
 
 
+def _record_tokens(fn, seen: list[list[int]]):
+    """Note each distinct (image tokens, text tokens) of the transformer's calls (true CFG: two)."""
+    def wrapper(*args, **kwargs):
+        image, text = kwargs.get("hidden_states"), kwargs.get("encoder_hidden_states")
+        if image is not None and text is not None and [image.shape[1], text.shape[1]] not in seen:
+            seen.append([image.shape[1], text.shape[1]])
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
 def _peak_memory_mib() -> dict[str, float]:
     peak = {"host_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if torch.cuda.is_available():
@@ -174,7 +190,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         ensure_process_group(world)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
-    pipe = load_pipeline(spec, weights=args.weights, lora=args.lora, lora_scale=args.lora_scale, dtype=DTYPES[args.dtype], seed=args.seed)
+    pipe = load_pipeline(spec, weights=args.weights, size=args.size, lora=args.lora, lora_scale=args.lora_scale, dtype=DTYPES[args.dtype], seed=args.seed)
     pipe.set_progress_bar_config(disable=args.quiet or rank != 0)
     npu_dit.parallelize(pipe, text_encoder_parallel=args.text_encoder_parallel, vae_parallel=args.vae_parallel,
                         num_inference_steps=steps, **settings)
@@ -183,17 +199,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pipe.vae.decode = _timed(pipe.vae.decode, totals, "VAE")
     pipe.vae.encode = _timed(pipe.vae.encode, totals, "VAE")
     pipe.transformer.forward = _timed(pipe.transformer.forward, totals, "denoising")
+    tokens: list[list[int]] = []
+    pipe.transformer.forward = _record_tokens(pipe.transformer.forward, tokens)
     kwargs = call_kwargs(args, spec, steps)
     for _ in range(args.warmup):
         pipe(**{**kwargs, "generator": torch.Generator().manual_seed(args.seed)})
     for stage in totals:
         totals[stage] = 0.0
-    start = time.perf_counter()
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank starts the timed run together
+    start, start_cpu = time.perf_counter(), time.process_time()
     image = pipe(**kwargs).images[0]
     total = time.perf_counter() - start
+    # this process's CPU seconds in the timed run: with more ranks than cores, wall time exceeds it
+    memory = {**_peak_memory_mib(), "cpu_s": time.process_time() - start_cpu}
     # denoising = the transformer calls; the scheduler steps and latent packing go to "other"
     stages = {**totals, "other": max(0.0, total - sum(totals.values())), "total": total}
-    memory = _peak_memory_mib()
     if torch.distributed.is_initialized():
         gathered: list[Any] = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(gathered, memory)
@@ -206,13 +227,21 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     controller = latest() if cache is not None else None
     return {
-        "model": spec.name, "weights": args.weights or "tiny random (offline)", "world_size": world,
+        "model": spec.name, "weights": args.weights or f"{args.size or 'tiny'} random (offline)", "world_size": world,
         "options": build_options(num_inference_steps=steps, dump_dir=None, world_size=world, **settings),
         "height": kwargs["height"], "width": kwargs["width"], "steps": steps, "stages_s": stages,
+        "transformer_tokens": tokens,
         "peak_memory_per_rank": gathered, "out": os.path.abspath(out), "rank": rank,
         "cache_summary": controller.format_summary() if controller is not None else None,
         "warmup_runs": args.warmup, "text_encoder_parallel": args.text_encoder_parallel,
     }
+
+
+def format_tokens(pairs: list[list[int]]) -> str:
+    """[[4352, 98], [4352, 35]] -> '4352 image + 98 / 35 text' (true CFG: the negative prompt's length)."""
+    if len({image for image, _ in pairs}) > 1:
+        return "; ".join(f"{image} image + {text} text" for image, text in pairs)
+    return f"{pairs[0][0]} image + {' / '.join(str(text) for _, text in pairs)} text"
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -221,6 +250,7 @@ def format_report(r: dict[str, Any]) -> str:
         f"{r['model']}  ({r['weights']}), {r['height']}x{r['width']}, {r['steps']} steps, {r['world_size']} process(es)",
         f"  ulysses_degree={o['ulysses_degree']} tp_degree={o['tp_degree']} text_encoder_parallel={r.get('text_encoder_parallel', False)} async_ulysses={o['async_ulysses']} attention_backend={o['attention_backend']} "
         f"inner_compiler={o['inner_compiler']} cache={o.get('cache')}",
+        *([f"  tokens per transformer call: {format_tokens(r['transformer_tokens'])}"] if r.get("transformer_tokens") else []),
         "",
         "| stage | seconds | share |",
         "| --- | ---: | ---: |",
@@ -231,10 +261,10 @@ def format_report(r: dict[str, Any]) -> str:
         lines.append(f"| {stage} | {seconds:.3f} | {share} |")
     if not r["warmup_runs"]:
         lines.append("(first run: denoising includes compiling the transformer; use --warmup 1 for steady-state timings)")
-    lines += ["", "| rank | peak host RSS (MiB) | peak device memory (MiB) |", "| ---: | ---: | ---: |"]
+    lines += ["", "| rank | peak host RSS (MiB) | peak device memory (MiB) | CPU s (timed run) |", "| ---: | ---: | ---: | ---: |"]
     for rank, mem in enumerate(r["peak_memory_per_rank"]):
         device = f"{mem['device_mib']:.0f}" if "device_mib" in mem else "-"
-        lines.append(f"| {rank} | {mem['host_rss_mib']:.0f} | {device} |")
+        lines.append(f"| {rank} | {mem['host_rss_mib']:.0f} | {device} | {mem['cpu_s']:.2f} |")
     if r["cache_summary"]:
         lines += ["", r["cache_summary"]]
     lines += ["", f"wrote {r['out']}"]
