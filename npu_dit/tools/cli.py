@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=HelpFormatter)
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"one of: {', '.join(MODELS)}, or a text encoder: t5-v1.1-xxl, qwen2.5-vl-7b-lm (default {DEFAULT_MODEL})")
-    p.add_argument("--size", default="full", help="which config of the model: full or tiny (flux.1-dev also: bench, bench-deep)")
+    p.add_argument("--size", default="full", help="which config of the model: full, tiny or bench (flux.1-dev also: bench-deep)")
     p.add_argument("--height", type=int, default=1024, help="image height in pixels")
     p.add_argument("--width", type=int, default=1024, help="image width in pixels")
     p.add_argument("--prompt-len", type=int, default=None, help="text tokens (default: the model's pipeline default)")
@@ -123,6 +123,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also decode in float64 and report both float32 decodes' error against it")
     v.add_argument("--write", metavar="FILE", nargs="?", const="docs/BENCHMARKS.md", default=None)
     v.add_argument("--json", action="store_true")
+    from npu_dit.tools.bench_seed import TABLES
+
+    flux, qwen = TABLES["flux"], TABLES["qwen-edit"]
+    s = bsub.add_parser("seed", help="the seed's two whole-pipeline tables (FLUX.1-dev, Qwen-Image-Edit) on bench-size "
+                                     "pipelines, Gloo on CPU; tables, JSON and bar charts", formatter_class=HelpFormatter)
+    s.add_argument("--tables", default=",".join(TABLES), help=f"which tables, comma-separated: {', '.join(TABLES)}")
+    s.add_argument("--columns", default=None, metavar="KEY,...",
+                   help="only these columns; default: all. flux: " + ", ".join(c.key for c in flux.columns)
+                        + "; qwen-edit: " + ", ".join(c.key for c in qwen.columns))
+    s.add_argument("--size", default="bench", choices=("bench", "tiny"), help="the offline pipelines' size")
+    s.add_argument("--flux-resolution", type=_image_size, default=None, metavar="HxW",
+                   help=f"default {flux.height}x{flux.width}")
+    s.add_argument("--flux-steps", type=int, default=None, help=f"default {flux.steps}")
+    s.add_argument("--qwen-resolution", type=_image_size, default=None, metavar="HxW",
+                   help=f"Qwen-Image-Edit's output, default {qwen.height}x{qwen.width} (the pipeline always encodes "
+                        f"its input image at 1024x1024)")
+    s.add_argument("--qwen-steps", type=int, default=None,
+                   help=f"default {qwen.steps} (true CFG: two transformer calls per step)")
+    s.add_argument("--warmup", type=int, default=1, help="untimed generations before the timed one (they compile)")
+    s.add_argument("--out", metavar="DIR", default="bench-seed",
+                   help="write DIR/seed-tables.md, DIR/seed-tables.json and DIR/seed-TABLE.png here")
+    s.add_argument("--write", metavar="FILE", nargs="?", const="docs/BENCHMARKS.md", default=None,
+                   help="also update the seed section of FILE (default docs/BENCHMARKS.md), charts beside it")
+    s.add_argument("--from-json", metavar="FILE", default=None,
+                   help="redraw the tables and charts from a saved seed-tables.json instead of running")
+    s.add_argument("--json", action="store_true")
     c = bsub.add_parser("cache", help="28-step denoising with DBCache/TaylorSeer/steps-mask configs vs no cache",
                         formatter_class=HelpFormatter)
     c.add_argument("--sizes", default="tiny,bench-deep", help="FLUX configs to run, comma-separated")
@@ -210,6 +236,8 @@ def _bench(args: argparse.Namespace, argv: list[str] | None) -> int:
         return _bench_cache(args, argv, log)
     if args.bench == "vae":
         return _bench_vae(args, argv, log)
+    if args.bench == "seed":
+        return _bench_seed(args, argv, log)
     results = bench_ulysses(
         degree=args.degree, height=args.height, width=args.width, prompt_len=args.prompt_len,
         warmup=args.warmup, iters=args.iters, runs=args.runs, inner_compiler=args.inner_compiler,
@@ -236,6 +264,33 @@ def _bench_vae(args: argparse.Namespace, argv: list[str] | None, log) -> int:
     if args.write:
         write_vae_section(args.write, "npu-dit " + " ".join(argv if argv is not None else sys.argv[1:]), results)
         print(f"wrote {args.write}", file=sys.stderr)
+    return 0
+
+
+def _bench_seed(args: argparse.Namespace, argv: list[str] | None, log) -> int:
+    from npu_dit.tools import bench_seed
+
+    if args.from_json:
+        with open(args.from_json) as f:
+            results = json.load(f)
+        command = results.pop("command", "(unknown)")
+    else:
+        command = "npu-dit " + " ".join(argv if argv is not None else sys.argv[1:])
+        geometry = {}
+        for key, resolution, steps in (("flux", args.flux_resolution, args.flux_steps),
+                                       ("qwen-edit", args.qwen_resolution, args.qwen_steps)):
+            table = bench_seed.TABLES[key]
+            height, width = resolution or (table.height, table.width)
+            geometry[key] = (height, width, steps or table.steps)
+        columns = [c.strip() for c in args.columns.split(",")] if args.columns else None
+        results = bench_seed.bench_seed(tables=[t.strip() for t in args.tables.split(",") if t.strip()], columns=columns,
+                                        size=args.size, geometry=geometry, warmup=args.warmup, log=log)
+    print(json.dumps(results, indent=1) if args.json else bench_seed.format_markdown(results))
+    for path in bench_seed.write_outputs(args.out, results, command, log=log):
+        log(f"wrote {path}")
+    if args.write:
+        bench_seed.write_section(args.write, command, results, log=log)
+        log(f"wrote {args.write}")
     return 0
 
 

@@ -1,0 +1,91 @@
+"""Bar charts of `npu-dit bench seed`, one PNG per table (matplotlib, an optional dependency).
+
+Left: the time per stage of each column, stacked (text encoding, denoising, VAE, other), the total at the
+end of the bar. Right: each column's speed-up against the seed's first column, measured here beside the
+seed's own. Without matplotlib nothing is drawn and the caller is told how to get the charts.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+MISSING = ("charts skipped: matplotlib is not installed. Install it with `pip install 'npu-dit[bench]'` (or "
+           "`pip install matplotlib`), then redraw from the saved results without rerunning: "
+           "`npu-dit bench seed --from-json DIR/seed-tables.json --out DIR`")
+COLORS = {"text encoding": "#4e79a7", "denoising": "#f28e2b", "VAE": "#59a14f", "other": "#bab0ac"}
+
+
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def draw_table(t: dict[str, Any], path: str, *, subtitle: str = "") -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from npu_dit.tools.bench_seed import STAGES
+
+    rows = t["rows"]
+    labels = [f"{r['label']}\n({r['ranks']} rank{'s' if r['ranks'] > 1 else ''})" for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.6 * len(rows) + 2.2), gridspec_kw={"width_ratios": [3, 2]})
+    y = list(range(len(rows)))[::-1]
+    start = [0.0] * len(rows)
+    for stage in STAGES:
+        widths = [r["stages_s"][stage] for r in rows]
+        left.barh(y, widths, left=start, color=COLORS[stage], label=stage, height=0.6)
+        start = [a + b for a, b in zip(start, widths)]
+    for yi, r in zip(y, rows):
+        left.text(r["stages_s"]["total"], yi, f" {r['stages_s']['total']:.2f} s", va="center", fontsize=9)
+    left.set_yticks(y, labels, fontsize=9)
+    left.set_xlabel("seconds, one generation (rank 0)")
+    left.set_xlim(0, max(r["stages_s"]["total"] for r in rows) * 1.18)
+    left.legend(loc="lower right", fontsize=8, frameon=False)
+    left.set_title("time per stage, measured here", fontsize=10)
+
+    ref = next((r for r in rows if r["key"] == t["reference"]), None)
+    seeded = [r for r in rows if r["seed_s"]]
+    ref_seed = next((r["seed_s"] for r in rows if r["key"] == t["reference"]), None)
+    if ref is not None and ref_seed and seeded:
+        ys = list(range(len(seeded)))[::-1]
+        ours = [ref["stages_s"]["total"] / r["stages_s"]["total"] for r in seeded]
+        seed = [ref_seed / r["seed_s"] for r in seeded]
+        right.barh([v + 0.18 for v in ys], seed, height=0.36, color="#9c9c9c", label="seed (NPU, full model)")
+        right.barh([v - 0.18 for v in ys], ours, height=0.36, color="#e15759", label="measured here (CPU, Gloo)")
+        for v, a, b in zip(ys, seed, ours):
+            right.text(a, v + 0.18, f" {a:.2f}x", va="center", fontsize=8)
+            right.text(b, v - 0.18, f" {b:.2f}x", va="center", fontsize=8)
+        right.set_yticks(ys, [r["label"] for r in seeded], fontsize=9)
+        right.axvline(1.0, color="black", linewidth=0.8)
+        right.set_xlim(0, max(seed + ours) * 1.25)
+        right.legend(loc="lower right", fontsize=8, frameon=False)
+        right.set_xlabel(f"speed-up against {ref['label']}")
+        right.set_title("shape against the seed's table", fontsize=10)
+    else:
+        right.axis("off")
+        right.text(0.5, 0.5, "the seed's first column was not run", ha="center", va="center")
+    fig.suptitle(f"{t['title']}: {t['height']}x{t['width']}, {t['steps']} steps, {t['config']}" + subtitle, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_charts(results: dict[str, Any], folder: str, *, prefix: str, log=print) -> dict[str, str]:
+    """{table key: PNG path} for every table drawn into `folder`; {} (and a message) without matplotlib."""
+    if not have_matplotlib():
+        log(MISSING)
+        return {}
+    cores = results["setup"].get("cores")
+    subtitle = f"\n{results['setup']['machine']}" + (f"; one process per rank, {cores} cores" if cores else "")
+    paths = {}
+    for key, t in results["tables"].items():
+        path = os.path.join(folder, f"{prefix}{key}.png")
+        draw_table(t, path, subtitle=subtitle)
+        paths[key] = path
+    return paths
