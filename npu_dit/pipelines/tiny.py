@@ -71,11 +71,11 @@ COMPONENTS: dict[str, dict[str, dict[str, Any]]] = {
     "bench": {
         "clip": {"intermediate_size": 1024, "num_hidden_layers": 2, "num_attention_heads": 4},
         "t5": {"d_kv": 64, "d_ff": 2816, "num_layers": 2, "num_heads": 16, "relative_attention_num_buckets": 32},
-        "flux_vae": {"block_out_channels": [32, 64, 128, 128], "layers_per_block": 1, "norm_num_groups": 32},
+        "flux_vae": {"block_out_channels": [16, 32, 64, 64], "layers_per_block": 1, "norm_num_groups": 16},
         "qwen_lm": {"intermediate_size": 2048, "num_hidden_layers": 2, "num_attention_heads": 8, "num_key_value_heads": 4,
                     "mrope_section": [8, 12, 12]},
         "qwen_vision": {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2},
-        "qwen_vae": {"base_dim": 16, "num_res_blocks": 1},
+        "qwen_vae": {"base_dim": 8, "num_res_blocks": 1},  # the edit pipelines encode their input at 1024x1024
     },
 }
 SIZES = tuple(COMPONENTS)

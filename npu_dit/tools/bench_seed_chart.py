@@ -33,8 +33,9 @@ def draw_table(t: dict[str, Any], path: str, *, subtitle: str = "") -> None:
     from npu_dit.tools.bench_seed import STAGES
 
     rows = t["rows"]
-    labels = [f"{r['label']}\n({r['ranks']} rank{'s' if r['ranks'] > 1 else ''})" for r in rows]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.6 * len(rows) + 2.2), gridspec_kw={"width_ratios": [3, 2]})
+    labels = [r["label"] if r["ranks"] == 1 else f"{r['label']}\n({r['ranks']} ranks)" for r in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.6 * len(rows) + 2.2), gridspec_kw={"width_ratios": [3, 2]},
+                                      layout="constrained")
     y = list(range(len(rows)))[::-1]
     start = [0.0] * len(rows)
     for stage in STAGES:
@@ -64,14 +65,13 @@ def draw_table(t: dict[str, Any], path: str, *, subtitle: str = "") -> None:
         right.set_yticks(ys, [r["label"] for r in seeded], fontsize=9)
         right.axvline(1.0, color="black", linewidth=0.8)
         right.set_xlim(0, max(seed + ours) * 1.25)
-        right.legend(loc="lower right", fontsize=8, frameon=False)
+        right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, fontsize=8, frameon=False)
         right.set_xlabel(f"speed-up against {ref['label']}")
         right.set_title("shape against the seed's table", fontsize=10)
     else:
         right.axis("off")
         right.text(0.5, 0.5, "the seed's first column was not run", ha="center", va="center")
     fig.suptitle(f"{t['title']}: {t['height']}x{t['width']}, {t['steps']} steps, {t['config']}" + subtitle, fontsize=10)
-    fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
 
@@ -81,8 +81,7 @@ def write_charts(results: dict[str, Any], folder: str, *, prefix: str, log=print
     if not have_matplotlib():
         log(MISSING)
         return {}
-    cores = results["setup"].get("cores")
-    subtitle = f"\n{results['setup']['machine']}" + (f"; one process per rank, {cores} cores" if cores else "")
+    subtitle = f"\n{results['setup']['machine']}; Gloo, one process (one thread) per rank"
     paths = {}
     for key, t in results["tables"].items():
         path = os.path.join(folder, f"{prefix}{key}.png")
