@@ -73,7 +73,7 @@ TABLES: dict[str, Table] = {
                ("--ulysses", "2", "--async-ulysses", "--attention-backend", "npu_fia"), 10.34,
                f"async Ulysses-2, and {_FIA}"),
     )),
-    "qwen-edit": Table("qwen-edit", "qwen-image-edit", "Qwen-Image-Edit", "ulysses-2-tep", 256, 256, 2, (
+    "qwen-edit": Table("qwen-edit", "qwen-image-edit", "Qwen-Image-Edit", "ulysses-2-tep", 256, 256, 4, (
         Column("1-rank", "1 rank", 1, (), None,
                "one process (not in the seed's table): the whole pipeline, nothing sharded"),
         Column("ulysses-2-tep", "Ulysses-2 + TEP", 2, ("--ulysses", "2", "--text-encoder-parallel"), 134.76,
@@ -161,6 +161,7 @@ def bench_seed(*, tables: list[str], columns: list[str] | None = None, size: str
             cmd = column_command(table, column, size=size, height=height, width=width, steps=steps, warmup=warmup,
                                  out_png=out_png)
             log(f"{table.title}: {column.label} on {column.ranks} process{'es' if column.ranks > 1 else ''} ...")
+            load = os.getloadavg()[0]  # other jobs on the machine, as the column starts
             start = time.perf_counter()
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
             if proc.returncode != 0:
@@ -172,7 +173,7 @@ def bench_seed(*, tables: list[str], columns: list[str] | None = None, size: str
                    "cpu_s": [m["cpu_s"] for m in report["peak_memory_per_rank"]],
                    "rss_mib": [m["host_rss_mib"] for m in report["peak_memory_per_rank"]],
                    "tokens": report.get("transformer_tokens"), "max_pixel_diff_vs_1_rank": diff,
-                   "process_wall_s": time.perf_counter() - start}
+                   "process_wall_s": time.perf_counter() - start, "load_before": load}
             rows.append(row)
             log(f"  total {row['stages_s']['total']:.2f} s ("
                 + ", ".join(f"{s} {row['stages_s'][s]:.2f}" for s in STAGES)
@@ -241,6 +242,9 @@ def observations(t: dict[str, Any], cores: int) -> list[str]:
         stages = ", ".join(f"{k} {change[k]:+.0f} %" for k in STAGES[:3])
         seed = f"; seed {100 * (rb['seed_s'] / ra['seed_s'] - 1):+.1f} %" if ra["seed_s"] and rb["seed_s"] else ""
         notes.append(f"{ra['label']} → {rb['label']}: total {change['total']:+.1f} % ({stages}){seed}.")
+    if all("load_before" in r for r in t["rows"]):
+        notes.append("1-minute load average as each column started (this column's own processes not yet running): "
+                     + ", ".join(f"{r['load_before']:.1f}" for r in t["rows"]) + ".")
     crowded = [r for r in t["rows"] if r["ranks"] > cores]
     if crowded:
         ranks = crowded[0]["ranks"]
