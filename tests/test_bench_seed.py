@@ -48,7 +48,8 @@ def test_seed_table_has_stages_speedups_and_the_seed_beside_them():
     assert ulysses[2:7] == ["0.50 s", "3.50 s", "0.75 s", "0.25 s", "**5.00 s**"]
     assert ulysses[7] == "1.60x"  # 8.0 / 5.0
     assert ulysses[8] == "11.45 s (1.41x)"  # the seed: 16.13 / 11.45
-    assert ulysses[10] == "0.90"  # cores busy: 2 ranks x 2.25 CPU s / 5.0 s
+    assert ulysses[10] == "3.20x"  # CPU time: 7.2 s on 1 rank, 2.25 s on the busiest of 2
+    assert ulysses[11] == "0.90"  # cores busy: 2 ranks x 2.25 CPU s / 5.0 s
     assert _row(flux, "+ NPU attention")[7] == "1.60x"
     qwen = bench_seed.format_seed_table(results["tables"]["qwen-edit"])
     # the seed's Qwen table starts at Ulysses-2 + TEP: speed-ups against 1 rank and against that column
@@ -57,7 +58,7 @@ def test_seed_table_has_stages_speedups_and_the_seed_beside_them():
     assert one[7:10] == ["1.00x", "0.60x", "-"]  # no seed figure for one card
     four = _row(qwen, "Ulysses-4 + TEP")
     assert four[7:10] == ["1.33x", "0.80x", "67.44 s (2.00x)"]  # 20 / 15, 12 / 15, 134.76 / 67.44
-    assert four[12] == "900, 901, 902, 903 MiB"
+    assert four[13] == "900, 901, 902, 903 MiB"
 
 
 def test_observations_compare_neighbouring_columns_and_bound_crowded_ranks():
