@@ -128,7 +128,7 @@ def test_unknown_tables_and_columns_are_refused_before_anything_runs():
 def test_bench_seed_end_to_end_two_tiny_columns(tmp_path):
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
     cmd = [sys.executable, "-m", "npu_dit.tools.cli", "bench", "seed", "--tables", "flux", "--size", "tiny",
-           "--columns", "1-rank,ulysses-2", "--flux-resolution", "128x128", "--flux-steps", "2", "--warmup", "0",
+           "--columns", "1-rank,ulysses-2", "--flux-resolution", "64x64", "--flux-steps", "1", "--warmup", "0",
            "--out", str(tmp_path / "out")]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -137,7 +137,7 @@ def test_bench_seed_end_to_end_two_tiny_columns(tmp_path):
     rows = results["tables"]["flux"]["rows"]
     assert [r["key"] for r in rows] == ["1-rank", "ulysses-2"]
     assert [len(r["cpu_s"]) for r in rows] == [1, 2]
-    assert rows[0]["tokens"] == [[64, 512]]  # 128x128 -> 8x8 image tokens; T5 padded to 512
+    assert rows[0]["tokens"] == [[16, 512]]  # 64x64 -> 4x4 image tokens; T5 padded to 512
     for r in rows:
         stages = r["stages_s"]
         assert abs(sum(stages[s] for s in bench_seed.STAGES) - stages["total"]) < 1e-6 and stages["denoising"] > 0
