@@ -29,6 +29,11 @@ def _marks(inner_compiler: str) -> tuple[str, str]:
     return f"<!-- bench:{tag}:start -->", f"<!-- bench:{tag}:end -->"
 
 
+def machine() -> str:
+    """The machine line every bench section records."""
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
 def _run(cmd: list[str], env: dict[str, str], timeout: float) -> dict[str, Any]:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
@@ -127,7 +132,7 @@ def bench_ulysses(
         "model": "flux.1-dev (bench config: 8 heads x 128 = hidden 1024, 2 double + 2 single blocks)",
         "tokens": {"image": (height // 16) * (width // 16), "text": prompt_len},
         "degree": degree, "warmup": warmup, "iters": iters, "runs": runs, "inner_compiler": inner_compiler,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "machine": machine(),
     }
     return results
 
@@ -280,7 +285,7 @@ def bench_cache(
         "rows": rows,
         "setup": {"size": size, "config": config, "tokens": {"image": (height // 16) * (width // 16), "text": prompt_len},
                   "steps": steps, "threads": threads,
-                  "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"},
+                  "machine": machine()},
     }
 
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 
 from npu_dit.runtime.dist import free_port
-from npu_dit.tools.bench import replace_section
+from npu_dit.tools.bench import machine, replace_section
 from npu_dit.tools.generate import format_tokens
 
 MARK_START = "<!-- bench:seed:start -->"
@@ -90,10 +89,6 @@ TABLES: dict[str, Table] = {
 }
 
 
-def _machine() -> str:
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
-
-
 def parse_report(stdout: str) -> dict[str, Any]:
     """The JSON report `generate --json` prints on rank 0 (other output may surround it)."""
     decoder = json.JSONDecoder()
@@ -140,7 +135,7 @@ def bench_seed(*, tables: list[str], columns: list[str] | None = None, size: str
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     workdir = tempfile.mkdtemp(prefix="npu_dit_bench_seed_")
     results: dict[str, Any] = {"tables": {}, "setup": {
-        "size": size, "warmup": warmup, "machine": _machine(), "cores": os.cpu_count() or 1,
+        "size": size, "warmup": warmup, "machine": machine(), "cores": os.cpu_count() or 1,
         "load_before": os.getloadavg()[0]}}
     unknown = [key for key in tables if key not in TABLES]
     if unknown or not tables:

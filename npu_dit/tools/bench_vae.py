@@ -9,7 +9,6 @@ its ratio to the serial process's growth, and the max abs error against the seri
 from __future__ import annotations
 
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -18,7 +17,7 @@ from typing import Any
 import torch
 
 from npu_dit.runtime.dist import free_port
-from npu_dit.tools.bench import _run, replace_section
+from npu_dit.tools.bench import _run, machine, replace_section
 
 MARK_START = "<!-- bench:vae:start -->"
 MARK_END = "<!-- bench:vae:end -->"
@@ -83,7 +82,7 @@ def bench_vae(*, degree: int = 2, height: int = 1024, width: int = 1024, warmup:
     results["setup"] = {
         "model": f"{vae} VAE ({size} config, random weights), decode of a {height}x{width} image's latent",
         "degree": degree, "warmup": warmup, "iters": iters,
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+        "machine": machine(),
         "load_before": os.getloadavg()[0],
     }
     return results
