@@ -74,10 +74,14 @@ def test_spatial_structure(kind, fn):
     conv_targets = {torch.conv2d, torch.conv3d, torch.nn.functional.conv2d, torch.nn.functional.conv3d}
     convs = [n for n in out.graph.nodes if n.target in conv_targets]
     tall = [n for n in convs if n.args[1].meta["val"].shape[-2] > 1]
-    assert len(tall) == tall_convs
-    for conv in tall:  # every conv that reads across a band edge gets its halo first, and no own padding
+    same = [n for n in out.graph.nodes if n.target is S.halo_conv]  # 'same' convs: band convolved in place
+    assert len(tall) + len(same) == tall_convs
+    assert same or fn == "encode"  # every 3x3 conv of the FLUX decoder takes the in-place path
+    for conv in tall:  # every other conv that reads across a band edge gets its halo first, no own padding
         assert conv.args[0].target is S.halo_exchange, conv.format_node()
         assert conv.args[4][-2] == 0
+    for conv in same:  # ... or its edge rows are redone from the neighbours' rows
+        assert conv.args[1].target is S.neighbour_rows, conv.format_node()
     # every GroupNorm of the model reduces across ranks; none is left local
     assert sum(n.target is S.group_norm for n in out.graph.nodes) == group_norms
     assert not any(n.target is torch.nn.functional.group_norm for n in out.graph.nodes)

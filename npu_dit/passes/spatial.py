@@ -10,7 +10,7 @@ Before (one rank decodes the whole latent):
 
 After, on rank r of P (the executor hands it rows [b_r, b_{r+1}) of the input):
 
-    h = conv2d(halo_exchange(z, top=1, bottom=1, edge=1), w, b, stride=1, padding=(0, 1))
+    h = halo_conv(z, neighbour_rows(z, 1, 1), w, b, stride=1, padding=1)  # edge rows redone with the halo
     h = spatial_ops.group_norm(h, 32, gamma, beta, eps)     # all-gathered (count, mean, M2): serial stats
     h = interpolate(h, scale_factor=2, mode="nearest")      # local: the band doubles with the rows
     k, v = gather_rows(k), gather_rows(v);  o = sdpa(q, k, v)  # queries stay local
@@ -28,7 +28,8 @@ same-shape ops carry the band, replicated operands must be broadcast along it; l
 transpose, (un)squeeze, chunk/split/getitem away from the rows, reshape/view/flatten where the rows
 stay the outermost factor of their dim (proved on symbolic sizes); conv1d/2d/3d with the rows a
 spatial dim: halo exchange (the rows the kernel reads across the band edge), zero padding only at
-the global edges, bands aligned for strides; `F.pad` of the rows: at the global edges only; nearest
+the global edges, bands aligned for strides ('same' stride-1 convolutions keep their padding and have
+only their edge rows redone with the halo, `halo_conv`, so the band is never copied into a taller one); `F.pad` of the rows: at the global edges only; nearest
 / nearest-exact upsampling by an integer factor: local; group_norm: exact cross-rank statistics;
 normalisations over other dims (RMS over channels): local; SDPA over flattened pixels: keys and
 values gathered, queries local. Anything else that touches a band (a reduction or softmax along the
@@ -431,6 +432,9 @@ class _Rewriter:
         self.halos.append((max(top, bottom, 0), band.scale))
         if s > 1:
             self.strides.append(band.scale / s)
+        if s == 1 and top == bottom == p > 0 and not band.pending_top:
+            self.replace_with_halo_conv(node, x, band, spatial, p, int(kernel))
+            return
         with self.graph.inserting_before(node):
             xin = x
             if bottom < 0:
@@ -456,6 +460,31 @@ class _Rewriter:
         self.sites.append(
             f"{module_path(node) or node.name}: conv k={int(kernel)} s={s} p={p} -> halo {top} row(s) above, "
             f"{max(bottom, 0)} below; padding only at the global edges"
+        )
+        self.count("conv")
+
+    def replace_with_halo_conv(
+        self, node: fx.Node, x: fx.Node, band: Band, spatial: int, rows: int, kernel: int,
+    ) -> None:
+        """The common 'same' convolution (stride 1, `rows` rows of padding either side, read by the kernel):
+        the band is convolved as it is and only its edge rows are redone with the neighbours' rows
+        (`spatial_ops.halo_conv`), so no taller copy of the band is made."""
+        received = self.call_before(node, S.neighbour_rows,
+                                    (x, band.dim, rows, rows, self.rank, self.world, self.ctx.group_name))
+        self.count("halo_exchange")
+        conv_args = (
+            x, received, node.args[1], _arg(node, 2, "bias"), _tuple(_arg(node, 3, "stride", 1), spatial),
+            _tuple(_arg(node, 4, "padding", 0), spatial), _tuple(_arg(node, 5, "dilation", 1), spatial),
+            _arg(node, 6, "groups", 1), band.dim, rows, self.rank, self.world,
+        )
+        new = self.call_before(node, S.halo_conv, conv_args)
+        new.meta.update({k: v for k, v in node.meta.items() if k != "nn_module_stack"})
+        node.replace_all_uses_with(new)
+        self.graph.erase_node(node)
+        self.bands[new] = Band(band.dim, band.scale)
+        self.sites.append(
+            f"{module_path(new) or new.name}: conv k={kernel} s=1 p={rows} -> halo {rows} row(s) above, "
+            f"{rows} below; the band convolved in place, its edge rows redone with the halo"
         )
         self.count("conv")
 

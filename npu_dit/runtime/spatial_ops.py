@@ -8,6 +8,9 @@ from outside its band it gets here, exactly:
   rank above and the first `bottom` rows of the rank below, in ONE uneven all-to-all (every rank sends
   to its two neighbours only; Gloo, NCCL and HCCL all take zero split sizes). At the global edges the
   rows are the convolution's own zero padding.
+- `neighbour_rows` + `halo_conv` for a 'same' convolution (stride 1, padding = the rows its kernel
+  reads either side): the band is convolved as it is, with the conv's zero padding, and only its first
+  and last `rows` output rows are redone from the neighbours' rows — no taller copy of the band.
 - `edge_pad`: an explicit `F.pad` along the height pads only at the global edges (rank 0's top, the
   last rank's bottom); interior bands are continued by the next convolution's halo instead.
 - `group_norm`: per-group count, mean and M2 (sum of squared deviations) of the local band in float32,
@@ -42,6 +45,42 @@ def band_rows(height: int, align: int, world: int) -> list[int]:
     return rows
 
 
+def neighbour_rows(
+    x: torch.Tensor, dim: int, top: int, bottom: int, rank: int, world: int, group_name: str,
+) -> torch.Tensor:
+    """The last `top` rows of the rank above, then the first `bottom` rows of the rank below, rows first
+    ([top + bottom, ..]; a band at a global edge receives nothing from that side): ONE uneven all-to-all
+    in which every rank sends to its two neighbours only."""
+    rows = x.movedim(dim, 0)
+    send_up = bottom if rank > 0 else 0  # the rank above needs my first `bottom` rows
+    send_down = top if rank < world - 1 else 0  # the rank below needs my last `top` rows
+    in_splits = [0] * world
+    out_splits = [0] * world
+    if rank > 0:
+        in_splits[rank - 1], out_splits[rank - 1] = send_up, top
+    if rank < world - 1:
+        in_splits[rank + 1], out_splits[rank + 1] = send_down, bottom
+    n = rows.shape[0]
+    send = torch.cat([rows[:send_up], rows[n - send_down:]], 0).contiguous()
+    return c10d.wait_tensor(c10d.all_to_all_single(send, out_splits, in_splits, group_name))
+
+
+def _with_halo(
+    x: torch.Tensor, received: torch.Tensor, dim: int, top: int, edge_top: int, edge_bottom: int,
+    rank: int, world: int,
+) -> torch.Tensor:
+    rows = x.movedim(dim, 0)
+    recv_up = top if rank > 0 else 0
+    above, below = received[:recv_up], received[recv_up:]
+    pieces = []
+    if rank == 0 and edge_top:
+        pieces.append(rows.new_zeros((edge_top, *rows.shape[1:])))
+    pieces += [above, rows, below]
+    if rank == world - 1 and edge_bottom:
+        pieces.append(rows.new_zeros((edge_bottom, *rows.shape[1:])))
+    return torch.cat(pieces, 0).movedim(0, dim)
+
+
 def halo_exchange(
     x: torch.Tensor, dim: int, top: int, bottom: int, edge_top: int, edge_bottom: int,
     rank: int, world: int, group_name: str,
@@ -51,28 +90,47 @@ def halo_exchange(
     `top` rows come from the rank above (its last rows), `bottom` rows from the rank below (its first
     rows); rank 0 gets `edge_top` zero rows instead, the last rank `edge_bottom`.
     """
-    rows = x.movedim(dim, 0)
-    send_up = bottom if rank > 0 else 0  # the rank above needs my first `bottom` rows
-    send_down = top if rank < world - 1 else 0  # the rank below needs my last `top` rows
-    recv_up = top if rank > 0 else 0
-    recv_down = bottom if rank < world - 1 else 0
-    in_splits = [0] * world
-    out_splits = [0] * world
+    received = neighbour_rows(x, dim, top, bottom, rank, world, group_name)
+    return _with_halo(x, received, dim, top, edge_top, edge_bottom, rank, world)
+
+
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+def halo_conv(
+    x: torch.Tensor, received: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int,
+    dim: int, rows: int, rank: int, world: int,
+) -> torch.Tensor:
+    """A stride-1 convolution whose kernel reads `rows` rows either side (`padding[dim - 2] == rows`),
+    over a band, without copying the band into a taller one.
+
+    The band is convolved with the convolution's own zero padding: every output row is right except
+    the first and last `rows`, which read zeros where the neighbours' rows belong (right at the global
+    edges). Those are recomputed from `received` (`neighbour_rows(x, dim, rows, rows, ...)`) and the
+    band's first / last `2 * rows` rows, and written over. Memory: the output and two strips, not a
+    second copy of the band.
+    """
+    conv = _CONV[x.dim() - 2]
+    n = x.shape[dim]
+    strip = list(padding)
+    strip[dim - 2] = 0
+    if n < 2 * rows:  # a band thinner than the kernel's reach: convolve it with its halo attached
+        return conv(_with_halo(x, received, dim, rows, rows, rows, rank, world), weight, bias, stride, strip,
+                    dilation, groups)
+    out = conv(x, weight, bias, stride, padding, dilation, groups)
+    recv_up = rows if rank > 0 else 0
     if rank > 0:
-        in_splits[rank - 1], out_splits[rank - 1] = send_up, recv_up
+        above = received[:recv_up].movedim(0, dim)
+        fixed = conv(torch.cat([above, x.narrow(dim, 0, 2 * rows)], dim), weight, bias, stride, strip,
+                     dilation, groups)
+        out.narrow(dim, 0, rows).copy_(fixed)
     if rank < world - 1:
-        in_splits[rank + 1], out_splits[rank + 1] = send_down, recv_down
-    n = rows.shape[0]
-    send = torch.cat([rows[:send_up], rows[n - send_down:]], 0).contiguous()
-    received = c10d.wait_tensor(c10d.all_to_all_single(send, out_splits, in_splits, group_name))
-    above, below = received[:recv_up], received[recv_up:]
-    pieces = []
-    if rank == 0 and edge_top:
-        pieces.append(rows.new_zeros((edge_top, *rows.shape[1:])))
-    pieces += [above, rows, below]
-    if rank == world - 1 and edge_bottom:
-        pieces.append(rows.new_zeros((edge_bottom, *rows.shape[1:])))
-    return torch.cat(pieces, 0).movedim(0, dim)
+        below = received[recv_up:].movedim(0, dim)
+        fixed = conv(torch.cat([x.narrow(dim, n - 2 * rows, 2 * rows), below], dim), weight, bias, stride,
+                     strip, dilation, groups)
+        out.narrow(dim, n - rows, rows).copy_(fixed)
+    return out
 
 
 def crop_rows(x: torch.Tensor, dim: int, rows: int, rank: int, world: int) -> torch.Tensor:
@@ -136,4 +194,4 @@ def gather_rows_wait(y: torch.Tensor, dim: int) -> torch.Tensor:
     return c10d.wait_tensor(y).movedim(0, dim)
 
 
-SPATIAL_COLLECTIVES = (halo_exchange, group_norm, gather_rows_start)
+SPATIAL_COLLECTIVES = (neighbour_rows, halo_exchange, group_norm, gather_rows_start)

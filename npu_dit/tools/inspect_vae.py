@@ -55,6 +55,14 @@ class _MetaRun(fx.Interpreter):
             shape = list(x.shape)
             shape[dim] += receives
             return x.new_empty(shape)
+        if target is S.neighbour_rows:
+            x, dim, top, bottom, rank, world = args[:6]
+            row = x.numel() // max(x.shape[dim], 1) * x.element_size()
+            sends = (bottom if rank > 0 else 0) + (top if rank < world - 1 else 0)
+            receives = (top if rank > 0 else 0) + (bottom if rank < world - 1 else 0)
+            self._record("halo rows (neighbours)", sends * row)
+            rows = x.movedim(dim, 0)
+            return rows.new_empty((receives, *rows.shape[1:]))
         if target is S.group_norm:
             x, groups = args[0], args[1]
             self._record("group-norm statistics (all-gather)", 3 * x.shape[0] * groups * 4)
