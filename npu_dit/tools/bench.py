@@ -44,6 +44,26 @@ def _run(cmd: list[str], env: dict[str, str], timeout: float) -> dict[str, Any]:
     raise RuntimeError(f"no result line from {' '.join(cmd)}:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
 
 
+def _run_side_by_side(cmd: list[str], copies: int, env: dict[str, str], timeout: float) -> dict[str, Any]:
+    """`copies` independent processes of `cmd` at once (each its own output path): what one process's
+    calls cost while the others keep the remaining cores busy."""
+    procs = [subprocess.Popen([*cmd[:-1], f"{cmd[-1]}.{i}"] if i else cmd, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for i in range(copies)]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=timeout)
+        if proc.returncode != 0:
+            raise RuntimeError(f"benchmark process failed ({' '.join(cmd)}):\n{out[-3000:]}\n{err[-3000:]}")
+        lines = [line for line in out.splitlines() if line.startswith("NPU_DIT_BENCH ")]
+        if not lines:
+            raise RuntimeError(f"no result line from {' '.join(cmd)}:\n{out[-2000:]}\n{err[-2000:]}")
+        results.append(json.loads(lines[-1][len("NPU_DIT_BENCH "):]))
+    merged = dict(results[0])
+    merged["copy_medians_s"] = [r["median_s"] for r in results]
+    merged["median_s"] = statistics.median(merged["copy_medians_s"])
+    return merged
+
+
 def bench_ulysses(
     *,
     degree: int = 2,
@@ -56,13 +76,17 @@ def bench_ulysses(
     inner_compiler: str = "eager",
     profile_dir: str | None = None,
     peer: bool | None = None,
+    ceiling: bool = False,
     timeout: float = 1800,
     log=print,
 ) -> dict[str, Any]:
     """Each configuration `runs` times in fresh processes, the configurations interleaved round by round
     (a slow spell of a shared machine then hits every configuration alike). A configuration's time is
     the median of its runs' medians; its spread is max - min of those run medians (with one run: of
-    the calls). `peer`: also run cache-dit's Ulysses (npu_dit.tools.bench_peer); None = when installed."""
+    the calls). `peer`: also run cache-dit's Ulysses (npu_dit.tools.bench_peer); None = when installed.
+    `ceiling`: also `degree` serial processes side by side: the time per call of one process while the
+    others keep the rest of the cores busy (shared caches and memory bandwidth), so T1 / that time is
+    the efficiency a perfect split, with free communication, could reach on this machine."""
     from npu_dit.tools import bench_peer
 
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
@@ -84,6 +108,9 @@ def bench_ulysses(
         ("ulysses-async", f"Async Ulysses-{degree}", degree,
          lambda: [*torchrun("npu_dit.tools.bench_worker"), "--mode", "ulysses", "--async-ulysses", *ours]),
     ]
+    if ceiling:
+        configs.insert(1, ("serial-side-by-side", f"{degree} serial processes side by side (ceiling)", degree,
+                           lambda: [sys.executable, "-m", "npu_dit.tools.bench_worker", "--mode", "serial", *ours]))
     results: dict[str, Any] = {}
     if peer is not False and bench_peer.available():
         for key, label, extra in bench_peer.PEER_CONFIGS:
@@ -103,7 +130,7 @@ def bench_ulysses(
             where = f"{procs} processes (torchrun, Gloo, 1 thread each)" if procs > 1 else "1 process (1 thread)"
             log(f"[run {run + 1}/{runs}] {label} on {where} ...")
             start = time.perf_counter()
-            r = _run(cmd, env, timeout)
+            r = _run_side_by_side(cmd, procs, env, timeout) if key == "serial-side-by-side" else _run(cmd, env, timeout)
             r["label"] = label
             r["max_abs_err_vs_serial"] = (0.0 if key == "serial" else
                                           (torch.load(out_path) - torch.load(os.path.join(workdir, "serial.pt"))).abs().max().item())
@@ -127,6 +154,9 @@ def bench_ulysses(
     for key, *_ in configs:
         results[key]["speedup"] = t1 / results[key]["median_s"]
         results[key]["efficiency"] = t1 / (results[key]["devices"] * results[key]["median_s"])
+    if ceiling:  # independent processes: each does the whole job, so its T1 / T is the ceiling itself
+        side = results["serial-side-by-side"]
+        side["speedup"], side["efficiency"] = None, t1 / side["median_s"]
     results["order"] = [key for key, *_ in configs]
     results["setup"] = {
         "model": "flux.1-dev (bench config: 8 heads x 128 = hidden 1024, 2 double + 2 single blocks)",
@@ -152,9 +182,10 @@ def format_table(results: dict[str, Any]) -> str:
         check = r.get("agreement_check_ms")
         check = f"{check:.3f} ms ({100 * check / 1000 / r['median_s']:.2f} %)" if check is not None else "-"
         label = r["label"] + (" (fell back)" if r.get("fell_back") else "")
+        speedup = "-" if r["speedup"] is None else f"{r['speedup']:.2f}x"
         rows.append(
             f"| {label} | {devices} CPU process{'es' if devices > 1 else ''} | {r['median_s']:.3f} s | "
-            f"{r['spread_s']:.3f} s | {28 * r['median_s']:.1f} s | {r['speedup']:.2f}x | {r['efficiency']:.2f} | "
+            f"{r['spread_s']:.3f} s | {28 * r['median_s']:.1f} s | {speedup} | {r['efficiency']:.2f} | "
             f"{r['max_abs_err_vs_serial']:.1e} | {blocked} | {check} |"
         )
     sync, asyn = results["ulysses"], results["ulysses-async"]
@@ -162,6 +193,13 @@ def format_table(results: dict[str, Any]) -> str:
     rows += ["", f"Async vs sync: {gain * 1000:+.0f} ms per call ({100 * gain / sync['median_s']:+.1f} %); spread "
                  f"{sync['spread_s'] * 1000:.0f} ms (sync), {asyn['spread_s'] * 1000:.0f} ms (async) — the gain is "
                  f"{'larger' if gain > max(sync['spread_s'], asyn['spread_s']) else 'not larger'} than the spread."]
+    if "serial-side-by-side" in results:
+        side = results["serial-side-by-side"]
+        rows += ["", f"Ceiling: with {side['devices']} serial processes side by side each call takes "
+                     f"{side['median_s']:.3f} s (vs {results['serial']['median_s']:.3f} s alone), so no "
+                     f"{side['devices']}-way split can exceed efficiency {side['efficiency']:.2f} on this machine; "
+                     f"against it Ulysses reaches {sync['efficiency'] / side['efficiency']:.2f} (sync) and "
+                     f"{asyn['efficiency'] / side['efficiency']:.2f} (async)."]
     for key in ("ulysses", "ulysses-async"):
         if results[key].get("streams"):
             rows += ["", f"{results[key]['label']} plan (public call): " + "; ".join(results[key]["streams"])]

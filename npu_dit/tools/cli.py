@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--peer", action=argparse.BooleanOptionalAction, default=None,
                    help="also run cache-dit's Ulysses (sync, async, async + torch.compile) on the same model "
                         "(default: when cache-dit is installed)")
+    u.add_argument("--ceiling", action="store_true",
+                   help="also run DEGREE serial processes side by side: the efficiency this machine allows any split "
+                        "(shared caches and memory bandwidth)")
     u.add_argument("--write", metavar="FILE", nargs="?", const="docs/BENCHMARKS.md", default=None,
                    help="update the Ulysses section of FILE (default docs/BENCHMARKS.md)")
     u.add_argument("--json", action="store_true")
@@ -149,6 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--from-json", metavar="FILE", default=None,
                    help="redraw the tables and charts from a saved seed-tables.json instead of running")
     s.add_argument("--json", action="store_true")
+    from npu_dit.tools.bench_exactness import COLUMNS
+
+    e = bsub.add_parser("exactness", help="every seed-table column, TP-2, VAE parallel and the cache on each seed model's "
+                                          "tiny pipeline: the image against the 1-rank image (fresh generate runs)",
+                        formatter_class=HelpFormatter)
+    e.add_argument("--models", default="all", metavar="NAME,...", help="comma-separated seed models; default: all six")
+    e.add_argument("--columns", default=None, metavar="KEY,...",
+                   help="only these columns (their references run too); default: all. " + ", ".join(c.key for c in COLUMNS))
+    e.add_argument("--height", type=int, default=128)
+    e.add_argument("--width", type=int, default=128)
+    e.add_argument("--steps", type=int, default=4, help="denoising steps (the cached columns cache the steps after the warm-up)")
+    e.add_argument("--write", metavar="FILE", nargs="?", const="docs/BENCHMARKS.md", default=None)
+    e.add_argument("--json", action="store_true")
     c = bsub.add_parser("cache", help="28-step denoising with DBCache/TaylorSeer/steps-mask configs vs no cache",
                         formatter_class=HelpFormatter)
     c.add_argument("--sizes", default="tiny,bench-deep", help="FLUX configs to run, comma-separated")
@@ -238,11 +254,13 @@ def _bench(args: argparse.Namespace, argv: list[str] | None) -> int:
         return _bench_vae(args, argv, log)
     if args.bench == "seed":
         return _bench_seed(args, argv, log)
+    if args.bench == "exactness":
+        return _bench_exactness(args, argv, log)
     results = bench_ulysses(
         degree=args.degree, height=args.height, width=args.width, prompt_len=args.prompt_len,
         warmup=args.warmup, iters=args.iters, runs=args.runs, inner_compiler=args.inner_compiler,
         profile_dir=args.profile,
-        peer=args.peer, log=log,
+        peer=args.peer, ceiling=args.ceiling, log=log,
     )
     if args.json:
         print(json.dumps(results, indent=1))
@@ -292,6 +310,25 @@ def _bench_seed(args: argparse.Namespace, argv: list[str] | None, log) -> int:
         bench_seed.write_section(args.write, command, results, log=log)
         log(f"wrote {args.write}")
     return 0
+
+
+def _bench_exactness(args: argparse.Namespace, argv: list[str] | None, log) -> int:
+    from npu_dit.models import MODELS
+    from npu_dit.tools import bench_exactness
+
+    models = list(MODELS) if args.models == "all" else [m.strip() for m in args.models.split(",") if m.strip()]
+    columns = [c.strip() for c in args.columns.split(",")] if args.columns else None
+    results = bench_exactness.bench_exactness(models, columns, height=args.height, width=args.width, steps=args.steps,
+                                              log=log)
+    command = "npu-dit " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(json.dumps(results, indent=1) if args.json else bench_exactness.format_results(results, command))
+    if args.write:
+        bench_exactness.write(results, command, args.write)
+        log(f"wrote {args.write}")
+    bad = bench_exactness.failures(results)
+    for line in bad:
+        log(f"NOT EXACT: {line}")
+    return 1 if bad else 0
 
 
 def _bench_cache(args: argparse.Namespace, argv: list[str] | None, log) -> int:

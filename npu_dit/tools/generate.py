@@ -55,7 +55,9 @@ def add_parser(sub) -> None:
     g.add_argument("--width", type=int, default=None, help=f"default: {TINY_SIDE} (tiny), 1024 (--weights)")
     g.add_argument("--steps", type=int, default=None, help="denoising steps; default: the model's (28 FLUX, 50 Qwen edit, 8 Lightning)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--out", default=None, metavar="PATH.png", help="default: MODEL.png in the current folder")
+    g.add_argument("--out", default=None, metavar="PATH.png",
+                   help="default: MODEL.png in the current folder; PATH.npy: the float32 image array (HxWx3 in [0, 1]) "
+                        "before 8-bit rounding, for exact comparisons")
     g.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     g.add_argument("--ulysses", "--ulysses-degree", dest="ulysses", type=int, default=None,
                    help="Ulysses degree; default: the torchrun world size (1 without torchrun)")
@@ -202,6 +204,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tokens: list[list[int]] = []
     pipe.transformer.forward = _record_tokens(pipe.transformer.forward, tokens)
     kwargs = call_kwargs(args, spec, steps)
+    out = args.out or f"{spec.name}.png"
+    if out.endswith(".npy"):
+        kwargs["output_type"] = "np"
     for _ in range(args.warmup):
         pipe(**{**kwargs, "generator": torch.Generator().manual_seed(args.seed)})
     for stage in totals:
@@ -220,12 +225,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         torch.distributed.all_gather_object(gathered, memory)
     else:
         gathered = [memory]
-    out = args.out or f"{spec.name}.png"
     if rank == 0:
-        image.save(out)
+        if out.endswith(".npy"):
+            import numpy as np
+
+            np.save(out, np.asarray(image, dtype=np.float32))
+        else:
+            image.save(out)
     from npu_dit.runtime.cache import latest
 
     controller = latest() if cache is not None else None
+    patterns = ({str(branch): controller.pattern(branch=branch) for branch in controller.summary()["branches"]}
+                if controller is not None else None)
     return {
         "model": spec.name, "weights": args.weights or f"{args.size or 'tiny'} random (offline)", "world_size": world,
         "options": build_options(num_inference_steps=steps, dump_dir=None, world_size=world, **settings),
@@ -233,8 +244,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "transformer_tokens": tokens,
         "peak_memory_per_rank": gathered, "out": os.path.abspath(out), "rank": rank,
         "cache_summary": controller.format_summary() if controller is not None else None,
+        "cache_patterns": patterns,
+        "compiled_graphs": _compiled_graphs(),
         "warmup_runs": args.warmup, "text_encoder_parallel": args.text_encoder_parallel,
     }
+
+
+def _compiled_graphs() -> list[dict[str, Any]]:
+    """What the backend did with each graph it compiled in this process (kept: the latest 16)."""
+    from npu_dit.backend import RECORDS
+
+    return [{"tag": r.tag, "fell_back": r.report.fell_back, "reason": r.report.fallback_reason,
+             "counts": dict(r.report.counts)} for r in RECORDS]
 
 
 def format_tokens(pairs: list[list[int]]) -> str:
