@@ -75,10 +75,13 @@ def mismatched_shapes(rank, world_size):
 
 def patch_cases():
     """(name, model factory, inputs) of DiTs whose tokens are patchified inside the graph."""
-    from tests.synthetic import PatchDiT, tiny_sd3
+    from tests.synthetic import PatchDiT, tiny_pixart, tiny_sd3
 
     def sd3():
         return tiny_sd3(10, 8, torch.Generator().manual_seed(1))
+
+    def pixart():  # at its own sample size: the pos_embed buffer is the grid's size, the grid static
+        return tiny_pixart(10, 10, torch.Generator().manual_seed(1))
 
     def synthetic(height=10, **kwargs):
         def make():
@@ -89,7 +92,7 @@ def patch_cases():
 
     return {"conv-patchify": synthetic(), "reshape-patchify": synthetic(patchify="reshape"),
             "tokens-out": synthetic(patchify="reshape", unpatchify=False),
-            "overlapping-conv": synthetic(kernel=3), "sd3": sd3,
+            "overlapping-conv": synthetic(kernel=3), "sd3": sd3, "pixart": pixart,
             "three-patch-rows": synthetic(height=6)}  # fewer patch rows than 4 ranks: one rank holds none
 
 

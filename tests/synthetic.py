@@ -144,6 +144,23 @@ def tiny_sd3(height: int, width: int, generator: torch.Generator | None = None):
     return model, inputs
 
 
+def tiny_pixart(height: int, width: int, generator: torch.Generator | None = None, sample_size: int = 10):
+    """diffusers' PixArtTransformer2DModel, tiny (seed 0), and a call on a 4-channel latent: tokens made by
+    a patch-embedding convolution, self- and cross-attention, and at the model's own sample size a
+    positional table (`pos_embed` buffer) the size of the grid, so Dynamo specialises the grid's size."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(0)
+    model = PixArtTransformer2DModel(
+        sample_size=sample_size, patch_size=2, in_channels=4, out_channels=8, num_layers=1, attention_head_dim=8,
+        num_attention_heads=2, cross_attention_dim=16, caption_channels=12, use_additional_conditions=False,
+        norm_type="ada_norm_single").eval()
+    inputs = dict(hidden_states=torch.randn(1, 4, height, width, generator=generator),
+                  encoder_hidden_states=torch.randn(1, 5, 12, generator=generator),
+                  timestep=torch.tensor([3.0]), added_cond_kwargs={"resolution": None, "aspect_ratio": None})
+    return model, inputs
+
+
 class GroupedQueryAttention(torch.nn.Module):
     """Self-attention whose K/V have fewer heads than Q, grouped by SDPA itself (`enable_gqa=True`),
     not repeated in the model (as transformers' attention does when no mask is passed)."""

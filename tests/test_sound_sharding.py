@@ -164,14 +164,14 @@ def test_tokens_patchified_inside_the_graph(world_size, tmp_path):
     """Issue 8 item 6: tokens made inside the graph are sharded in whole patch rows and give the
     serial result: a patch-embedding convolution (a synthetic PatchDiT with a learned table cropped to
     the grid and a per-sample timestep embedding), a reshape/permute patchify (also returning the
-    tokens without unpatchify), and diffusers' SD3 (cropped pos_embed, sharded text stream, async
-    Ulysses). An overlapping patch convolution refuses on every rank and stays exact. 5 patch rows:
+    tokens without unpatchify), diffusers' SD3 (cropped pos_embed, sharded text stream, async
+    Ulysses) and PixArt at its own sample size (a grid-sized pos_embed buffer, cross-attention). An overlapping patch convolution refuses on every rank and stays exact. 5 patch rows:
     uneven on 2 and 4 ranks. One spawn runs every case; on 4 ranks only the reshape patchify
     returning tokens on Ulysses-4, the conv patchify on Ulysses-2 x TP-2 (the other cases add no
     rule that depends on the world size), and 3 patch rows on 4 ranks (one rank holds no tokens)."""
     from tests.dist_workers_sound import patch_cases, patch_models
 
-    sharded = ("conv-patchify", "sd3", "reshape-patchify", "tokens-out")
+    sharded = ("conv-patchify", "sd3", "reshape-patchify", "tokens-out", "pixart")
     names = sharded + ("overlapping-conv",)
     options = {}
     if world_size == 4:
@@ -203,6 +203,10 @@ def test_tokens_patchified_inside_the_graph(world_size, tmp_path):
                 assert structure["counts"].get("row_linear", 0) > 0, structure["counts"]
         if "sd3" not in names:
             continue
+        # PixArt at its own sample size: a grid-sized pos_embed buffer is sliced to this rank's patch rows
+        pixart = record["result"]["pixart"][3]
+        assert pixart["shard_inputs"] == [("encoder_hidden_states", 1)]
+        assert pixart["grids"] == [("hidden_states", 2, 3, 2, 2)]
         sd3 = record["result"]["sd3"][3]
         assert sd3["shard_inputs"] == [("encoder_hidden_states", 1)]
         assert sd3["grids"] == [("hidden_states", 2, 3, 2, 2)]

@@ -332,7 +332,9 @@ class _Rewriter:
             self.setup_nodes.add(node)
         for node in list(self.graph.nodes):
             if node.op == "placeholder":
-                self.local[node] = frozenset(s for s in self.streams_of(node) if s in self.sharded)
+                # a patch grid's tokens enter whole (an input carrying them is a table, sliced where it
+                # meets them); every other sharded stream arrives as this rank's chunk from the executor
+                self.local[node] = frozenset(s for s in self.streams_of(node) if s in self.sharded and s not in self.grid_rows)
             elif node.op == "output":
                 self.plan_outputs(node)
             elif node.op in ("call_function", "call_method") and node not in self.setup_nodes:
@@ -484,6 +486,15 @@ class _Rewriter:
                 runs = self.runs(node, dim, self.local.get(node, frozenset()))
                 pieces = [(r, bool(set(r.streams) & streams)) for r in runs]
                 if not any(sharded for _, sharded in pieces):
+                    continue
+                grids = {st for r, sharded in pieces if sharded for st in r.streams} & set(self.grid_rows)
+                if grids:  # a table the size of a patch grid (PixArt's pos_embed): this rank's whole rows
+                    if len(runs) != 1 or len(runs[0].streams) != 1:
+                        raise Refusal(f"{self.where(node)} holds patch-grid tokens next to other tokens on dim {dim}")
+                    rows, cols = self.grid_rows[runs[0].streams[0]]
+                    result = self.call(C.localize_rows, (result, dim, rows, cols, self.world, self.rank))
+                    value = node_value(result)
+                    self.bump("localize")
                     continue
                 lengths = [self.run_length(r, gathered=True) for r in runs]
                 local_lengths = [self.run_length(_Run(r.streams, sharded), gathered=False) for r, sharded in pieces]

@@ -28,6 +28,16 @@ def _op_name(node: fx.Node) -> str:
     return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
 
 
+def _static_table_of_a_grid(tdim, tokens: TokenDims) -> bool:
+    """An input of constant length along tokens that are also patchified inside the graph: a positional
+    table the size of the grid (PixArt's `pos_embed` buffer at the model's own sample size, where Dynamo
+    specialises the latent's height and width to constants). Its constant length is no reason to
+    replicate the tokens: the patch grid is cut in whole rows where the tokens are made, and the table is
+    a replicated tensor sliced to this rank's rows where it meets them."""
+    size = node_value(tdim.node).shape[tdim.dim]
+    return not isinstance(size, torch.SymInt) and all(seg in tokens.grids for seg in tdim.segments)
+
+
 def plan_streams(gm: fx.GraphModule, tokens: TokenDims, *, world_size: int, rank: int) -> ShardingPlan:
     require_dynamic_token_dims(tokens, f"Ulysses sequence parallelism (ulysses_degree={world_size})")
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -37,6 +47,8 @@ def plan_streams(gm: fx.GraphModule, tokens: TokenDims, *, world_size: int, rank
     by_segments: dict[tuple[int, ...], Stream] = {}
     owner: dict[int, int] = {}  # segment -> stream id
     for tdim in tokens.inputs:
+        if _static_table_of_a_grid(tdim, tokens):
+            continue  # the grid below shards these tokens; this input is a table sliced where it meets them
         stream = by_segments.get(tdim.segments)
         if stream is None:
             for seg in tdim.segments:

@@ -63,8 +63,10 @@ COMPONENTS: dict[str, dict[str, dict[str, Any]]] = {
         "clip": {"intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 2},
         "t5": {"d_kv": 8, "d_ff": 37, "num_layers": 2, "num_heads": 4, "relative_attention_num_buckets": 8},
         "flux_vae": {"block_out_channels": [8, 8, 16, 16], "layers_per_block": 1, "norm_num_groups": 4},
-        "qwen_lm": {"intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 2, "num_key_value_heads": 2,
-                    "mrope_section": [2, 3, 3]},
+        # 4 query / 2 key-value heads (grouped, as the real 28 / 4): TEP shards the attention on 2 and 4
+        # ranks; an MLP width no rank count divides stays replicated
+        "qwen_lm": {"intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                    "mrope_section": [2, 1, 1]},
         "qwen_vision": {"depth": 2, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2},
         "qwen_vae": {"base_dim": 8, "num_res_blocks": 1},
     },
