@@ -127,7 +127,8 @@ def bench_ulysses(
             cmd = [*command(), "--save-output", out_path]
             if profile_dir and key != "serial" and run == runs - 1:
                 cmd += ["--profile-dir", os.path.join(profile_dir, key)]
-            where = f"{procs} processes (torchrun, Gloo, 1 thread each)" if procs > 1 else "1 process (1 thread)"
+            where = (f"{procs} independent processes (1 thread each)" if key == "serial-side-by-side" else
+                     f"{procs} processes (torchrun, Gloo, 1 thread each)" if procs > 1 else "1 process (1 thread)")
             log(f"[run {run + 1}/{runs}] {label} on {where} ...")
             start = time.perf_counter()
             r = _run_side_by_side(cmd, procs, env, timeout) if key == "serial-side-by-side" else _run(cmd, env, timeout)
