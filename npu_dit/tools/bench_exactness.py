@@ -18,14 +18,12 @@ from __future__ import annotations
 import dataclasses
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from typing import Any, Callable
 
-from npu_dit.runtime.dist import free_port
 from npu_dit.tools.bench import machine, replace_section
-from npu_dit.tools.bench_seed import parse_report
+from npu_dit.tools.bench_seed import generate_launcher, parse_report
 
 MARK_START = "<!-- bench:exactness:start -->"
 MARK_END = "<!-- bench:exactness:end -->"
@@ -76,10 +74,7 @@ def columns_for(model: str) -> list[Column]:
 
 
 def column_command(model: str, column: Column, *, height: int, width: int, steps: int, out_npy: str) -> list[str]:
-    launcher = [sys.executable]
-    if column.ranks > 1:
-        launcher += ["-m", "torch.distributed.run", f"--nproc-per-node={column.ranks}", f"--master-port={free_port()}"]
-    return [*launcher, "-m", "npu_dit.tools.cli", "generate", model, "--height", str(height), "--width", str(width),
+    return [*generate_launcher(column.ranks), model, "--height", str(height), "--width", str(width),
             "--steps", str(steps), "--json", "--quiet", "--out", out_npy, *column.flags]
 
 

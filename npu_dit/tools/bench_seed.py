@@ -106,12 +106,17 @@ def parse_report(stdout: str) -> dict[str, Any]:
     return found
 
 
+def generate_launcher(ranks: int) -> list[str]:
+    """The command prefix of `npu-dit generate` in fresh processes: one, or torch.distributed.run (Gloo)."""
+    launcher = [sys.executable]
+    if ranks > 1:
+        launcher += ["-m", "torch.distributed.run", f"--nproc-per-node={ranks}", f"--master-port={free_port()}"]
+    return [*launcher, "-m", "npu_dit.tools.cli", "generate"]
+
+
 def column_command(table: Table, column: Column, *, size: str, height: int, width: int, steps: int, warmup: int,
                    out_png: str) -> list[str]:
-    launcher = [sys.executable]
-    if column.ranks > 1:
-        launcher += ["-m", "torch.distributed.run", f"--nproc-per-node={column.ranks}", f"--master-port={free_port()}"]
-    return [*launcher, "-m", "npu_dit.tools.cli", "generate", table.model, "--size", size, "--height", str(height),
+    return [*generate_launcher(column.ranks), table.model, "--size", size, "--height", str(height),
             "--width", str(width), "--steps", str(steps), "--warmup", str(warmup), "--json", "--quiet",
             "--out", out_png, *column.flags]
 
