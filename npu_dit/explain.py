@@ -11,8 +11,8 @@ from typing import Any
 
 from npu_dit.plans import SHARDING_META_KEY, SPATIAL_META_KEY, TP_META_KEY
 
-_COLLECTIVES = ("all_to_all", "all_gather", "all_reduce", "localize", "global_tables", "halo_exchange", "group_norm",
-                "gather_rows")
+_COLLECTIVES = ("all_to_all", "all_gather", "all_reduce", "localize", "patch_rows", "global_tables", "halo_exchange",
+                "group_norm", "gather_rows")
 
 
 def format_record(record: Any) -> str:

@@ -199,6 +199,9 @@ def test_tokens_patchified_inside_the_graph(world_size, tmp_path):
             structure = record["result"][name][3]
             assert structure["shard_inputs"] == [] and structure["grids"] == [("latent", 2, 3, 2, 2)], name
             assert structure["output_gathers"] == [], name
+        # a patch-embedding convolution is given only this rank's rows (a rank holding none included)
+        for name in {"conv-patchify", "sd3", "pixart", "three-patch-rows"} & set(names):
+            assert record["result"][name][3]["counts"].get("patch_rows") == 1, name
             if name in options:  # the TP pass ran first and sharded linears, the grid on TP-local heads
                 assert structure["counts"].get("row_linear", 0) > 0, structure["counts"]
         if "sd3" not in names:
@@ -217,7 +220,8 @@ def test_tokens_patchified_inside_the_graph(world_size, tmp_path):
                          ids=["conv", "reshape", "tokens-out"])
 def test_patch_grid_rewrite_structure(kwargs):
     """Rank 1 of 2, without collectives: the tokens are cut to this rank's rows where they are made
-    (the patch embedding and the cropped positional table: two `localize_rows`), attention exchanges
+    (a patch-embedding convolution is given only the input rows of them; a reshape patchify and the
+    cropped positional table are sliced by `localize_rows`), attention exchanges
     them by all-to-all, and one gather makes them whole again before the unpatchify reshape (or the
     output); meta after the rewrite is the local value."""
     import functools
@@ -246,7 +250,14 @@ def test_patch_grid_rewrite_structure(kwargs):
     def calls(fn):
         return [n for n in gm.graph.nodes if n.op == "call_function" and n.target is fn]
 
-    assert len(calls(C.localize_rows)) == 2
+    if kwargs.get("patchify", "conv") == "conv":
+        # the patch embedding convolves only this rank's rows; the cropped table is sliced to them
+        (narrowed,) = calls(C.patch_rows_input)
+        (conv,) = narrowed.users
+        assert conv.target is torch.conv2d and [u.target for u in conv.users] == [C.patch_rows_output]
+        assert len(calls(C.localize_rows)) == 1
+    else:
+        assert len(calls(C.localize_rows)) == 2 and not calls(C.patch_rows_input)
     assert len(calls(C.seq_to_heads_start)) == 3 and len(calls(C.heads_to_seq_start)) == 1
     (gather,) = calls(C.gather_seq_wait)
     (user,) = gather.users

@@ -22,13 +22,12 @@ from tests.dist_workers import fail_midway, hypothesis_attention, run_cases
 UNEVEN = dict(height=112, width=80, prompt_len=7)  # 35 image tokens, 7 text tokens
 CASES = [
     # name, tiny call, input overrides, config overrides, options
-    # sync and async of the same input pair up for the bitwise check below; heads not dividing the
-    # world, Qwen text-to-image, non-square latents and 3 input images are in test_sound_sharding.py
+    # sync and async of the same input pair up for the bitwise check below; uneven FLUX with heads
+    # not dividing the world, Qwen text-to-image, Qwen-Image-Edit on non-square latents and 3 input
+    # images are in test_sound_sharding.py (uneven async FLUX also through Inductor below)
     ("flux", "flux", {}, {}, {}),
     ("flux-async", "flux", {}, {}, {"async_ulysses": True}),
-    ("flux-uneven-async", "flux", UNEVEN, {}, {"async_ulysses": True}),
     ("flux-3-heads", "flux", UNEVEN, {"num_attention_heads": 3}, {}),
-    ("qwen-edit-uneven", "qwen-edit", UNEVEN, {}, {}),
     ("qwen-edit-static-text", "qwen-edit-masked", {}, {}, {}),
     ("qwen-edit-static-text-uneven-async", "qwen-edit-masked", UNEVEN, {}, {"async_ulysses": True}),
     ("qwen-edit-2509-uneven", "qwen-edit-2509", UNEVEN, {}, {}),

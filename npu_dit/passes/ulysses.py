@@ -44,6 +44,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_map
 
 from npu_dit.passes.analysis.attention_ops import graph_fake_mode, is_sdpa, node_value, sdpa_args
+from npu_dit.passes.analysis.dim_flow import CONVOLUTIONS, conv_params
 from npu_dit.passes.analysis.token_dims import TokenDims, token_dims
 from npu_dit.passes.infra import PassResult, Refusal
 from npu_dit.passes.ulysses_plan import OutputGather, ShardingPlan, plan_streams
@@ -215,6 +216,9 @@ class _Rewriter:
         dims = [(d, segs) for d, segs in dims if any(self.stream_of_segment.get(s) in streams for s in segs)]
         if not isinstance(node_value(node), torch.Tensor) or not dims:
             raise Refusal(f"{self.where(node)} makes patch-grid tokens Ulysses cannot cut to this rank's rows")
+        if self.narrow_patch_conv(node, dims):
+            self.local[node] = self.local[node] | frozenset(streams)
+            return
         users = list(node.users)
         cut = node
         with self.graph.inserting_before(node.next):
@@ -227,6 +231,48 @@ class _Rewriter:
         for user in users:
             user.replace_input_with(node, cut)
         self.local[cut] = self.local[node] | frozenset(streams)
+
+    def narrow_patch_conv(self, node: fx.Node, dims: list[tuple[int, list[int]]]) -> bool:
+        """Tokens made by `flatten(conv(x), d, d + 1)` from a convolution of whole patches along d
+        (the patch embedding): the convolution is given only the input rows of this rank's patch
+        rows, so no rank computes or holds the others' tokens. Anything else is cut once made."""
+        if _op_name(node) != "flatten" or len(dims) != 1 or len(dims[0][1]) != 1:
+            return False
+        conv = node.args[0]
+        if not isinstance(conv, fx.Node) or _op_name(conv) not in CONVOLUTIONS or len(conv.users) != 1:
+            return False
+        out = node_value(conv)
+        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
+        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+        if not isinstance(out, torch.Tensor) or not isinstance(start, int) or not isinstance(end, int):
+            return False
+        start, end = start % out.dim(), end % out.dim()
+        token_dim, (segment,) = dims[0]
+        if start < 2 or end != start + 1 or token_dim != start:
+            return False
+        flow = self.tokens.flow
+        rows_dims = flow.dims(conv)
+        factors = flow.merged_factors(self.tokens.segments[segment].atom)
+        if rows_dims is None or rows_dims[start] is None or not factors or (
+                self.atoms.normalize(rows_dims[start]) != factors[0]):
+            return False
+        weight = node_value(conv.args[1] if len(conv.args) > 1 else conv.kwargs.get("weight"))
+        stride, padding, dilation = conv_params(conv, out.dim() - 2)
+        k = start - 2
+        kernel = weight.shape[start] if isinstance(weight, torch.Tensor) else None
+        if not (isinstance(kernel, int) and kernel == stride[k] and padding[k] == 0 and dilation[k] == 1):
+            return False
+        rows, _ = self.grid_rows[self.stream_of_segment[segment]]
+        x = conv.args[0]
+        self.stack = conv.meta.get("nn_module_stack")
+        with self.graph.inserting_before(conv):
+            conv.replace_input_with(x, self.call(C.patch_rows_input, (x, start, rows, kernel, self.world, self.rank)))
+        with self.graph.inserting_after(conv):
+            local = self.call(C.patch_rows_output, (conv, start, rows, self.world, self.rank))
+        self.stack = None
+        node.replace_input_with(conv, local)
+        self.bump("patch_rows")
+        return True
 
     def localize_lengths(self, node: fx.Node, streams: set[int]) -> None:
         """The grid's input enters whole, so lengths the graph reads off it are global: an op on local

@@ -47,6 +47,23 @@ def localize_rows(x: torch.Tensor, dim: int, rows: int, cols: int, world: int, r
     return x.narrow(dim, start, counts[rank] * cols)
 
 
+def patch_rows_input(x: torch.Tensor, dim: int, rows: int, patch: int, world: int, rank: int) -> torch.Tensor:
+    """The rows of a patch convolution's input (kernel == stride == `patch` along `dim`, no padding)
+    that make this rank's patch rows, so the convolution computes only those. A rank holding no row
+    (fewer patch rows than ranks) convolves the last row, which `patch_rows_output` drops: no
+    convolution runs on an empty input."""
+    counts = chunk_lengths(rows, world)
+    first = torch.sym_min(sum(counts[:rank]), rows - 1)
+    return x.narrow(dim, first * patch, torch.sym_max(counts[rank], 1) * patch)
+
+
+def patch_rows_output(y: torch.Tensor, dim: int, rows: int, world: int, rank: int) -> torch.Tensor:
+    """This rank's patch rows of the convolution of `patch_rows_input` (all of it, unless empty)."""
+    counts = chunk_lengths(rows, world)
+    start = sum(counts[:rank])
+    return y.narrow(dim, start - torch.sym_min(start, rows - 1), counts[rank])
+
+
 def padded_heads(num_heads: int, world: int) -> int:
     return -(-num_heads // world) * world
 

@@ -17,7 +17,7 @@ from npu_dit.plans import CachePlan
 
 def _hint(size: Any) -> int:
     if isinstance(size, torch.SymInt):
-        return int(size.node.hint) if size.node.hint is not None else int(size.node.shape_env.size_hint(size.node.expr))
+        return int(size.node.hint) if size.node.hint is not None else int(size.node.shape_env.optimization_hint(size.node.expr))
     return int(size)
 
 

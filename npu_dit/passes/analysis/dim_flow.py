@@ -67,7 +67,7 @@ def as_size(value: Any) -> Size:
         expr = node.expr
         if hint is None:
             try:
-                hint = int(node.shape_env.size_hint(expr)) if node.shape_env is not None else None
+                hint = int(node.shape_env.optimization_hint(expr)) if node.shape_env is not None else None
             except Exception:  # noqa: BLE001 - unbacked: no hint
                 hint = None
         return Size(sympy.sympify(expr), hint)
@@ -229,6 +229,12 @@ class FlowResult:
     def dims(self, node: fx.Node) -> DimsValue | None:
         value = self.values.get(node)
         return value if isinstance(value, tuple) else None
+
+    def merged_factors(self, atom: int) -> tuple[Seq, ...] | None:
+        """The dims a reshape merged into `atom` (outer first), each normalized; None if not a merge."""
+        root = self.atoms.find(atom)
+        factors = next((f for k, f in self.merges.items() if self.atoms.find(k) == root), None)
+        return None if factors is None else tuple(self.atoms.normalize(f) for f in factors)
 
     def seq(self, node: fx.Node, dim: int) -> Seq | None:
         value = self.dims(node)
@@ -422,7 +428,7 @@ class _Flow:
             return self.rule_stack(node)
         if name in _REDUCTIONS:
             return self.rule_reduce(node)
-        if name in _CONVOLUTIONS:
+        if name in CONVOLUTIONS:
             return self.rule_conv(node)
         if name == "outer" or name == "ger":
             a, b = self.dims(args[0]), self.dims(args[1])
@@ -592,9 +598,7 @@ class _Flow:
             self.opaque.append(node)
             return self.fresh_all(node)
         spatial = len(out) - 2
-        params = [node.args[i] if len(node.args) > i else node.kwargs.get(k, default)
-                  for i, k, default in ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1))]
-        stride, padding, dilation = ([p] * spatial if isinstance(p, int) else list(p) for p in params)
+        stride, padding, dilation = conv_params(node, spatial)
         result: list[Seq | None] = [src[0], self.fresh(node, out, 1)]
         mixed = [1]
         for k in range(spatial):
@@ -815,7 +819,14 @@ _REDUCTIONS = {
     "mean", "sum", "amax", "amin", "max", "min", "any", "all", "std", "var", "prod", "argmax",
     "argmin", "logsumexp", "norm", "count_nonzero",
 }
-_CONVOLUTIONS = {"conv1d", "conv2d", "conv3d"}
+CONVOLUTIONS = {"conv1d", "conv2d", "conv3d"}
+
+
+def conv_params(node: fx.Node, spatial: int) -> tuple[list[Any], list[Any], list[Any]]:
+    """(stride, padding, dilation) of a conv{1,2,3}d call, one entry per spatial dim."""
+    params = [node.args[i] if len(node.args) > i else node.kwargs.get(k, default)
+              for i, k, default in ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1))]
+    return tuple([p] * spatial if isinstance(p, int) else list(p) for p in params)  # type: ignore[return-value]
 _CREATION = {
     "arange", "ones", "zeros", "full", "empty", "randn", "rand", "randint", "tensor", "as_tensor",
     "new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "linspace", "eye", "scalar_tensor",

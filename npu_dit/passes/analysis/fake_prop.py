@@ -62,8 +62,7 @@ class SymbolMap:
         new = expr.xreplace(self.symbols)
         if not new.free_symbols:
             return int(new)
-        hint = self.env.size_hint(new, allow_none=True)
-        return self.env.create_symintnode(new, hint=int(hint) if hint is not None else None)
+        return self.env.create_symintnode(new, hint=int(self.env.optimization_hint(new)))
 
     def tensor(self, value: torch.Tensor, sizes: list[Any] | None = None) -> torch.Tensor:
         sizes = sizes if sizes is not None else [self.size(s) for s in value.shape]

@@ -279,13 +279,11 @@ def patch_grid(flow: FlowResult, atom: int) -> tuple[fx.Node, int, int, tuple[in
     """(input, row dim, column dim, (patch rows, patch columns)) when `atom` is a reshape's merge of
     two dims of whole patches cut from two dims of one graph input, rows first; else None."""
     atoms = flow.atoms
-    root = atoms.find(atom)
-    factors = next((f for k, f in flow.merges.items() if atoms.find(k) == root), None)
+    factors = flow.merged_factors(atom)
     if factors is None or len(factors) != 2:
         return None
     found = []
     for factor in factors:
-        factor = atoms.normalize(factor)
         if len(factor) != 1:
             return None
         cut = next((c for k, c in flow.patches.items() if atoms.find(k) == factor[0]), None)
