@@ -12,12 +12,13 @@ import torch
 import torch.fx as fx
 
 from npu_dit.passes.analysis.attention_ops import LINEAR_TARGETS, attention_qkv, is_attention_call, node_value
+from npu_dit.passes.analysis.fake_prop import shape_hint
 from npu_dit.plans import CachePlan
 
 
 def _hint(size: Any) -> int:
     if isinstance(size, torch.SymInt):
-        return int(size.node.hint) if size.node.hint is not None else int(size.node.shape_env.optimization_hint(size.node.expr))
+        return int(size.node.hint) if size.node.hint is not None else shape_hint(size.node.shape_env, size.node.expr)
     return int(size)
 
 

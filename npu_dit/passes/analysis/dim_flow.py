@@ -41,6 +41,7 @@ from npu_dit.passes.analysis.attention_ops import (
     attention_qkv,
     node_value,
 )
+from npu_dit.passes.analysis.fake_prop import shape_hint
 
 Seq = tuple[int, ...]  # atoms of one dim, in order
 DimsValue = tuple  # tuple[Seq | None, ...] for a tensor; list of those for a tuple output
@@ -67,7 +68,7 @@ def as_size(value: Any) -> Size:
         expr = node.expr
         if hint is None:
             try:
-                hint = int(node.shape_env.optimization_hint(expr)) if node.shape_env is not None else None
+                hint = shape_hint(node.shape_env, expr) if node.shape_env is not None else None
             except Exception:  # noqa: BLE001 - unbacked: no hint
                 hint = None
         return Size(sympy.sympify(expr), hint)

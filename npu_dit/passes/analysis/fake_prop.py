@@ -30,6 +30,13 @@ from torch.utils._pytree import tree_leaves
 from npu_dit.passes.analysis.attention_ops import node_value
 
 
+def shape_hint(env: ShapeEnv, expr: sympy.Expr) -> int:
+    """The example value of a size expression, without adding a guard (torch 2.13's
+    `optimization_hint`; `size_hint` where an older torch lacks it)."""
+    hint = getattr(env, "optimization_hint", None) or env.size_hint
+    return int(hint(expr))
+
+
 class SymbolMap:
     """Old symbols -> new symbols in a fresh ShapeEnv (same hints unless given)."""
 
@@ -62,7 +69,7 @@ class SymbolMap:
         new = expr.xreplace(self.symbols)
         if not new.free_symbols:
             return int(new)
-        return self.env.create_symintnode(new, hint=int(self.env.optimization_hint(new)))
+        return self.env.create_symintnode(new, hint=shape_hint(self.env, new))
 
     def tensor(self, value: torch.Tensor, sizes: list[Any] | None = None) -> torch.Tensor:
         sizes = sizes if sizes is not None else [self.size(s) for s in value.shape]
