@@ -20,6 +20,7 @@ import dataclasses
 import warnings
 from typing import Any, Callable
 
+import torch
 import torch.distributed as dist
 import torch.fx as fx
 
@@ -61,6 +62,11 @@ class CompileRecord:
 RECORDS: collections.deque[CompileRecord] = collections.deque(maxlen=16)
 
 
+def _graph_device(example_inputs: list[Any]) -> torch.device | None:
+    """The device of the graph's tensors (a CPU model on a machine with a GPU communicates over Gloo)."""
+    return next((x.device for x in example_inputs if isinstance(x, torch.Tensor)), None)
+
+
 def npu_dit_backend(
     gm: fx.GraphModule,
     example_inputs: list[Any],
@@ -74,10 +80,11 @@ def npu_dit_backend(
             f"drop mode or set options={{'inner_compiler': 'inductor'}}"
         )
     ctx = tp_ctx = None
+    device = _graph_device(example_inputs)  # the group's backend follows the model, not the machine
     if cfg.spatial_degree > 1:  # the VAE: one group over the world, as Ulysses'
-        ctx = ensure_process_group(cfg.spatial_degree, option="spatial_degree")
+        ctx = ensure_process_group(cfg.spatial_degree, device=device, option="spatial_degree")
     elif cfg.world_degree > 1:
-        ctx, tp_ctx = ensure_parallel(cfg.ulysses_degree, cfg.tp_degree)
+        ctx, tp_ctx = ensure_parallel(cfg.ulysses_degree, cfg.tp_degree, device=device)
     parallel = ctx or tp_ctx  # the context that names this rank in tags and errors
     if parallel is not None:
         check_same_cache_config(cfg.cache, parallel)

@@ -50,3 +50,26 @@ def test_the_users_group_timeout_is_the_one_reported(tmp_path):
     # run_ranks sets NPU_DIT_GROUP_TIMEOUT=30; the user's 45 s is what applies and what errors cite
     results = [r["result"] for r in run_ranks(users_own_group, 2, tmp_path, timeout=300, group_timeout=30)]
     assert results == [45.0, 45.0]
+
+
+def cpu_model_where_cuda_is_available(rank, world_size):
+    from npu_dit.backend import RECORDS
+    from tests.conftest import tiny_model_and_inputs
+
+    import npu_dit.runtime.dist
+
+    npu_dit.runtime.dist._cuda_available = lambda: True  # a GPU machine, as far as npu-dit can tell
+    _, model, inputs = tiny_model_and_inputs("flux", ONE_BLOCK_EACH)
+    compiled = torch.compile(model, backend="npu_dit", dynamic=True, options={"ulysses_degree": world_size})
+    with torch.no_grad():
+        out = compiled(**inputs)[0]
+        expected = model(**inputs)[0]
+    record = RECORDS[-1]
+    return record.parallel.backend, record.report.fell_back, (out - expected).abs().max().item()
+
+
+def test_a_cpu_model_on_a_gpu_machine_communicates_over_gloo(tmp_path):
+    """The group's backend follows the model's device, not the machine's: NCCL cannot move CPU tensors."""
+    results = [r["result"] for r in run_ranks(cpu_model_where_cuda_is_available, 2, tmp_path, timeout=300)]
+    for backend, fell_back, err in results:
+        assert backend == "gloo" and not fell_back and err <= 1e-5, (backend, fell_back, err)

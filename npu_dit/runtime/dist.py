@@ -2,9 +2,10 @@
 
 `ensure_parallel(ulysses_degree, tp_degree)` gives the backend a `ParallelContext` per parallel
 axis: rank, size and the group its collectives run on, from a DeviceMesh with named dims ("ulysses",
-"tp"); `ensure_process_group` is the Ulysses-only shorthand. The communication backend follows the device (HCCL on Ascend
-NPUs, NCCL on CUDA GPUs, Gloo on CPUs); every group gets a timeout, so a rank that dies makes the
-others fail with an error instead of hanging.
+"tp"); `ensure_process_group` is the Ulysses-only shorthand. The communication backend follows the
+device of the compiled graph's tensors (HCCL on Ascend NPUs, NCCL on CUDA GPUs, Gloo on CPUs — also a
+CPU model on a machine with a GPU); every group gets a timeout, so a rank that dies makes the others
+fail with an error instead of hanging.
 """
 
 from __future__ import annotations
@@ -51,9 +52,13 @@ def device_backend(device: torch.device | None = None) -> str:
     kind = device.type if device is not None else None
     if kind == "npu" or (kind is None and _npu_available()):
         return "hccl"
-    if kind == "cuda" or (kind is None and torch.cuda.is_available()):
+    if kind == "cuda" or (kind is None and _cuda_available()):
         return "nccl"
     return "gloo"
+
+
+def _cuda_available() -> bool:
+    return torch.cuda.is_available()
 
 
 def _npu_available() -> bool:

@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if world > 1 and not torch.distributed.is_initialized():
         from npu_dit.runtime.dist import ensure_process_group
 
-        ensure_process_group(world)
+        ensure_process_group(world, device=torch.device("cpu"))  # the pipeline runs on the CPU
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
     pipe = load_pipeline(spec, weights=args.weights, size=args.size, lora=args.lora, lora_scale=args.lora_scale, dtype=DTYPES[args.dtype], seed=args.seed)
