@@ -296,4 +296,9 @@ def main(args: argparse.Namespace) -> int:
     report = run(args)
     if report["rank"] == 0:
         print(json.dumps(report, indent=1, default=str) if args.json else format_report(report))
+    if torch.distributed.is_initialized():
+        # leave together and close the group: a rank exiting while a peer's Gloo threads still hold
+        # the connection can abort that peer at exit ("terminate called without an active exception")
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
     return 0
