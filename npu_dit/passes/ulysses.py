@@ -44,9 +44,10 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_map
 
 from npu_dit.passes.analysis.attention_ops import graph_fake_mode, is_sdpa, node_value, sdpa_args
-from npu_dit.passes.analysis.dim_flow import CONVOLUTIONS, conv_params
+from npu_dit.passes.analysis.dim_flow import conv_params
 from npu_dit.passes.analysis.token_dims import TokenDims, token_dims
 from npu_dit.passes.infra import PassResult, Refusal
+from npu_dit.passes.ops import semantics
 from npu_dit.passes.ulysses_plan import OutputGather, ShardingPlan, plan_streams
 from npu_dit.plans import SHARDING_META_KEY
 from npu_dit.runtime import collectives as C
@@ -239,7 +240,7 @@ class _Rewriter:
         if _op_name(node) != "flatten" or len(dims) != 1 or len(dims[0][1]) != 1:
             return False
         conv = node.args[0]
-        if not isinstance(conv, fx.Node) or _op_name(conv) not in CONVOLUTIONS or len(conv.users) != 1:
+        if not isinstance(conv, fx.Node) or getattr(semantics(conv), "kind", None) != "conv" or len(conv.users) != 1:
             return False
         out = node_value(conv)
         start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)

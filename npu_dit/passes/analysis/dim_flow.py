@@ -42,6 +42,7 @@ from npu_dit.passes.analysis.attention_ops import (
     node_value,
 )
 from npu_dit.passes.analysis.fake_prop import shape_hint
+from npu_dit.passes.ops import Semantics, semantics
 
 Seq = tuple[int, ...]  # atoms of one dim, in order
 DimsValue = tuple  # tuple[Seq | None, ...] for a tensor; list of those for a tuple output
@@ -222,6 +223,10 @@ class FlowResult:
     patches: dict[int, tuple[Seq, int]] = dataclasses.field(default_factory=dict)
     # atom -> atoms of the dims a reshape merged into it, outer first ([h, w] -> h*w tokens)
     merges: dict[int, tuple[Seq, ...]] = dataclasses.field(default_factory=dict)
+    # node -> the tensors it writes in place (`x.add_(y)`, `x[i] = v`, `inplace=True`)
+    mutations: dict[fx.Node, list[fx.Node]] = dataclasses.field(default_factory=dict)
+    # calls that return nothing and read tensors, with no entry saying they only have effects
+    no_value: list[fx.Node] = dataclasses.field(default_factory=list)
 
     @functools.cached_property
     def opaque_set(self) -> frozenset:
@@ -269,6 +274,8 @@ class _Flow:
         self.inexact_slices: dict[fx.Node, list[tuple[fx.Node, int]]] = {}
         self.patches: dict[int, tuple[Seq, int]] = {}
         self.merges: dict[int, tuple[Seq, ...]] = {}
+        self.mutations: dict[fx.Node, list[fx.Node]] = {}
+        self.no_value: list[fx.Node] = []
 
     # -- helpers ------------------------------------------------------------------------------
     def fresh(self, node: fx.Node, shape: list[Size], dim: int) -> Seq | None:
@@ -363,122 +370,139 @@ class _Flow:
                 self.values[node] = self.fresh_all(node)
                 self.opaque.append(node)
         return FlowResult(self.atoms, self.values, self.opaque, self.mixing, self.inexact_slices,
-                          self.patches, self.merges)
+                          self.patches, self.merges, self.mutations, self.no_value)
 
     def visit(self, node: fx.Node) -> Any:
-        target = node.target
         value = node_value(node)
-        if node.op == "call_function" and target in LOWERED_ATTENTION_TARGETS and isinstance(value, (tuple, list)):
-            # a lowered kernel returning (out, lse, ...): the attention rule gives out's dims
-            out = self.rule_attention(node)
-            return [out] + [self.fresh_all_value(node, v, k) for k, v in enumerate(value) if k > 0]
-        if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
-            return self.visit_multi(node)
-        if node.op == "call_function" and target is operator.getitem:
-            src = self.values.get(node.args[0])
-            if isinstance(src, list) and isinstance(node.args[1], int):
-                return src[node.args[1]]
-        if not isinstance(value, torch.Tensor):
-            return None
-        name = target if isinstance(target, str) else getattr(target, "__name__", "")
-        args = node.args
-        if node.op == "call_function" and target is operator.getitem:
-            return self.rule_getitem(node)
-        if node.op == "call_function" and (target in SDPA_TARGETS or target in LOWERED_ATTENTION_TARGETS):
-            return self.rule_attention(node)
-        if node.op == "call_function" and target in LINEAR_TARGETS:
-            x = self.dims(args[0])
-            out = _shape(node)
-            if x is None:
-                return self.fresh_all(node)
-            self.mixing[node] = [(args[0], len(x) - 1)]  # the contracted input features
-            return tuple(x[:-1]) + (self.fresh(node, out, len(out) - 1),)
-        changed = getattr(target, "npu_dit_changed_dim", None)
-        if node.op == "call_function" and changed is not None and self.dims(args[0]) is not None:
+        changed = getattr(node.target, "npu_dit_changed_dim", None)
+        if node.op == "call_function" and changed is not None and node.args and self.dims(node.args[0]) is not None:
             # npu-dit's own graph calls (tensor-parallel collectives, feature slices): dims carried,
             # except the one they change (`npu_dit_changed_dim(node)`), which gets a fresh atom
-            src, out = self.dims(args[0]), _shape(node)
+            src, out = self.dims(node.args[0]), _shape(node)
             dim = changed(node)
             if dim is None:
                 return src
             dim = _dim(int(dim), len(src))
             return tuple(self.fresh(node, out, d) if d == dim else src[d] for d in range(len(src)))
-        if name in _SAME_AS_SELF:
-            return self.dims(args[0]) if self.dims(args[0]) is not None else self.fresh_all(node)
-        if name in ("permute",):
-            order = _int_list(args[1:])
-            return self._reorder(node, args[0], order)
-        if name in ("transpose", "swapaxes", "swapdims"):
-            src = self.dims(args[0])
+        sem = semantics(node)
+        if sem is None:
+            if _reads_or_makes_tensors(node, value):
+                self.opaque.append(node)  # no rule: fresh dims; a pass that needs a dim through it refuses
+            return self.fresh_multi(node, value)
+        if sem.mutates:
+            written = [sem.call.args.get(name) for name in sem.mutates]
+            self.mutations[node] = [w for w in written if isinstance(w, fx.Node)]
+        kind = sem.kind
+        if value is None:
+            if kind not in ("effect", "setitem") and _reads_or_makes_tensors(node, value):
+                self.no_value.append(node)
+            return None
+        if kind == "attention":
+            out = self.rule_attention(node)
+            if isinstance(value, (tuple, list)):  # a lowered kernel returning (out, lse, ...)
+                return [out] + [self.fresh_all_value(node, v, k) for k, v in enumerate(value) if k > 0]
+            return out
+        if isinstance(value, (tuple, list)) and any(isinstance(v, torch.Tensor) for v in value):
+            return self.visit_multi(node, sem)
+        if kind == "getitem":
+            src = self.values.get(node.args[0])
+            if isinstance(src, list) and isinstance(node.args[1], int):
+                return src[node.args[1]]
+        if not isinstance(value, torch.Tensor):
+            return None
+        x = sem.call.args.get("input")
+        if kind == "getitem":
+            return self.rule_getitem(node)
+        if kind == "linear":
+            src, out = self.dims(x), _shape(node)
             if src is None:
                 return self.fresh_all(node)
-            d0, d1 = (_dim(int(a), len(src)) for a in args[1:3])
-            order = list(range(len(src)))
-            order[d0], order[d1] = order[d1], order[d0]
-            return self._reorder(node, args[0], order)
-        if name == "t":
-            src = self.dims(args[0])
-            return tuple(reversed(src)) if src is not None else self.fresh_all(node)
-        if name in ("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "view_as", "reshape_as", "ravel"):
-            return self.rule_reshape(node, args[0])
-        if name in ("expand", "expand_as", "broadcast_to"):
-            return self.rule_expand(node, args[0])
-        if name in ("cat", "concat", "concatenate"):
-            return self.rule_cat(node)
-        if name == "stack":
-            return self.rule_stack(node)
-        if name in _REDUCTIONS:
-            return self.rule_reduce(node)
-        if name in CONVOLUTIONS:
+            self.mixing[node] = [(x, len(src) - 1)]  # the contracted input features
+            return tuple(src[:-1]) + (self.fresh(node, out, len(out) - 1),)
+        if kind == "same":
+            return self.dims(x) if self.dims(x) is not None else self.fresh_all(node)
+        if kind == "permute":
+            return self._reorder(node, x, list(sem.dims or ()))
+        if kind == "reshape":
+            return self.rule_reshape(node, x)
+        if kind == "expand":
+            return self.rule_expand(node, x)
+        if kind == "cat":
+            return self.rule_cat(node, sem)
+        if kind == "stack":
+            return self.rule_stack(node, sem)
+        if kind == "reduce":
+            return self.rule_reduce(node, sem)
+        if kind == "conv":
             return self.rule_conv(node)
-        if name == "outer" or name == "ger":
-            a, b = self.dims(args[0]), self.dims(args[1])
+        if kind == "outer":
+            a, b = self.dims(x), self.dims(sem.call.args.get("vec2"))
             out = _shape(node)
             return (a[0] if a else self.fresh(node, out, 0), b[0] if b else self.fresh(node, out, 1))
-        if name == "view_as_complex":
-            src = self.dims(args[0])
+        if kind == "view_as_complex":
+            src = self.dims(x)
             return tuple(src[:-1]) if src is not None else self.fresh_all(node)
-        if name == "view_as_real":
-            src = self.dims(args[0])
+        if kind == "view_as_real":
+            src = self.dims(x)
             out = _shape(node)
             return (tuple(src) + (self.fresh(node, out, len(out) - 1),)) if src is not None else self.fresh_all(node)
-        if name == "repeat_interleave":
-            return self.rule_repeat_interleave(node)
-        if name in ("matmul", "bmm", "mm") or target is operator.matmul:
-            return self.rule_matmul(node)
-        if name in _CREATION:
+        if kind == "repeat_interleave":
+            return self.rule_repeat_interleave(node, sem)
+        if kind == "matmul":
+            return self.rule_matmul(node, x, sem.call.args.get("other", sem.call.args.get("mat2")))
+        if kind == "creation":
             return self.fresh_all(node)
-        if name.endswith("_like") and args:
-            return self.broadcast(node, [args[0]])
-        if name in _MIXING_ALONG_DIM or name in _NORMS:
-            return self.rule_mixing(node, name)
-        tensors = self.tensor_args(node)
-        out = _shape(node)
-        if is_pointwise(node) and tensors and _is_broadcast_of(out, [_shape(t) for t in tensors], self._eq):
-            return self.broadcast(node, tensors)
-        self.opaque.append(node)  # no rule: fresh dims, and a pass that needs a dim through it refuses
+        if kind == "like":
+            return self.broadcast(node, [x])
+        if kind == "mix":
+            return self.rule_mixing(node, sem)
+        if kind == "narrow":
+            return self.rule_narrow(node, sem)
+        if kind == "select":
+            return self.rule_select(node, sem)
+        if kind == "pointwise":
+            tensors, out = sem.tensor_inputs(), _shape(node)
+            if tensors and _is_broadcast_of(out, [_shape(t) for t in tensors], self._eq):
+                return self.broadcast(node, tensors)
+        self.opaque.append(node)  # no dim rule for this kind (pad, resampling, ...): fresh dims
         return self.fresh_all(node)
 
-    def rule_mixing(self, node: fx.Node, name: str) -> DimsValue | None:
+    def fresh_multi(self, node: fx.Node, value: Any) -> Any:
+        if isinstance(value, (tuple, list)):
+            return [self.fresh_all_value(node, v, k) for k, v in enumerate(value)]
+        return self.fresh_all(node) if isinstance(value, torch.Tensor) else None
+
+    def rule_mixing(self, node: fx.Node, sem: Semantics) -> DimsValue | None:
         """Shape-preserving ops that mix positions along some dims: the dims are carried, and the
         mixed ones recorded (sharding one of them would change the result)."""
-        src = self.dims(node.args[0]) if node.args else None
-        out = _shape(node)
+        x = sem.call.args.get("input")
+        src, out = self.dims(x), _shape(node)
         if src is None or out is None or len(src) != len(out):
             self.opaque.append(node)
             return self.fresh_all(node)
-        ndim = len(src)
-        if name in _NORMS:
-            mixed = _norm_dims(node, name, ndim)
-        else:
-            dims = node.kwargs.get("dims", node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None))
-            if dims is None:  # flip/roll with no dim: every dim
-                mixed = tuple(range(ndim))
-            else:
-                dims = dims if isinstance(dims, (list, tuple)) else [dims]
-                mixed = tuple(_dim(int(d), ndim) for d in dims)
-        self.mixing[node] = [(node.args[0], d) for d in mixed]
+        mixed = sem.dims if sem.dims is not None else tuple(range(len(src)))
+        self.mixing[node] = [(x, d) for d in mixed]
         return tuple(src)
+
+    def rule_narrow(self, node: fx.Node, sem: Semantics) -> DimsValue | None:
+        x = sem.call.args.get("input")
+        src, in_shape, out = self.dims(x), _shape(x), _shape(node)
+        if src is None or in_shape is None:
+            return self.fresh_all(node)
+        d = sem.dim
+        start = _bound(sem.call.args.get("start"), in_shape[d], default=0)
+        stop = Size(start.expr + out[d].expr, (start.hint or 0) + (out[d].hint or 0))
+        seq = self.slice_seq(node, src[d], start, stop, out[d], d, (x, d))
+        return tuple(seq if k == d else src[k] for k in range(len(src)))
+
+    def rule_select(self, node: fx.Node, sem: Semantics) -> DimsValue | None:
+        x = sem.call.args.get("input")
+        src = self.dims(x)
+        if src is None:
+            return self.fresh_all(node)
+        if src[sem.dim] is not None:  # one position of the dim
+            self.inexact_slices.setdefault(node, []).append((x, sem.dim))
+        return tuple(src[k] for k in range(len(src)) if k != sem.dim)
 
     def _reorder(self, node: fx.Node, src_node: Any, order: list[int]) -> DimsValue | None:
         src = self.dims(src_node)
@@ -593,7 +617,8 @@ class _Flow:
         batch carried, channels contracted (mixed), each spatial dim a fresh dim; with kernel ==
         stride, no padding and no dilation it is a dim of whole patches of the input's (recorded in
         `patches`); otherwise positions along it are mixed (overlapping or padded windows)."""
-        x, w = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        call = semantics(node).call
+        x, w = call.args.get("input"), call.args.get("weight")
         src, out, w_shape = self.dims(x), _shape(node), _shape(w)
         if src is None or out is None or w_shape is None or len(src) != len(out):
             self.opaque.append(node)
@@ -634,12 +659,11 @@ class _Flow:
                 result.append(self.fresh(node, out, d))
         return tuple(result)
 
-    def rule_cat(self, node: fx.Node) -> DimsValue | None:
-        pieces = node.args[0] if node.args else node.kwargs.get("tensors")
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    def rule_cat(self, node: fx.Node, sem: Semantics) -> DimsValue | None:
+        pieces = sem.call.args["tensors"]
+        dim = sem.dim
         out = _shape(node)
         pieces = [p for p in pieces if isinstance(p, fx.Node) and _shape(p) is not None and len(_shape(p)) == len(out)]
-        dim = _dim(int(dim), len(out))
         result: list[Seq | None] = []
         for d in range(len(out)):
             if d == dim:
@@ -659,49 +683,49 @@ class _Flow:
                 result.append(self.join(node, values, [out[d]])[0])
         return tuple(result)
 
-    def rule_stack(self, node: fx.Node) -> DimsValue | None:
-        pieces = [p for p in node.args[0] if isinstance(p, fx.Node)]
-        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    def rule_stack(self, node: fx.Node, sem: Semantics) -> DimsValue | None:
+        pieces = [p for p in sem.call.args["tensors"] if isinstance(p, fx.Node)]
+        dim = sem.dim
         out = _shape(node)
-        dim = _dim(int(dim), len(out))
         inner = self.join(node, [v for v in (self.dims(p) for p in pieces) if v is not None],
                           [s for d, s in enumerate(out) if d != dim])
         inner.insert(dim, self.fresh(node, out, dim))
         return tuple(inner)
 
-    def rule_reduce(self, node: fx.Node) -> DimsValue | None:
-        src = self.dims(node.args[0])
-        out = _shape(node)
+    def rule_reduce(self, node: fx.Node, sem: Semantics) -> DimsValue | None:
+        x = sem.call.args.get("input")
+        src = self.dims(x)
+        out = _shape(node) if isinstance(node_value(node), torch.Tensor) else None
         if src is None:
-            return self.fresh_all(node)
-        dims_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-        if dims_arg is None:
-            self.mixing[node] = [(node.args[0], d) for d in range(len(src))]
+            return self.fresh_all(node) if out is not None else None
+        keepdim = sem.keepdim
+        if sem.dims is None:
+            self.mixing[node] = [(x, d) for d in range(len(src))]
+            if out is None:
+                return None
             return tuple(None for _ in out) if keepdim else self.fresh_all(node)
-        reduced = {_dim(int(d), len(src)) for d in (dims_arg if isinstance(dims_arg, (list, tuple)) else [dims_arg])}
-        self.mixing[node] = [(node.args[0], d) for d in sorted(reduced)]
+        reduced = set(sem.dims)
+        self.mixing[node] = [(x, d) for d in sorted(reduced)]
         if keepdim:
             return tuple(None if d in reduced else src[d] for d in range(len(src)))
         return tuple(src[d] for d in range(len(src)) if d not in reduced)
 
-    def rule_repeat_interleave(self, node: fx.Node) -> DimsValue | None:
-        src = self.dims(node.args[0])
-        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+    def rule_repeat_interleave(self, node: fx.Node, sem: Semantics) -> DimsValue | None:
+        src = self.dims(sem.call.args.get("input"))
+        dim = sem.dim
         out = _shape(node)
         if src is None or dim is None:
             return self.fresh_all(node)
-        dim = _dim(int(dim), len(src))
         return tuple(self.fresh(node, out, d) if d == dim else src[d] for d in range(len(src)))
 
-    def rule_matmul(self, node: fx.Node) -> DimsValue | None:
-        a, b = self.dims(node.args[0]), self.dims(node.args[1])
+    def rule_matmul(self, node: fx.Node, left: Any, right: Any) -> DimsValue | None:
+        a, b = self.dims(left), self.dims(right)
         out = _shape(node)
         if a is None or b is None or len(a) < 2 or len(b) < 2:
             return self.fresh_all(node)
         if a[-1] and b[-2]:
             self.atoms.unify(a[-1], b[-2], node)
-        self.mixing[node] = [(node.args[0], len(a) - 1), (node.args[1], len(b) - 2)]  # contracted
+        self.mixing[node] = [(left, len(a) - 1), (right, len(b) - 2)]  # contracted
         return tuple(self.join(node, [a[:-2], b[:-2]], out[:-2])) + (a[-2], b[-1])
 
     def rule_attention(self, node: fx.Node) -> DimsValue | None:
@@ -755,7 +779,9 @@ class _Flow:
                 full = i.start is None and i.stop is None and i.step in (None, 1)
                 if full:
                     result.append(src[d])
-                elif i.step not in (None, 1):
+                elif i.step not in (None, 1):  # every k-th position: no stretch of the tokens
+                    if src[d] is not None:
+                        self.inexact_slices.setdefault(node, []).append((base, d))
                     result.append(self.fresh(node, out_shape, out_d))
                 else:
                     start = _bound(i.start, in_shape[d], default=0)
@@ -766,18 +792,18 @@ class _Flow:
             d += 1
         return tuple(result)
 
-    def visit_multi(self, node: fx.Node) -> list[DimsValue | None]:
-        """split / split_with_sizes / chunk / tensor_split / unbind / max(dim) and friends."""
-        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    def visit_multi(self, node: fx.Node, sem: Semantics) -> list[DimsValue | None]:
+        """split / chunk / tensor_split / unbind / max(dim) / sort and friends."""
         value = node_value(node)
-        src_node = node.args[0] if node.args else None
+        src_node = sem.call.args.get("input", sem.call.args.get("tensor"))
         src = self.dims(src_node)
-        in_shape = _shape(src_node)
+        in_shape = _shape(src_node) if isinstance(src_node, fx.Node) else None
         if src is None or in_shape is None:
+            if sem.kind not in ("split", "unbind", "reduce", "mix"):
+                self.opaque.append(node)
             return [self.fresh_all_value(node, v, k) for k, v in enumerate(value)]
-        if name in ("split", "split_with_sizes", "chunk", "tensor_split", "unsafe_split"):
-            dim = _split_dim(node)
-            dim = _dim(dim, len(src))
+        if sem.kind == "split":
+            dim = sem.dim
             outs = []
             offset = Size(sympy.Integer(0), 0)
             for piece in value:
@@ -787,14 +813,22 @@ class _Flow:
                 outs.append(tuple(seq if d == dim else src[d] for d in range(len(src))))
                 offset = stop
             return outs
-        if name == "unbind":
-            dim = _dim(int(node.args[1]) if len(node.args) > 1 else int(node.kwargs.get("dim", 0)), len(src))
+        if sem.kind == "unbind":
+            dim = sem.dim
             if src[dim] is not None:
                 self.inexact_slices.setdefault(node, []).append((src_node, dim))
             return [tuple(src[d] for d in range(len(src)) if d != dim) for _ in value]
-        if name in _REDUCTIONS:  # max/min with dim -> (values, indices)
-            reduced = self.rule_reduce(node)
-            return [reduced for _ in value]
+        if sem.kind == "reduce":  # max/min with dim -> (values, indices)
+            reduced = set(range(len(src))) if sem.dims is None else set(sem.dims)
+            self.mixing[node] = [(src_node, d) for d in sorted(reduced)]
+            kept = tuple(None if d in reduced else src[d] for d in range(len(src))) if sem.keepdim else tuple(
+                src[d] for d in range(len(src)) if d not in reduced)
+            return [kept if isinstance(v, torch.Tensor) and v.dim() == len(kept) else self.fresh_all_value(node, v, k)
+                    for k, v in enumerate(value)]
+        if sem.kind == "mix":  # sort / cummax -> (values, indices), shape kept
+            mixed = sem.dims if sem.dims is not None else tuple(range(len(src)))
+            self.mixing[node] = [(src_node, d) for d in mixed]
+            return [tuple(src) for _ in value]
         self.opaque.append(node)
         return [self.fresh_all_value(node, v, k) for k, v in enumerate(value)]
 
@@ -825,9 +859,12 @@ CONVOLUTIONS = {"conv1d", "conv2d", "conv3d"}
 
 def conv_params(node: fx.Node, spatial: int) -> tuple[list[Any], list[Any], list[Any]]:
     """(stride, padding, dilation) of a conv{1,2,3}d call, one entry per spatial dim."""
-    params = [node.args[i] if len(node.args) > i else node.kwargs.get(k, default)
-              for i, k, default in ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1))]
+    sem = semantics(node)
+    args = sem.call.args if sem is not None else {}
+    params = [args.get(k, default) for k, default in (("stride", 1), ("padding", 0), ("dilation", 1))]
     return tuple([p] * spatial if isinstance(p, int) else list(p) for p in params)  # type: ignore[return-value]
+
+
 _CREATION = {
     "arange", "ones", "zeros", "full", "empty", "randn", "rand", "randint", "tensor", "as_tensor",
     "new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "linspace", "eye", "scalar_tensor",
@@ -936,6 +973,12 @@ def _is_broadcast_of(out: list[Size] | None, shapes: list[list[Size] | None], eq
         if not sizes or not all(sizes_equal(s, out[-d]) or (eq is not None and eq(s.expr, out[-d].expr)) for s in sizes):
             return False
     return True
+
+
+def _reads_or_makes_tensors(node: fx.Node, value: Any) -> bool:
+    if isinstance(value, torch.Tensor) or (isinstance(value, (list, tuple)) and any(isinstance(v, torch.Tensor) for v in value)):
+        return True
+    return any(isinstance(node_value(a), torch.Tensor) for a in node.all_input_nodes)
 
 
 def dim_flow(gm: fx.GraphModule) -> FlowResult:

@@ -1,0 +1,65 @@
+"""Linear algebra, attention, convolution, padding and resampling.
+
+Attention is one entry for SDPA and for the lowered kernels npu-dit emits (the torch_npu ops and
+their CPU reference ops, `sdpa_on_backend`): every analysis sees a lowered call as attention
+whatever this process compiled before."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+
+from npu_dit.passes.ops.core import Call, Semantics, register
+
+
+@register(F.linear, torch._C._nn.linear, torch.ops.aten.linear.default)
+def linear(call: Call) -> Semantics:
+    return Semantics("linear", call)
+
+
+@register(torch.matmul, torch.Tensor.matmul, torch.bmm, torch.Tensor.bmm, torch.mm, torch.Tensor.mm, operator.matmul,
+          torch.ops.aten.bmm.default, torch.ops.aten.mm.default)
+def matmul(call: Call) -> Semantics:
+    return Semantics("matmul", call)
+
+
+@register(torch.outer, torch.Tensor.outer, torch.ger, torch.Tensor.ger)
+def outer(call: Call) -> Semantics:
+    return Semantics("outer", call)
+
+
+def attention(call: Call) -> Semantics:
+    return Semantics("attention", call, sizes=("head_num", "num_heads", "num_key_value_heads"))
+
+
+register(F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attention,
+         torch.ops.aten.scaled_dot_product_attention.default)(attention)
+
+
+def register_lowered_attention(*targets: object) -> None:
+    """Lowered attention kernels (called by the lowering module when it defines them)."""
+    register(*targets)(attention)
+
+
+@register(F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d,
+          torch.ops.aten.convolution.default)
+def conv(call: Call) -> Semantics:
+    return Semantics("conv", call)
+
+
+@register(F.pad, torch._C._nn.pad, torch.constant_pad_nd)
+def pad(call: Call) -> Semantics:
+    return Semantics("pad", call, sizes=("pad",))
+
+
+@register(F.interpolate, torch._C._nn.upsample_nearest2d, torch._C._nn.upsample_nearest1d,
+          torch._C._nn.upsample_nearest3d)
+def interpolate(call: Call) -> Semantics:
+    return Semantics("resample", call, sizes=("size",))
+
+
+@register(F.embedding, torch.embedding)
+def embedding(call: Call) -> Semantics:
+    return Semantics("embedding", call)
