@@ -36,6 +36,7 @@ Pipeline position: first rewriting pass (async scheduling and attention lowering
 from __future__ import annotations
 
 import operator
+import os
 from typing import Any, Callable, Sequence
 
 import sympy
@@ -53,14 +54,20 @@ from npu_dit.plans import SHARDING_META_KEY
 from npu_dit.runtime import collectives as C
 from npu_dit.runtime.dist import ParallelContext
 
-SLICING_OPS = {"getitem", "split", "split_with_sizes", "chunk", "tensor_split", "unbind", "narrow", "select"}
-# ops whose output does not depend on positions along the dims they create
+# op kinds (passes/ops) that take a stretch of a dim: the tokens they drop are not lost to a reduction
+SLICING_KINDS = {"getitem", "split", "unbind", "narrow", "select"}
+# creations whose values do not depend on positions along the dims they create
 CONSTANT_FILLS = {
-    "ones", "zeros", "full", "empty", "ones_like", "zeros_like", "full_like", "empty_like",
-    "new_ones", "new_zeros", "new_full", "new_empty",
+    torch.ones, torch.zeros, torch.full, torch.empty, torch.Tensor.new_ones, torch.Tensor.new_zeros,
+    torch.Tensor.new_full, torch.Tensor.new_empty, torch.ops.aten.full.default, torch.ops.aten.zeros.default,
+    torch.ops.aten.ones.default,
 }
-# reshapes that can take a merged token dim apart again (unpatchify)
-UNMERGING_OPS = {"reshape", "view", "unflatten", "view_as", "reshape_as"}
+FLATTEN = {torch.flatten, torch.Tensor.flatten}
+
+
+def _kind(node: fx.Node) -> str | None:
+    sem = semantics(node)
+    return None if sem is None else sem.kind
 _SYM_ARITHMETIC = {
     operator.add, operator.sub, operator.mul, operator.floordiv, operator.neg, operator.mod,
     torch.sym_max, torch.sym_min, torch.sym_sum,
@@ -237,14 +244,14 @@ class _Rewriter:
         """Tokens made by `flatten(conv(x), d, d + 1)` from a convolution of whole patches along d
         (the patch embedding): the convolution is given only the input rows of this rank's patch
         rows, so no rank computes or holds the others' tokens. Anything else is cut once made."""
-        if _op_name(node) != "flatten" or len(dims) != 1 or len(dims[0][1]) != 1:
+        sem = semantics(node)
+        if sem is None or sem.call.target not in FLATTEN or len(dims) != 1 or len(dims[0][1]) != 1:
             return False
-        conv = node.args[0]
+        conv = sem.call.args["input"]
         if not isinstance(conv, fx.Node) or getattr(semantics(conv), "kind", None) != "conv" or len(conv.users) != 1:
             return False
         out = node_value(conv)
-        start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
-        end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
+        start, end = sem.call.args.get("start_dim", 0), sem.call.args.get("end_dim", -1)
         if not isinstance(out, torch.Tensor) or not isinstance(start, int) or not isinstance(end, int):
             return False
         start, end = start % out.dim(), end % out.dim()
@@ -279,7 +286,7 @@ class _Rewriter:
         """The grid's input enters whole, so lengths the graph reads off it are global: an op on local
         grid tokens given the token count (SD3 splits its joint output at `residual.shape[1]`) gets
         this rank's count instead. Any other length made from the grid's input dims is refused."""
-        if _op_name(node) in UNMERGING_OPS:
+        if _kind(node) == "reshape":
             return  # gathered first (unpatchify)
         total = {s: node_value(self.global_len[s]).node.expr for s in streams}
         symbols = frozenset().union(*(e.free_symbols for e in total.values()))
@@ -371,6 +378,9 @@ class _Rewriter:
 
     # -- propagation --------------------------------------------------------------------------
     def run(self) -> None:
+        # what each node was called with: a node whose arguments are the same objects after the
+        # rewrite is untouched, and its new shapes are its old ones with local/global lengths put in
+        self.original_args = {n: (n.args, n.kwargs) for n in self.graph.nodes}
         self.add_length_inputs()
         self.setup_nodes = set()
         for node in self.graph.nodes:
@@ -392,20 +402,22 @@ class _Rewriter:
 
     def propagate(self, node: fx.Node) -> None:
         present = self.streams_of(node) & self.sharded
+        inputs = self.value_inputs(node)
         carried: set[int] = set()
-        for inp in node.all_input_nodes:
+        for inp in inputs:
             carried |= self.local.get(inp, frozenset())
         self.check_rules(node)
+        self.globalize_values(node)
         lost = carried - present
         if carried & set(self.grid_rows):
             self.localize_lengths(node, carried & set(self.grid_rows))
-        if lost and lost <= set(self.grid_rows) and _op_name(node) in UNMERGING_OPS:
+        if lost and lost <= set(self.grid_rows) and _kind(node) == "reshape":
             # unpatchify: the grid's tokens are split back into rows and columns; gather them first
             inp = node.args[0]
             node.replace_input_with(inp, self.gather_tokens(inp, lost, before=node))
             carried -= lost
             lost = set()
-        if lost and isinstance(node_value(node), torch.Tensor) and _op_name(node) not in SLICING_OPS:
+        if lost and isinstance(node_value(node), torch.Tensor) and _kind(node) not in SLICING_KINDS:
             raise Refusal(
                 f"{self.where(node)} drops the sharded token dim of stream(s) {sorted(lost)}; Ulysses does "
                 f"not insert the all-reduce or gather this would need"
@@ -417,7 +429,8 @@ class _Rewriter:
             # local length is this rank's chunk; anything else (positions, a slice of a RoPE table) is
             # built at the global length below and sliced where it meets local tokens
             is_source = not any(stream in self.streams_of(i) for i in node.all_input_nodes)
-            if is_source and _op_name(node) in CONSTANT_FILLS and self._sized_by_local_length(node, stream):
+            sem = semantics(node)
+            if is_source and sem is not None and sem.call.target in CONSTANT_FILLS and self._sized_by_local_length(node, stream):
                 local.add(stream)
         self.local[node] = frozenset(local)
         made = {s for s in present - carried if s in self.grid_rows}
@@ -425,18 +438,62 @@ class _Rewriter:
             self.cut_grid_source(node, made)
             local |= made
         self.globalize_lengths(node, present - local)
-        for inp in list(node.all_input_nodes):
+        for inp in self.value_inputs(node):
             need = (self.streams_of(inp) & self.local[node]) - self.local.get(inp, frozenset())
             if need and isinstance(node_value(inp), torch.Tensor):
                 self.stack = node.meta.get("nn_module_stack")
                 node.replace_input_with(inp, self.localize(inp, frozenset(need), before=node))
                 self.stack = None
 
-    def where(self, node: fx.Node) -> str:
-        from npu_dit.passes.analysis.module_paths import module_path
+    def value_inputs(self, node: fx.Node) -> list[fx.Node]:
+        """The inputs whose values flow into the node (`type_as`'s `other` gives only a dtype)."""
+        sem = semantics(node)
+        if sem is None or not sem.meta_only:
+            return list(node.all_input_nodes)
+        meta = {a for name in sem.meta_only for a in [sem.call.args.get(name)] if isinstance(a, fx.Node)}
+        return [a for a in node.all_input_nodes if a not in meta]
 
-        path = module_path(node)
-        return f"{_op_name(node)} ({node.name}{' in ' + path if path else ''})"
+    def sharded_symbols(self) -> frozenset:
+        return frozenset().union(*(s.symbols for s in self.plan.streams if s.sharded))
+
+    def globalize_values(self, node: fx.Node) -> None:
+        """A length of a sharded stream used as a value (`h * h.shape[1]`, a fill value), not as a
+        size, means the global length: the argument is recomputed from the global lengths (or the
+        pass refuses). Sizes (a reshape's shape, a slice bound) stay local: they describe local tensors."""
+        sem = semantics(node)
+        if sem is None or sem.kind in ("symbolic", "size", "effect"):
+            return
+        symbols = self.sharded_symbols()
+        sizes = sem.size_arguments()
+
+        def is_length_value(arg: Any) -> bool:
+            value = node_value(arg) if isinstance(arg, fx.Node) else None
+            return (isinstance(value, torch.SymInt) and arg not in sizes
+                    and bool(value.node.expr.free_symbols & symbols))
+
+        if not any(is_length_value(a) for a in node.all_input_nodes):
+            return
+        with self.graph.inserting_before(node):
+            swap = lambda a: self.global_symint(a, symbols) if is_length_value(a) else a  # noqa: E731
+            node.args = fx.node.map_arg(node.args, swap)
+            node.kwargs = fx.node.map_arg(node.kwargs, swap)
+        self.bump("global_values")
+
+    def alias_chain(self, node: fx.Node) -> list[fx.Node]:
+        """`node` and the tensors it is a view of (a write into a view writes into its base)."""
+        chain = [node]
+        while True:
+            sem = semantics(chain[-1])
+            base = sem.call.args.get("input") if sem is not None and sem.aliases else None
+            if not isinstance(base, fx.Node) or base in chain:
+                return chain
+            chain.append(base)
+
+    def where(self, node: fx.Node) -> str:
+        from npu_dit.passes.analysis.module_paths import module_path, source_line
+
+        path, line = module_path(node), source_line(node)
+        return f"{_op_name(node)} ({node.name}{' in ' + path if path else ''}{', at ' + line if line else ''})"
 
     def holds_local_tokens(self, inp: Any, dim: int) -> bool:
         if not isinstance(inp, fx.Node) or not self.local.get(inp):
@@ -454,6 +511,16 @@ class _Rewriter:
         flow = self.tokens.flow
         if node in flow.opaque_set and any(self.local.get(i) for i in node.all_input_nodes):
             raise Refusal(f"{self.where(node)} has no sharding rule and reads sharded tokens")
+        for written in flow.mutations.get(node, ()):
+            touched = [t for t in self.alias_chain(written) if self.local.get(t) or self.streams_of(t) & self.sharded]
+            if touched:
+                raise Refusal(f"{self.where(node)} writes in place into {touched[-1].name}, which holds tokens of a "
+                              f"sharded stream; Ulysses cannot prove an in-place write exact",
+                              fix="write the model without the in-place update (x = x + y, torch.where)")
+        if node in flow.no_value and any(self.local.get(i) or self.streams_of(i) & self.sharded
+                                         for i in node.all_input_nodes):
+            raise Refusal(f"{self.where(node)} returns nothing and reads sharded tokens (an effect Ulysses "
+                          f"cannot see)")
         for inp, dim in flow.mixing.get(node, ()):
             if self.holds_local_tokens(inp, dim):
                 raise Refusal(f"{self.where(node)} combines positions along a sharded token dim (dim {dim})")
@@ -688,12 +755,12 @@ class _Rewriter:
                 self.plan.outputs.append(OutputGather(index, dim, streams))
 
 
-def refresh_local_shapes(gm: fx.GraphModule, plan: ShardingPlan) -> None:
+def refresh_local_shapes(gm: fx.GraphModule, plan: ShardingPlan, rewriter: "_Rewriter | None" = None) -> None:
     """Every node's meta["val"] becomes the value this rank computes: the global-length inputs get a
     global symbol G per stream, sharded token dims and the SymInt inputs the executor refreshes the
     local length (G + P - 1 - rank) // P (an expression of G, so the all-to-alls' split sizes and the
     local shapes agree symbolically), and the whole graph is propagated again."""
-    from npu_dit.passes.analysis.fake_prop import SymbolMap, copied_placeholder_values, repropagate
+    from npu_dit.passes.analysis.fake_prop import SymbolMap, copied_placeholder_values, refresh, repropagate
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     symbols = SymbolMap()
@@ -723,7 +790,29 @@ def refresh_local_shapes(gm: fx.GraphModule, plan: ShardingPlan) -> None:
             return symbols.tensor(value, sizes)
         return None
 
-    repropagate(gm, copied_placeholder_values(gm, symbols, override))
+    values = copied_placeholder_values(gm, symbols, override)
+    if rewriter is None or os.environ.get("NPU_DIT_FULL_REFRESH") == "1":
+        repropagate(gm, values)
+        return
+    # an untouched node: the stream symbols become this rank's local length where the node holds the
+    # stream's tokens locally, the global length where it holds them whole (a table built at full size)
+    lengths = {s.id: (local[s.id].node.expr, global_[s.id].node.expr) for s in plan.sharded_streams}
+    mappings: dict[frozenset, dict] = {}
+
+    def rename(node: fx.Node) -> dict | None:
+        original = rewriter.original_args.get(node)
+        if original is None or original[0] is not node.args or original[1] is not node.kwargs:
+            return None  # inserted or re-wired: run it
+        held = rewriter.local.get(node, frozenset())
+        if held & set(rewriter.grid_rows):
+            return None  # local patch-grid tokens: lengths made of rows, not symbols
+        mapping = mappings.get(held)
+        if mapping is None:
+            mapping = {old: lengths[s.id][0 if s.id in held else 1] for s in plan.sharded_streams for old in s.symbols}
+            mappings[held] = mapping
+        return mapping
+
+    refresh(gm, values, symbols, rename)
 
 
 def ulysses_pass(gm: fx.GraphModule, *, ctx: ParallelContext) -> PassResult:
@@ -734,5 +823,5 @@ def ulysses_pass(gm: fx.GraphModule, *, ctx: ParallelContext) -> PassResult:
     gm.meta[SHARDING_META_KEY] = plan
     gm.graph.lint()
     gm.recompile()
-    refresh_local_shapes(gm, plan)
+    refresh_local_shapes(gm, plan, rewriter)
     return PassResult(gm, modified=True, counts=rewriter.counts, notes=plan.describe())

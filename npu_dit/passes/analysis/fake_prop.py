@@ -25,7 +25,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 from torch._dynamo.source import ConstantSource
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map_only
 
 from npu_dit.passes.analysis.attention_ops import node_value
 
@@ -173,3 +173,80 @@ def _same(a: Any, b: Any) -> bool:
     ea = a.node.expr if isinstance(a, torch.SymInt) else sympy.Integer(int(a))
     eb = b.node.expr if isinstance(b, torch.SymInt) else sympy.Integer(int(b))
     return ea == eb or sympy.expand(ea - eb) == 0
+
+
+class _Refresh(torch.fx.Interpreter):
+    """Runs the graph on fake values, except that a node the rewrite left untouched gets its old
+    value with the symbols substituted (`rename(node)`: old symbol -> new expression, or None to run
+    the node). Substituting is a dictionary walk per size; running a node is a dispatch through the
+    fake tensor mode, which on a 7,000-node graph costs tens of seconds."""
+
+    def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode, symbols: SymbolMap,
+                 rename: Callable[[fx.Node], dict | None]) -> None:
+        super().__init__(gm, garbage_collect_values=False)
+        self.mode, self.symbols, self.rename = mode, symbols, rename
+        self.sizes: dict[tuple, Any] = {}
+        self.substituted = 0
+
+    def run_node(self, node: fx.Node) -> Any:
+        if node.op not in ("placeholder", "output", "get_attr"):
+            mapping = self.rename(node)
+            old = node.meta.get("val")
+            if mapping is not None and _substitutable(old):
+                value = tree_map_only(torch.Tensor, lambda t: self.tensor(t, mapping), old)
+                node.meta["val"] = value
+                self.substituted += 1
+                return value
+        with self.mode:
+            value = super().run_node(node)
+        if node.op == "get_attr" and isinstance(value, torch.Tensor):
+            value = self.mode.from_tensor(value)
+        if node.op != "output":
+            node.meta.pop("val", None)
+            if value is not None:
+                node.meta["val"] = value
+        return value
+
+    def size(self, value: Any, mapping: dict) -> Any:
+        if not isinstance(value, torch.SymInt):
+            return int(value)
+        key = (value.node.expr, id(mapping))
+        found = self.sizes.get(key)
+        if found is None:
+            expr = value.node.expr
+            for symbol in expr.free_symbols:
+                if symbol not in mapping and symbol not in self.symbols.symbols:
+                    self.symbols.size(value)  # a fresh copy of a symbol the rewrite leaves alone
+                    break
+            new = expr.xreplace({**self.symbols.symbols, **mapping})
+            if not new.free_symbols:
+                found = int(new)
+            else:
+                found = self.symbols.env.create_symintnode(new, hint=shape_hint(self.symbols.env, new))
+            self.sizes[key] = found
+        return found
+
+    def tensor(self, value: torch.Tensor, mapping: dict) -> torch.Tensor:
+        sizes = [self.size(s, mapping) for s in value.shape]
+        strides = [self.size(s, mapping) for s in value.stride()]
+        with self.mode:
+            return torch.empty_strided(sizes, strides, dtype=value.dtype, device=value.device)
+
+
+def _substitutable(value: Any) -> bool:
+    leaves = tree_leaves(value)
+    return bool(leaves) and all(isinstance(v, torch.Tensor) for v in leaves)
+
+
+def refresh(gm: fx.GraphModule, placeholder_values: list[Any], symbols: SymbolMap,
+            rename: Callable[[fx.Node], dict | None]) -> int:
+    """Give every node its new meta["val"]: substituted where `rename(node)` gives a symbol mapping
+    (a node the rewrite left as it was), run on fake values elsewhere (inserted and re-wired nodes,
+    sizes). Returns how many nodes were substituted."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, placeholder_values):
+        node.meta["val"] = value
+    interpreter = _Refresh(gm, symbols.mode, symbols, rename)
+    with symbols.env.suppress_guards():
+        interpreter.run(*placeholder_values)
+    return interpreter.substituted

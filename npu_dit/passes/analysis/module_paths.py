@@ -56,3 +56,21 @@ def indexed_ancestor(node: fx.Node) -> tuple[str, str] | None:
         if last.isdigit():
             return path, kind
     return None
+
+
+def source_line(node: fx.Node) -> str:
+    """Where the model wrote the op: 'transformer_flux.py:412: y = torch.roll(x, 1, 1)' (the last frame
+    of Dynamo's recorded stack), or '' when the node has none (a node a pass inserted)."""
+    trace = node.meta.get("stack_trace") or ""
+    lines = [line for line in trace.splitlines() if line.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        line = lines[i].strip()
+        if line.startswith("File "):
+            parts = line.split('"')
+            if len(parts) < 3:
+                return ""
+            path = parts[1].rsplit("/", 1)[-1]
+            number = parts[2].split("line", 1)[-1].split(",", 1)[0].strip()
+            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            return f"{path}:{number}: {code}" if code else f"{path}:{number}"
+    return ""

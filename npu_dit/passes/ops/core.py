@@ -93,10 +93,7 @@ class Semantics:
         """Nodes passed in a size position (a shape entry, a length): not used as values."""
         found: set[fx.Node] = set()
         for name in self.sizes:
-            arg = self.call.args.get(name)
-            for item in arg if isinstance(arg, (list, tuple)) else [arg]:
-                if isinstance(item, fx.Node):
-                    found.add(item)
+            fx.node.map_arg(self.call.args.get(name), lambda n: found.add(n))  # into tuples and slices
         return found
 
 

@@ -1,0 +1,87 @@
+"""Ops written in every form a model may use them in (positional, keyword, method, in place, a size
+used as a value), applied to the image tokens of a small joint-attention model. Each form says
+what the Ulysses rewrite must do with it: "refuse" (it mixes, cuts or writes the sharded tokens),
+"shard" (it does not touch them: refusing would be a needless fallback) or "either" (exact whichever
+it does). Whatever the expectation, the result must equal the eager call."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tests.synthetic import JointAttention
+
+
+def _setitem(h):
+    h = h.clone()
+    h[:, 0] = 0.5
+    return h
+
+
+def _inplace_view(h):
+    h = h * 1
+    h[:, :1].add_(1)
+    return h
+
+
+def _inplace_whole(h):
+    h = h * 1
+    h.add_(1)
+    return h
+
+
+def _masked_fill_(h):
+    h = h * 1
+    h.masked_fill_(h > 0, 0.25)
+    return h
+
+
+FORMS = {
+    # along the tokens (dim 1 of [B, S, D]): must not be sharded
+    "roll_positional": ("refuse", lambda h: torch.roll(h, 2, 1)),
+    "roll_keywords": ("refuse", lambda h: torch.roll(h, shifts=2, dims=1)),
+    "roll_method": ("refuse", lambda h: h.roll(2, 1)),
+    "roll_flattened": ("refuse", lambda h: torch.roll(h, 3)),
+    "norm_p_dim": ("refuse", lambda h: h / h.norm(2, 1, keepdim=True)),
+    "std_dim": ("refuse", lambda h: h - torch.std(h, 1).unsqueeze(1)),
+    "var_dim_unbiased": ("refuse", lambda h: h - torch.var(h, 1, True).unsqueeze(1)),
+    "max_dim": ("refuse", lambda h: h + torch.max(h, 1)[0].unsqueeze(1)),
+    "amax_keepdim": ("refuse", lambda h: h - h.amax(1, keepdim=True)),
+    "logsumexp": ("refuse", lambda h: h - torch.logsumexp(h, 1, True)),
+    "cumsum_keyword": ("refuse", lambda h: torch.cumsum(h, dim=1)),
+    "cummax": ("refuse", lambda h: torch.cummax(h, 1)[0]),
+    "softmax_positional": ("refuse", lambda h: torch.softmax(h, 1)),
+    "sort": ("refuse", lambda h: torch.sort(h, 1)[0]),
+    "flip_list": ("refuse", lambda h: torch.flip(h, [1])),
+    "layer_norm_over_tokens": ("refuse", lambda h: F.layer_norm(h, h.shape[1:])),
+    "strided_slice": ("refuse", lambda h: h[:, ::2]),
+    "narrow_first": ("refuse", lambda h: h + torch.narrow(h, 1, 0, 1)),
+    "select_first": ("refuse", lambda h: h + h.select(1, 0).unsqueeze(1)),
+    "setitem_token": ("refuse", _setitem),
+    "inplace_on_a_view": ("refuse", _inplace_view),
+    # a size of the sharded dim used as a value: the global length, or a refusal
+    "size_as_value": ("either", lambda h: h * h.shape[1]),
+    "size_arithmetic_as_value": ("either", lambda h: h / (h.shape[1] * 2 + 1)),
+    "size_as_fill": ("either", lambda h: h + torch.full((1,), h.shape[1], dtype=h.dtype)),
+    "inplace_whole": ("either", _inplace_whole),
+    "masked_fill_inplace": ("either", _masked_fill_),
+    # along the features or elementwise: the tokens stay sharded
+    "roll_features": ("shard", lambda h: torch.roll(h, 2, -1)),
+    "norm_features": ("shard", lambda h: h / h.norm(2, -1, keepdim=True)),
+    "std_features": ("shard", lambda h: h / torch.std(h, -1).unsqueeze(-1)),
+    "max_binary": ("shard", lambda h: torch.max(h, h * 0.5)),
+    "mean_features": ("shard", lambda h: h - h.mean(-1, keepdim=True)),
+    "where": ("shard", lambda h: torch.where(h > 0, h, 0.0)),
+    "type_as": ("shard", lambda h: h.double().type_as(h) * 2),
+}
+
+
+class TokenForm(JointAttention):
+    """JointAttention whose image tokens go through `FORMS[form]` before attention."""
+
+    def __init__(self, form: str, heads: int = 2, head_dim: int = 8) -> None:
+        super().__init__(heads, head_dim)
+        self.form = form
+
+    def forward(self, image, text, text_mask=None):
+        return super().forward(FORMS[self.form][1](image), text, text_mask)

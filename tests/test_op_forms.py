@@ -1,0 +1,37 @@
+"""Every form of an op gives the same semantics, and through the public call on 2 Gloo ranks every
+form is exact: refused where it touches the sharded tokens, sharded where it does not."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.dist_utils import run_ranks
+from tests.dist_workers_forms import token_forms
+from tests.forms import FORMS, TokenForm
+
+
+@pytest.mark.slow
+def test_every_form_is_exact_through_the_public_call(tmp_path):
+    records = run_ranks(token_forms, 2, tmp_path, timeout=900, forms=list(FORMS))
+    problems = []
+    for form, (expect, _) in FORMS.items():
+        torch.manual_seed(0)
+        model = TokenForm(form).eval()
+        inputs = model.example_inputs(1, 5, 13, masked=False)
+        with torch.no_grad():
+            expected = model(**inputs)[0]
+        for rank, record in enumerate(records):
+            out, fell_back, reason = record["result"][form]
+            if out is None:
+                problems.append(f"{form} rank {rank}: raised {reason}")
+                continue
+            err = (out - expected).abs().max().item()
+            if out.shape != expected.shape or err > 1e-5:
+                problems.append(f"{form} rank {rank}: wrong result (shape {tuple(out.shape)}, err {err:.3g}, "
+                                f"fell back: {fell_back})")
+            elif expect == "refuse" and not fell_back:
+                problems.append(f"{form} rank {rank}: sharded although it touches the sharded tokens")
+            elif expect == "shard" and fell_back:
+                problems.append(f"{form} rank {rank}: refused needlessly: {reason}")
+    assert not problems, "\n".join(problems)
