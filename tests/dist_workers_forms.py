@@ -29,3 +29,29 @@ def token_forms(rank, world_size, forms):
         report = RECORDS[-1].report
         results[form] = (out, report.fell_back, report.fallback_reason or "")
     return results
+
+
+def feature_forms(rank, world_size, forms):
+    from npu_dit.backend import RECORDS
+    from npu_dit.plans import TP_META_KEY
+    from tests.forms import FeatureForm
+
+    results = {}
+    for form in forms:
+        torch.manual_seed(0)
+        model = FeatureForm(form).eval()
+        x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(1))
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="npu_dit", dynamic=True,
+                                 options={"tp_degree": world_size, "release_weights": False})
+        try:
+            with torch.no_grad():
+                out = compiled(x)[0]
+        except Exception as exc:  # noqa: BLE001 - reported per form
+            results[form] = (None, {}, f"{type(exc).__name__}: {exc}")
+            continue
+        record = RECORDS[-1]
+        plan = record.graph.meta.get(TP_META_KEY)
+        placements = {module: kind for module, kind, _ in plan.placements} if plan is not None else {}
+        results[form] = (out, placements, record.report.fallback_reason or "")
+    return results

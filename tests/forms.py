@@ -85,3 +85,50 @@ class TokenForm(JointAttention):
 
     def forward(self, image, text, text_mask=None):
         return super().forward(FORMS[self.form][1](image), text, text_mask)
+
+
+def _feature_setitem(h):
+    h = h.clone()
+    h[..., 0] = 0.5
+    return h
+
+
+def _feature_inplace(h):
+    h = h * 1
+    h.add_(1)
+    return h
+
+
+# ops between a column-sharded and a row-sharded linear (`fc2(form(fc1(x)))`, tensor parallelism):
+# "refuse" = the split must not pass through (the linears stay replicated), "shard" = it must
+FEATURE_FORMS = {
+    "roll_positional": ("refuse", lambda h: torch.roll(h, 1, -1)),
+    "roll_keywords": ("refuse", lambda h: torch.roll(h, shifts=1, dims=-1)),
+    "roll_method": ("refuse", lambda h: h.roll(1, 2)),
+    "roll_flattened": ("refuse", lambda h: torch.roll(h, 1)),
+    "norm_p_dim": ("refuse", lambda h: h / h.norm(2, -1, keepdim=True)),
+    "std_dim": ("refuse", lambda h: h / torch.std(h, -1, keepdim=True)),
+    "max_dim": ("refuse", lambda h: h - torch.max(h, -1, keepdim=True)[0]),
+    "softmax": ("refuse", lambda h: torch.softmax(h, -1)),
+    "cumsum": ("refuse", lambda h: torch.cumsum(h, dim=-1)),
+    "flip": ("refuse", lambda h: torch.flip(h, [-1])),
+    "setitem_feature": ("refuse", _feature_setitem),
+    "inplace_add": ("either", _feature_inplace),
+    "gelu": ("shard", lambda h: F.gelu(h)),
+    "roll_tokens": ("shard", lambda h: torch.roll(h, 1, 1)),
+    "mean_tokens": ("shard", lambda h: h - h.mean(1, keepdim=True)),
+    "max_binary": ("shard", lambda h: torch.max(h, h * 0.5)),
+}
+
+
+class FeatureForm(torch.nn.Module):
+    """`fc2(FEATURE_FORMS[form](fc1(x)))`: a column/row pair around one op."""
+
+    def __init__(self, form: str, dim: int = 16, hidden: int = 32) -> None:
+        super().__init__()
+        self.form = form
+        self.fc1 = torch.nn.Linear(dim, hidden)
+        self.fc2 = torch.nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return (self.fc2(FEATURE_FORMS[self.form][1](self.fc1(x))),)

@@ -35,3 +35,32 @@ def test_every_form_is_exact_through_the_public_call(tmp_path):
             elif expect == "shard" and fell_back:
                 problems.append(f"{form} rank {rank}: refused needlessly: {reason}")
     assert not problems, "\n".join(problems)
+
+
+@pytest.mark.slow
+def test_every_feature_form_is_exact_under_tensor_parallelism(tmp_path):
+    from tests.dist_workers_forms import feature_forms
+    from tests.forms import FEATURE_FORMS, FeatureForm
+
+    records = run_ranks(feature_forms, 2, tmp_path, timeout=900, forms=list(FEATURE_FORMS))
+    problems = []
+    for form, (expect, _) in FEATURE_FORMS.items():
+        torch.manual_seed(0)
+        model = FeatureForm(form).eval()
+        x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            expected = model(x)[0]
+        for rank, record in enumerate(records):
+            out, placements, reason = record["result"][form]
+            if out is None:
+                problems.append(f"{form} rank {rank}: raised {reason}")
+                continue
+            err = (out - expected).abs().max().item()
+            split = placements.get("fc1") == "column" and placements.get("fc2") == "row"
+            if err > 1e-5:
+                problems.append(f"{form} rank {rank}: wrong result (err {err:.3g}, placements {placements})")
+            elif expect == "refuse" and split:
+                problems.append(f"{form} rank {rank}: split passed through an op that mixes the features")
+            elif expect == "shard" and not split:
+                problems.append(f"{form} rank {rank}: not split: {placements} {reason}")
+    assert not problems, "\n".join(problems)

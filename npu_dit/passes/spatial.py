@@ -23,7 +23,7 @@ that the next convolution consumes) and, for maps whose rows were flattened with
 `align` is the graph's total downsampling, so each strided convolution sees band edges on its stride
 and no output row is computed twice or missed.
 
-The rule table (one dispatch in `_Rewriter.visit`): pointwise ops (dim_flow's `is_pointwise`) and
+The rule table (one dispatch in `_Rewriter.visit`, on the op registry's kinds, passes/ops): pointwise ops and
 same-shape ops carry the band, replicated operands must be broadcast along it; linear, permute,
 transpose, (un)squeeze, chunk/split/getitem away from the rows, reshape/view/flatten where the rows
 stay the outermost factor of their dim (proved on symbolic sizes); conv1d/2d/3d with the rows a
@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import operator
 from fractions import Fraction
 from typing import Any
 
@@ -55,7 +54,7 @@ import torch
 import torch.fx as fx
 
 from npu_dit.passes.analysis.attention_ops import is_sdpa, node_value
-from npu_dit.passes.analysis.dim_flow import _NORMS, _SAME_AS_SELF, is_pointwise
+from npu_dit.passes.ops import semantics
 from npu_dit.passes.analysis.module_paths import module_path
 from npu_dit.passes.infra import PassResult, Refusal
 from npu_dit.plans import SPATIAL_META_KEY, SpatialPlan
@@ -74,10 +73,13 @@ class Band:
         return dataclasses.replace(self, dim=dim)
 
 
-_CONVS = {"conv1d": 1, "conv2d": 2, "conv3d": 3}
 _NEAREST = {"nearest", "nearest-exact"}
-_SIZE_QUERIES = {"size", "sym_size", "dim", "numel", "stride", "sym_numel", "sym_stride"}
-_SHAPE_ONLY = _SAME_AS_SELF | {"silu", "gelu", "relu", "sigmoid", "tanh"}
+_GROUP_NORMS = {torch.nn.functional.group_norm, torch.group_norm}
+# norms over dims the rows are not in stay local (layer / RMS norms over the channels)
+_ROW_LOCAL_NORMS = {torch.nn.functional.layer_norm, torch.layer_norm, torch.nn.functional.rms_norm, torch.rms_norm,
+                    torch.nn.functional.normalize}
+_SQUEEZES = {torch.squeeze, torch.Tensor.squeeze, torch.unsqueeze, torch.Tensor.unsqueeze}
+_UNSQUEEZES = {torch.unsqueeze, torch.Tensor.unsqueeze}
 
 
 def _name(node: fx.Node) -> str:
@@ -112,6 +114,11 @@ def _shape(node: Any) -> list[sympy.Expr] | None:
 
 
 def _arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """Argument `name` of the call, read through its schema (`index` is where the schema puts it)."""
+    sem = semantics(node)
+    if sem is not None and name in sem.call.args:
+        value = sem.call.args[name]
+        return default if value is None else value
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(name, default)
@@ -157,7 +164,7 @@ class _Rewriter:
             if isinstance(band, Band):
                 found.append((a, band))
             elif isinstance(band, list) and any(b is not None for b in band):
-                if not (_name(node) == "getitem"):
+                if getattr(semantics(node), "kind", None) != "getitem":
                     self.refuse(node, "a tuple of bands used whole")
         return found
 
@@ -191,52 +198,57 @@ class _Rewriter:
             self.outputs.append((i, band.dim))
 
     def visit(self, node: fx.Node) -> None:
-        if _name(node) == "getitem" and isinstance(self.bands.get(node.args[0]), list):
+        sem = semantics(node)
+        kind = sem.kind if sem is not None else None
+        if kind == "getitem" and isinstance(self.bands.get(node.args[0]), list):
             return self.visit_getitem(node)
         sharded = self.sharded_inputs(node)
         if not sharded:
             self.bands[node] = None
             return
-        name = _name(node)
+        if sem is None:
+            self.refuse(node, "no rule for this op on a band of rows")
+        if sem.mutates:
+            self.refuse(node, "writes in place into a band of rows")
         value = node_value(node)
-        if name in _SIZE_QUERIES:
+        x = sem.call.args.get("input")
+        if kind == "size":
             self.bands[node] = None  # the local size: what the graph's arithmetic should see
             return
-        if name == "getitem":
+        if kind == "getitem":
             return self.visit_getitem(node)
-        if name in _CONVS:
-            return self.visit_conv(node, sharded, _CONVS[name])
-        if name == "pad":
+        if kind == "conv":
+            return self.visit_conv(node, sharded, len(_shape(node)) - 2)
+        if kind == "pad":
             return self.visit_pad(node, sharded)
-        if name in ("interpolate", "upsample_nearest2d", "upsample_nearest3d"):
+        if kind == "resample":
             return self.visit_interpolate(node, sharded)
-        if name == "group_norm":
+        if sem.call.target in _GROUP_NORMS:
             return self.visit_group_norm(node, sharded)
-        if name in _NORMS:
-            return self.visit_other_norm(node, sharded, name)
-        if is_sdpa(node):
+        if kind == "mix" and sem.call.target in _ROW_LOCAL_NORMS:
+            return self.visit_other_norm(node, sharded, sem)
+        if kind == "attention" and is_sdpa(node):
             return self.visit_attention(node)
-        if name in ("view", "reshape", "flatten", "unflatten"):
+        if kind == "reshape" and sem.call.target not in _SQUEEZES:
             return self.visit_reshape(node, sharded)
-        if name in ("permute", "transpose", "movedim", "squeeze", "unsqueeze", "t"):
-            return self.visit_layout(node, sharded, name)
-        if name in ("chunk", "split", "split_with_sizes", "tensor_split", "unbind"):
-            return self.visit_split(node, sharded, name)
-        if name == "cat":
-            return self.visit_cat(node, sharded)
-        if name == "linear":
+        if kind == "permute" or sem.call.target in _SQUEEZES:
+            return self.visit_layout(node, sharded, sem)
+        if kind in ("split", "unbind"):
+            return self.visit_split(node, sharded, sem)
+        if kind == "cat":
+            return self.visit_cat(node, sharded, sem)
+        if kind == "linear":
             band = sharded[0][1]
-            if node.args[0] is not sharded[0][0] or len(sharded) > 1 or band.dim == len(_shape(node.args[0])) - 1:
+            if x is not sharded[0][0] or len(sharded) > 1 or band.dim == len(_shape(x)) - 1:
                 self.refuse(node, "the rows are contracted")
             self.bands[node] = band
             return
-        if name in ("type_as", "to") and len(node.args) > 1 and isinstance(node.args[1], fx.Node):
-            # the second operand only gives the dtype (and device)
-            if node.args[0] not in dict(sharded):
+        if kind == "same":  # a second operand (type_as, to) only gives the dtype (and device)
+            if x not in dict(sharded):
                 self.refuse(node, "casts a full tensor like a band")
-            self.bands[node] = self.bands[node.args[0]]
+            self.bands[node] = self.bands[x]
             return
-        if isinstance(value, torch.Tensor) and (is_pointwise(node) or name in _SHAPE_ONLY):
+        if isinstance(value, torch.Tensor) and kind == "pointwise":
             return self.visit_pointwise(node, sharded)
         self.refuse(node, "no rule for this op on a band of rows")
 
@@ -288,31 +300,19 @@ class _Rewriter:
             new_dim = out_dim + (band.dim - dim)
         self.bands[node] = band.moved(new_dim)
 
-    def visit_layout(self, node: fx.Node, sharded: list, name: str) -> None:
+    def visit_layout(self, node: fx.Node, sharded: list, sem: Any) -> None:
         band = sharded[0][1]
-        ndim = len(_shape(node.args[0]))
+        x = sem.call.args["input"]
+        ndim = len(_shape(x))
         out_ndim = len(_shape(node))
-        args = list(node.args[1:])
-        if name == "permute":
-            dims = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
-            dims = [d % ndim for d in (dims or node.kwargs.get("dims"))]
-            new = dims.index(band.dim)
-        elif name in ("transpose", "t"):
-            a, b = (args + [0, 1])[:2] if name == "transpose" else (0, 1)
-            a, b = a % ndim, b % ndim
-            new = b if band.dim == a else a if band.dim == b else band.dim
-        elif name == "movedim":
-            order = list(range(ndim))
-            src, dst = args[0] % ndim, args[1] % ndim
-            order.pop(src)
-            order.insert(dst, src)
-            new = order.index(band.dim)
-        elif name == "unsqueeze":
-            d = (args[0] if args else node.kwargs["dim"]) % out_ndim
+        if sem.kind == "permute":
+            new = list(sem.dims).index(band.dim)
+        elif sem.call.target in _UNSQUEEZES:
+            d = int(sem.call.args["dim"]) % out_ndim
             new = band.dim + 1 if d <= band.dim else band.dim
         else:  # squeeze: the rows are never a size-1 dim (the height is symbolic), so they stay
-            in_shape = _shape(node.args[0])
-            dims = args[0] if args else node.kwargs.get("dim")
+            in_shape = _shape(x)
+            dims = sem.call.args.get("dim")
             if dims is None:
                 removed = {d for d, size in enumerate(in_shape) if size == 1}
             else:
@@ -323,23 +323,22 @@ class _Rewriter:
             new = band.dim - sum(1 for d in removed if d < band.dim)
         self.bands[node] = band.moved(new)
 
-    def visit_split(self, node: fx.Node, sharded: list, name: str) -> None:
+    def visit_split(self, node: fx.Node, sharded: list, sem: Any) -> None:
         band = sharded[0][1]
-        ndim = len(_shape(node.args[0]))
-        dim = _arg(node, 2, "dim", 0) if name != "unbind" else _arg(node, 1, "dim", 0)
-        if int(dim) % ndim == band.dim:
+        dim = sem.dim
+        if dim == band.dim:
             self.refuse(node, "splits the rows")
         value = node_value(node)
         count = len(value) if isinstance(value, (list, tuple)) else 1
-        if name == "unbind":
-            new = band.dim - 1 if int(dim) % ndim < band.dim else band.dim
+        if sem.kind == "unbind":
+            new = band.dim - 1 if dim < band.dim else band.dim
             self.bands[node] = [band.moved(new)] * count
         else:
             self.bands[node] = [band] * count
 
-    def visit_cat(self, node: fx.Node, sharded: list) -> None:
-        tensors = node.args[0]
-        dim = _arg(node, 1, "dim", 0)
+    def visit_cat(self, node: fx.Node, sharded: list, sem: Any) -> None:
+        tensors = sem.call.args["tensors"]
+        dim = sem.dim
         bands = {self.bands.get(t) for t in tensors}
         if len(bands) != 1 or None in bands:
             self.refuse(node, "concatenates a band with a full tensor or a differently held band")
@@ -517,12 +516,9 @@ class _Rewriter:
                           f"per-group count, mean, M2 (float32)")
         self.count("group_norm")
 
-    def visit_other_norm(self, node: fx.Node, sharded: list, name: str) -> None:
-        from npu_dit.passes.analysis.dim_flow import _norm_dims
-
+    def visit_other_norm(self, node: fx.Node, sharded: list, sem: Any) -> None:
         band = sharded[0][1]
-        ndim = len(_shape(node.args[0]))
-        if node.args[0] is not sharded[0][0] or len(sharded) > 1 or band.dim in _norm_dims(node, name, ndim):
+        if sem.call.args["input"] is not sharded[0][0] or len(sharded) > 1 or band.dim in sem.dims:
             self.refuse(node, "normalises over the rows")
         self.bands[node] = band
 

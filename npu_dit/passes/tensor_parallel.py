@@ -35,7 +35,13 @@ import torch
 import torch.fx as fx
 
 from npu_dit.passes.analysis.attention_ops import node_value
-from npu_dit.passes.analysis.feature_flow import FeaturePlan, feature_plan, size_arg_slot
+from npu_dit.passes.analysis.feature_flow import (
+    FeaturePlan,
+    feature_plan,
+    replace_sizes,
+    replace_split_sizes,
+    size_arg_slot,
+)
 from npu_dit.passes.infra import PassResult
 from npu_dit.plans import TP_META_KEY, TensorParallelPlan, WeightShard
 from npu_dit.runtime import collectives as C
@@ -108,14 +114,10 @@ class _Rewriter:
             if sizes[i] == -1:
                 continue
             sizes[i] = size // self.world
-            self.replace_sizes(node, sizes)
+            replace_sizes(node, sizes)
             self.bump("local_size")
         for node, local in self.plan.split_sizes.items():
-            name = node.target if isinstance(node.target, str) else node.target.__name__
-            if name == "split_with_sizes" or (name == "split" and isinstance(node.args[1], (list, tuple))):
-                node.args = (node.args[0], list(local)) + tuple(node.args[2:])
-            elif name == "split":
-                node.args = (node.args[0], local[0]) + tuple(node.args[2:])
+            replace_split_sizes(node, local)
             self.bump("local_size")
         for (user, inp), shard in self.plan.narrow.items():
             with self.graph.inserting_before(user):
@@ -125,15 +127,6 @@ class _Rewriter:
                 local = self.call(C.feature_block, (full, shard.dim, shard.segs, self.world, self.rank), user)
             user.replace_input_with(inp, local)
             self.bump("localize")
-
-    def replace_sizes(self, node: fx.Node, sizes: list) -> None:
-        name = node.target if isinstance(node.target, str) else node.target.__name__
-        if name == "unflatten":
-            node.args = (node.args[0], node.args[1], tuple(sizes))
-        elif len(node.args) == 2 and isinstance(node.args[1], (list, tuple)):
-            node.args = (node.args[0], type(node.args[1])(sizes))
-        else:
-            node.args = (node.args[0], *sizes)
 
 
 def refresh_tp_shapes(gm: fx.GraphModule, shards: list[WeightShard], world: int) -> None:

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import operator
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import sympy
 import torch
@@ -125,9 +125,16 @@ class _Rewriter:
         if self.stack is not None:  # inserted nodes belong to the module they serve (blocks, dumps)
             node.meta["nn_module_stack"] = self.stack
         if val is None:
+            from npu_dit.passes.collective_meta import RULES
+
             # never add guards to Dynamo's ShapeEnv: they would become guards of the user's frame
             with self.fake_mode, self.fake_mode.shape_env.suppress_guards():
-                val = fn(*self.val(args), **self.val(kwargs or {}))
+                rule = RULES.get(fn)
+                if rule is not None:  # the refresh gives the true value: a shape rule is enough here
+                    sizes, dtype, device = rule(*self.val(args), **self.val(kwargs or {}))
+                    val = torch.empty(sizes, dtype=dtype, device=device)
+                else:
+                    val = fn(*self.val(args), **self.val(kwargs or {}))
         node.meta["val"] = val
         return node
 
@@ -812,7 +819,9 @@ def refresh_local_shapes(gm: fx.GraphModule, plan: ShardingPlan, rewriter: "_Rew
             mappings[held] = mapping
         return mapping
 
-    refresh(gm, values, symbols, rename)
+    from npu_dit.passes.collective_meta import RULES
+
+    refresh(gm, values, symbols, rename, RULES)
 
 
 def ulysses_pass(gm: fx.GraphModule, *, ctx: ParallelContext) -> PassResult:

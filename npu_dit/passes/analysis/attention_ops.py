@@ -45,8 +45,21 @@ def is_sdpa(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in SDPA_TARGETS
 
 
+def ensure_lowered_targets() -> None:
+    """The lowered kernels' targets are known to every analysis, whether or not this process has
+    lowered anything yet (what an analysis concludes must not depend on process history)."""
+    from npu_dit.passes.attention_kernels import register_lowered_targets
+
+    register_lowered_targets()
+
+
 def is_attention_call(node: fx.Node) -> bool:
-    return node.op == "call_function" and (node.target in SDPA_TARGETS or node.target in LOWERED_ATTENTION_TARGETS)
+    if node.op != "call_function":
+        return False
+    if node.target in SDPA_TARGETS:
+        return True
+    ensure_lowered_targets()
+    return node.target in LOWERED_ATTENTION_TARGETS
 
 
 def is_linear(node: fx.Node) -> bool:
@@ -69,6 +82,7 @@ def attention_qkv(node: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node]:
     if is_sdpa(node):
         args = sdpa_args(node)
         return args["query"], args["key"], args["value"]
+    ensure_lowered_targets()
     reader = LOWERED_ATTENTION_TARGETS[node.target]
     return reader(node)  # type: ignore[operator]
 
@@ -77,6 +91,7 @@ def attention_mask(node: fx.Node) -> object:
     """The mask argument of an attention call (SDPA or lowered), or None."""
     if is_sdpa(node):
         return sdpa_args(node)["attn_mask"]
+    ensure_lowered_targets()
     reader = LOWERED_ATTENTION_MASKS.get(node.target)
     return reader(node) if reader is not None else None  # type: ignore[operator]
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import operator
 from typing import Any, Sequence
 
 import sympy
@@ -34,9 +33,6 @@ import torch.fx as fx
 from torch.utils._sympy.functions import FloorDiv, Mod
 
 from npu_dit.passes.analysis.attention_ops import (
-    LINEAR_TARGETS,
-    SDPA_TARGETS,
-    LOWERED_ATTENTION_TARGETS,
     attention_mask,
     attention_qkv,
     node_value,
@@ -846,85 +842,12 @@ def _attention_seq_dims(node: fx.Node, ndim: int) -> tuple[int, int]:
     return seq, seq
 
 
-_SAME_AS_SELF = {
-    "to", "float", "half", "bfloat16", "double", "type", "type_as", "contiguous", "clone", "detach",
-    "cpu", "cuda", "requires_grad_", "dropout", "alias", "npu",
-}
-_REDUCTIONS = {
-    "mean", "sum", "amax", "amin", "max", "min", "any", "all", "std", "var", "prod", "argmax",
-    "argmin", "logsumexp", "norm", "count_nonzero",
-}
-CONVOLUTIONS = {"conv1d", "conv2d", "conv3d"}
-
-
 def conv_params(node: fx.Node, spatial: int) -> tuple[list[Any], list[Any], list[Any]]:
     """(stride, padding, dilation) of a conv{1,2,3}d call, one entry per spatial dim."""
     sem = semantics(node)
     args = sem.call.args if sem is not None else {}
     params = [args.get(k, default) for k, default in (("stride", 1), ("padding", 0), ("dilation", 1))]
     return tuple([p] * spatial if isinstance(p, int) else list(p) for p in params)  # type: ignore[return-value]
-
-
-_CREATION = {
-    "arange", "ones", "zeros", "full", "empty", "randn", "rand", "randint", "tensor", "as_tensor",
-    "new_zeros", "new_ones", "new_full", "new_empty", "new_tensor", "linspace", "eye", "scalar_tensor",
-}
-
-
-# shape-preserving ops that mix positions along the dims they are given
-_MIXING_ALONG_DIM = {
-    "softmax", "log_softmax", "_softmax", "cumsum", "cumprod", "cummax", "cummin", "logcumsumexp",
-    "flip", "fliplr", "flipud", "roll", "sort", "argsort", "_log_softmax",
-}
-_NORMS = {"layer_norm", "rms_norm", "group_norm", "normalize", "local_response_norm"}
-_OPERATOR_ATEN = {
-    "add": "add", "iadd": "add", "sub": "sub", "isub": "sub", "mul": "mul", "imul": "mul",
-    "truediv": "div", "itruediv": "div", "floordiv": "floor_divide", "pow": "pow", "neg": "neg",
-    "mod": "remainder", "eq": "eq", "ne": "ne", "lt": "lt", "le": "le", "gt": "gt", "ge": "ge",
-    "and_": "bitwise_and", "or_": "bitwise_or", "xor": "bitwise_xor", "invert": "bitwise_not", "abs": "abs",
-}
-# torch-level names whose aten op is not tagged pointwise but is elementwise
-_POINTWISE_EXTRA = {"dropout", "type_as", "masked_fill", "where", "clamp", "clip", "lerp", "addcmul", "addcdiv"}
-
-
-@functools.lru_cache(maxsize=None)
-def _aten_pointwise(name: str) -> bool:
-    op = getattr(torch.ops.aten, name, None)
-    if op is None:
-        return False
-    try:
-        overloads = [getattr(op, o) for o in op.overloads()]
-    except Exception:  # noqa: BLE001
-        return False
-    return any(torch.Tag.pointwise in getattr(o, "tags", ()) for o in overloads)
-
-
-def is_pointwise(node: fx.Node) -> bool:
-    """Elementwise with broadcasting: the aten op of the same name is tagged `pointwise` (gelu, silu,
-    add, rsqrt, ...) or it is one of a few elementwise ops without the tag (dropout, where)."""
-    target = node.target
-    name = target if isinstance(target, str) else getattr(target, "__name__", "")
-    if getattr(target, "__module__", None) in ("_operator", "operator"):
-        name = _OPERATOR_ATEN.get(name, "")
-    name = name.rstrip("_") if name.endswith("_") and not name.startswith("_") else name
-    return name in _POINTWISE_EXTRA or _aten_pointwise(name)
-
-
-def _norm_dims(node: fx.Node, name: str, ndim: int) -> tuple[int, ...]:
-    if name in ("layer_norm", "rms_norm"):
-        shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
-        count = len(shape) if isinstance(shape, (list, tuple)) else 1
-        return tuple(range(ndim - count, ndim))
-    if name == "normalize":
-        dim = node.kwargs.get("dim", node.args[2] if len(node.args) > 2 else 1)
-        return (_dim(int(dim), ndim),)
-    return tuple(range(1, ndim))  # group_norm, local_response_norm: channels and space
-
-
-def _int_list(args: Sequence[Any]) -> list[int]:
-    if len(args) == 1 and isinstance(args[0], (list, tuple)):
-        args = args[0]
-    return [int(a) for a in args]
 
 
 def _dim(d: int, ndim: int) -> int:
@@ -951,12 +874,6 @@ def _bound(value: Any, size: Size, default: int | None) -> Size:
     if bound.hint is not None and bound.hint < 0 or (bound.is_static and int(bound.expr) < 0):
         return Size(size.expr + bound.expr, (size.hint or 0) + (bound.hint or 0))
     return bound
-
-
-def _split_dim(node: fx.Node) -> int:
-    if "dim" in node.kwargs:
-        return int(node.kwargs["dim"])
-    return int(node.args[2]) if len(node.args) > 2 else 0
 
 
 def _is_broadcast_of(out: list[Size] | None, shapes: list[list[Size] | None], eq: Any = None) -> bool:

@@ -32,7 +32,6 @@ head count first when SDPA would group them itself, `enable_gqa=True`).
 from __future__ import annotations
 
 import dataclasses
-import operator
 from typing import Any
 
 import sympy
@@ -46,15 +45,8 @@ from npu_dit.passes.analysis.attention_ops import (
     sdpa_args,
 )
 from npu_dit.passes.analysis.attention import parameter_placeholders
-from npu_dit.passes.analysis.dim_flow import (
-    _MIXING_ALONG_DIM,
-    _NORMS,
-    _REDUCTIONS,
-    _SAME_AS_SELF,
-    _dim,
-    _norm_dims,
-    is_pointwise,
-)
+from npu_dit.passes.analysis.dim_flow import _dim
+from npu_dit.passes.ops import semantics
 from npu_dit.passes.analysis.module_paths import module_path
 
 
@@ -187,62 +179,65 @@ class _Sweep:
 
     # -- rules ----------------------------------------------------------------------------------
     def visit(self, node: fx.Node) -> Any:
-        name = _name(node)
-        args = node.args
+        sem = semantics(node)
         if is_linear(node):
             return self.rule_linear(node)
-        if node.target is operator.getitem and isinstance(self.placements.get(args[0]), list):
-            return self.placements[args[0]][args[1]]
+        if sem is None:
+            raise self.fail(node, "an op without a tensor-parallel rule")
+        if sem.mutates:
+            written = [sem.call.args.get(n) for n in sem.mutates]
+            if any(isinstance(w, fx.Node) and self.shard_of(w) is not None for w in written):
+                raise self.fail(node, "an in-place write into split features")
+        kind, x = sem.kind, sem.call.args.get("input")
+        if kind == "getitem" and isinstance(self.placements.get(node.args[0]), list):
+            return self.placements[node.args[0]][node.args[1]]
         value = node_value(node)
         if not isinstance(value, torch.Tensor) and not (isinstance(value, (list, tuple)) and value
                                                           and all(isinstance(v, torch.Tensor) for v in value)):
-            if name in ("size", "sym_size", "dim", "numel") and len(args) > 1:
-                src = self.shard_of(args[0])
-                if src is not None and _dim(int(args[1]), node_value(args[0]).dim()) == src.dim:
+            if kind == "size":
+                src = self.shard_of(x)
+                if src is not None and sem.dim == src.dim:
                     raise self.fail(node, "reads the size of the sharded dim")
                 return None
-            if name == "dim":
+            if kind in ("symbolic", "effect"):
                 return None
             raise self.fail(node, "an op without a tensor-parallel rule")
-        if is_sdpa(node):
+        if kind == "attention" and is_sdpa(node):
             return self.rule_sdpa(node)
-        if node.target is operator.getitem:
+        if kind == "getitem":
             return self.rule_getitem(node)
-        if name in _SAME_AS_SELF:  # a second tensor operand (type_as, to) only gives a dtype
-            if self.shard_of(args[0]) is None:
-                return None
-            return self.shard_of(args[0])
-        if name in ("permute", "transpose", "swapaxes", "swapdims", "t", "movedim"):
-            return self.rule_permute(node)
-        if name in ("view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "expand", "broadcast_to"):
-            return self.rule_reshape(node)
-        if name in ("cat", "concat", "concatenate"):
-            return self.rule_cat(node)
-        if name in ("split", "split_with_sizes", "chunk", "unsafe_split", "tensor_split"):
-            return self.rule_split(node)
-        if name == "unbind":
-            src = self.shard_of(node.args[0])
-            ndim = node_value(node.args[0]).dim()
-            dim = _dim(int(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)), ndim)
-            if dim == src.dim:
+        if kind == "same":  # a second tensor operand (type_as, to) only gives a dtype
+            return self.shard_of(x)
+        if kind == "permute":
+            src = self.shard_of(x)
+            return dataclasses.replace(src, dim=list(sem.dims).index(src.dim))
+        if kind in ("reshape", "expand"):
+            return self.rule_reshape(node, sem)
+        if kind == "cat":
+            return self.rule_cat(node, sem)
+        if kind == "split":
+            return self.rule_split(node, sem)
+        if kind == "unbind":
+            src = self.shard_of(x)
+            if sem.dim == src.dim:
                 raise self.fail(node, "unbind along the sharded dim")
-            out = dataclasses.replace(src, dim=src.dim - (1 if dim < src.dim else 0))
+            out = dataclasses.replace(src, dim=src.dim - (1 if sem.dim < src.dim else 0))
             return [out for _ in node_value(node)]
-        if name == "stack":
-            return self.rule_stack(node)
-        if name in ("view_as_complex", "view_as_real"):  # the pair dim of complex numbers is the last
-            src = self.shard_of(node.args[0])
-            if src.dim >= node_value(node).dim() - (0 if name == "view_as_real" else -1) - 1 and name == "view_as_complex":
+        if kind == "stack":
+            return self.rule_stack(node, sem)
+        if kind in ("view_as_complex", "view_as_real"):  # the pair dim of complex numbers is the last
+            src = self.shard_of(x)
+            if kind == "view_as_complex" and src.dim >= node_value(node).dim():
                 raise self.fail(node, "complex pairs along the sharded dim")
             return src
-        if name in ("matmul", "bmm") or node.target is operator.matmul:
-            return self.rule_matmul(node)
-        if name in _NORMS or name in _MIXING_ALONG_DIM:
-            return self.rule_mixing(node, name)
-        if name in _REDUCTIONS:
-            return self.rule_reduce(node)
-        if is_pointwise(node):
-            return self.rule_pointwise(node)
+        if kind == "matmul":
+            return self.rule_matmul(node, x, sem.call.args.get("other", sem.call.args.get("mat2")))
+        if kind == "mix":
+            return self.rule_mixing(node, sem)
+        if kind == "reduce":
+            return self.rule_reduce(node, sem)
+        if kind == "pointwise":
+            return self.rule_pointwise(node, sem)
         raise self.fail(node, "an op without a tensor-parallel rule")
 
     def rule_linear(self, node: fx.Node) -> Shard | None:
@@ -264,35 +259,14 @@ class _Sweep:
             return Shard(node_value(node).dim() - 1, (features,), frozenset({node}))
         return None
 
-    def rule_permute(self, node: fx.Node) -> Shard:
-        src = self.shard_of(node.args[0])
-        ndim = node_value(node.args[0]).dim()
-        name = _name(node)
-        if name == "permute":
-            order = node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:]
-            order = [_dim(int(d), ndim) for d in order]
-            return dataclasses.replace(src, dim=order.index(src.dim))
-        if name == "t":
-            return dataclasses.replace(src, dim=ndim - 1 - src.dim)
-        if name == "movedim":
-            out = list(range(ndim))
-            source, dest = _dim(int(node.args[1]), ndim), _dim(int(node.args[2]), ndim)
-            out.pop(source)
-            out.insert(dest, source)
-            return dataclasses.replace(src, dim=out.index(src.dim))
-        d0, d1 = (_dim(int(a), ndim) for a in node.args[1:3])
-        dim = d1 if src.dim == d0 else d0 if src.dim == d1 else src.dim
-        return dataclasses.replace(src, dim=dim)
-
-    def rule_reshape(self, node: fx.Node) -> Shard:
-        src_node = node.args[0]
+    def rule_reshape(self, node: fx.Node, sem: Any) -> Shard:
+        src_node = sem.call.args["input"]
         src = self.shard_of(src_node)
-        for other in node.all_input_nodes[1:]:
-            if self.shard_of(other) is not None:
+        for other in node.all_input_nodes:
+            if other is not src_node and self.shard_of(other) is not None:
                 raise self.fail(node, "a second sharded operand")
         in_shape, out_shape = list(node_value(src_node).shape), list(node_value(node).shape)
-        name = _name(node)
-        if name in ("expand", "broadcast_to"):
+        if sem.kind == "expand":
             dim = src.dim + len(out_shape) - len(in_shape)
             self._check_size_arg(node, dim, src.size)
             self.resize[node] = (dim, src.size)
@@ -319,7 +293,7 @@ class _Sweep:
                 segs = tuple(s * q for s in src.segs)
             else:
                 break
-            if name in ("view", "reshape", "unflatten"):
+            if sem.call.target in _SIZED_RESHAPES:
                 self._check_size_arg(node, j, out_j)
             self.resize[node] = (j, out_j)
             return Shard(j, segs, src.origins)
@@ -334,10 +308,9 @@ class _Sweep:
         if isinstance(arg, fx.Node) or (isinstance(arg, int) and arg not in (-1, size)):
             raise self.fail(node, f"the sharded dim's size is given as {arg}, not a constant")
 
-    def rule_cat(self, node: fx.Node) -> Shard:
-        pieces = list(node.args[0])
-        ndim = node_value(node).dim()
-        dim = _dim(int(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)), ndim)
+    def rule_cat(self, node: fx.Node, sem: Any) -> Shard:
+        pieces = list(sem.call.args["tensors"])
+        dim = sem.dim
         shards = [self.shard_of(p) for p in pieces]
         if dim in {s.dim for s in shards if s is not None}:
             if any(s is None or s.dim != dim for s in shards):
@@ -352,10 +325,9 @@ class _Sweep:
                 raise self.fail(node, "a concatenation of differently sharded values")
         return Shard(first.dim, first.segs, frozenset().union(*(s.origins for s in shards)))
 
-    def rule_stack(self, node: fx.Node) -> Shard:
-        pieces = list(node.args[0])
-        ndim = node_value(node).dim()
-        dim = _dim(int(node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)), ndim)
+    def rule_stack(self, node: fx.Node, sem: Any) -> Shard:
+        pieces = list(sem.call.args["tensors"])
+        dim = sem.dim
         shards = [self.shard_of(p) for p in pieces]
         first = shards[0]
         if any(s is None or s.dim != first.dim or s.segs != first.segs for s in shards):
@@ -363,19 +335,14 @@ class _Sweep:
         return Shard(first.dim + (1 if dim <= first.dim else 0), first.segs,
                      frozenset().union(*(s.origins for s in shards)))
 
-    def rule_split(self, node: fx.Node) -> list[Shard]:
-        src = self.shard_of(node.args[0])
-        ndim = node_value(node.args[0]).dim()
-        name = _name(node)
-        if name == "chunk" or name == "tensor_split":
-            dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-        else:
-            dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-        dim = _dim(int(dim), ndim)
+    def rule_split(self, node: fx.Node, sem: Any) -> list[Shard]:
+        x = sem.call.args.get("input", sem.call.args.get("tensor"))
+        src = self.shard_of(x)
+        dim = sem.dim
         pieces = list(node_value(node))
         if dim != src.dim:
             return [src for _ in pieces]
-        if name == "tensor_split":
+        if sem.call.target in _TENSOR_SPLITS:
             raise self.fail(node, "tensor_split along the sharded dim")
         sizes = [_static(p.shape[dim]) for p in pieces]
         out, k, local = [], 0, []
@@ -389,7 +356,8 @@ class _Sweep:
                 raise self.fail(node, "a split that cuts a sharded block (it does not fall between segments)")
             out.append(Shard(dim, tuple(taken), src.origins))
             local.append(size // self.world)
-        if name != "chunk" and len(set(local)) > 1 and name == "split" and not isinstance(node.args[1], (list, tuple)):
+        sizes_arg = next((sem.call.args[n] for n in ("split_size_or_sections", "split_size") if n in sem.call.args), None)
+        if len(set(local)) > 1 and sem.call.target in _SPLITS and not isinstance(sizes_arg, (list, tuple)):
             raise self.fail(node, "an even split of uneven segments")
         self.split_sizes[node] = tuple(local)
         return out
@@ -455,8 +423,7 @@ class _Sweep:
                 self.narrow[(node, mask)] = Shard(mdim, shards[0].segs, frozenset())
         return shards[0]
 
-    def rule_matmul(self, node: fx.Node) -> Shard:
-        a, b = node.args[0], node.args[1]
+    def rule_matmul(self, node: fx.Node, a: Any, b: Any) -> Shard:
         out_ndim = node_value(node).dim()
         sa, sb = self.shard_of(a), self.shard_of(b)
         target: Shard | None = None
@@ -488,10 +455,10 @@ class _Sweep:
             raise self.fail(node, "a replicated operand of another size along the sharded dim")
         self.narrow[(node, arg)] = Shard(d, target.segs, frozenset())
 
-    def rule_pointwise(self, node: fx.Node) -> Shard:
+    def rule_pointwise(self, node: fx.Node, sem: Any) -> Shard:
         out_ndim = node_value(node).dim()
         target: Shard | None = None
-        tensors = [a for a in node.all_input_nodes if isinstance(node_value(a), torch.Tensor)]
+        tensors = sem.tensor_inputs()
         for arg in tensors:
             s = self.shard_of(arg)
             if s is None:
@@ -505,50 +472,70 @@ class _Sweep:
                 self._broadcast_operand(node, arg, target)
         return target
 
-    def rule_mixing(self, node: fx.Node, name: str) -> Shard:
-        src = self.shard_of(node.args[0])
-        ndim = node_value(node.args[0]).dim()
-        if name in _NORMS:
-            mixed = _norm_dims(node, name, ndim)
-        else:
-            dims = node.kwargs.get("dims", node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None))
-            dims = range(ndim) if dims is None else (dims if isinstance(dims, (list, tuple)) else [dims])
-            mixed = tuple(_dim(int(d), ndim) for d in dims)
+    def rule_mixing(self, node: fx.Node, sem: Any) -> Shard:
+        x = sem.call.args["input"]
+        src = self.shard_of(x)
+        mixed = sem.dims if sem.dims is not None else tuple(range(node_value(x).dim()))
         if src is None or src.dim in mixed:
             raise self.fail(node, "it normalises or mixes over the sharded feature dim")
-        for other in node.all_input_nodes[1:]:
-            if self.shard_of(other) is not None:
+        for other in node.all_input_nodes:
+            if other is not x and self.shard_of(other) is not None:
                 raise self.fail(node, "a sharded norm weight")
         return src
 
-    def rule_reduce(self, node: fx.Node) -> Shard:
-        src = self.shard_of(node.args[0])
-        ndim = node_value(node.args[0]).dim()
-        dims_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-        if src is None or dims_arg is None:
+    def rule_reduce(self, node: fx.Node, sem: Any) -> Shard:
+        x = sem.call.args["input"]
+        src = self.shard_of(x)
+        if src is None or sem.dims is None or src.dim in sem.dims:
             raise self.fail(node, "a reduction over the sharded feature dim")
-        reduced = {_dim(int(d), ndim) for d in (dims_arg if isinstance(dims_arg, (list, tuple)) else [dims_arg])}
-        if src.dim in reduced:
-            raise self.fail(node, "a reduction over the sharded feature dim")
-        dim = src.dim if keepdim else src.dim - sum(1 for d in reduced if d < src.dim)
+        dim = src.dim if sem.keepdim else src.dim - sum(1 for d in sem.dims if d < src.dim)
         return dataclasses.replace(src, dim=dim)
+
+
+_SIZED_RESHAPES = {torch.Tensor.view, torch.reshape, torch.Tensor.reshape, torch.unflatten, torch.Tensor.unflatten}
+_TENSOR_SPLITS = {torch.tensor_split, torch.Tensor.tensor_split}
+_SPLITS = {torch.split, torch.Tensor.split}
+_UNFLATTENS = {torch.unflatten, torch.Tensor.unflatten}
 
 
 def size_arg_slot(node: fx.Node, dim: int) -> tuple[list, int] | None:
     """Where a reshape-like op gives the size of output dim `dim`: (mutable copy of its size list,
     index), or None when the op takes no sizes (flatten, squeeze, unsqueeze)."""
-    name = _name(node)
-    if name in ("view", "reshape", "expand", "broadcast_to"):
-        sizes = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
-        return (list(sizes), dim) if dim < len(sizes) else None
-    if name == "unflatten":
-        ndim_in = node_value(node.args[0]).dim()
-        start = _dim(int(node.args[1]), ndim_in)
-        sizes = list(node.args[2])
-        if start <= dim < start + len(sizes):
-            return sizes, dim - start
-    return None
+    sem = semantics(node)
+    if sem is None or sem.kind not in ("reshape", "expand"):
+        return None
+    args = sem.call.args
+    if sem.call.target in _UNFLATTENS:
+        start = _dim(int(args["dim"]), node_value(args["input"]).dim())
+        sizes = list(args["sizes"])
+        return (sizes, dim - start) if start <= dim < start + len(sizes) else None
+    name = next((n for n in ("size", "shape") if n in args), None)
+    if name is None or not isinstance(args[name], (list, tuple)):
+        return None
+    sizes = list(args[name])
+    return (sizes, dim) if dim < len(sizes) else None
+
+
+def replace_sizes(node: fx.Node, sizes: list) -> None:
+    """Give a reshape-like call new sizes (`size_arg_slot`'s list, edited)."""
+    sem = semantics(node)
+    x = sem.call.args["input"]
+    if sem.call.target in _UNFLATTENS:
+        node.args, node.kwargs = (x, sem.call.args["dim"], tuple(sizes)), {}
+    elif node.op == "call_method":
+        node.args, node.kwargs = (x, *sizes), {}
+    else:
+        node.args, node.kwargs = (x, list(sizes)), {}
+
+
+def replace_split_sizes(node: fx.Node, local: tuple[int, ...]) -> None:
+    """A split along the sharded dim takes this rank's piece sizes."""
+    sem = semantics(node)
+    name = next(n for n in ("split_size_or_sections", "split_size", "split_sizes") if n in sem.call.args)
+    given = sem.call.args[name]
+    sizes = list(local) if isinstance(given, (list, tuple)) else local[0]
+    x = sem.call.args.get("input", sem.call.args.get("tensor"))
+    node.args, node.kwargs = (x, sizes, sem.dim), {}
 
 
 def _linear_params(node: fx.Node) -> tuple[Any, Any]:

@@ -30,8 +30,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
-from npu_dit.passes.analysis.attention_ops import node_value
-from npu_dit.passes.ops.normalize import Normalized, normalize, resolve_target, written_arguments
+from npu_dit.passes.ops.normalize import Normalized, node_value, normalize, resolve_target, written_arguments
 
 
 @dataclasses.dataclass(frozen=True)

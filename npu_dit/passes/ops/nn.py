@@ -11,7 +11,7 @@ import operator
 import torch
 import torch.nn.functional as F
 
-from npu_dit.passes.ops.core import Call, Semantics, register
+from npu_dit.passes.ops.core import Call, Semantics, register, register_resolver
 
 
 @register(F.linear, torch._C._nn.linear, torch.ops.aten.linear.default)
@@ -38,9 +38,18 @@ register(F.scaled_dot_product_attention, torch._C._nn.scaled_dot_product_attenti
          torch.ops.aten.scaled_dot_product_attention.default)(attention)
 
 
-def register_lowered_attention(*targets: object) -> None:
-    """Lowered attention kernels (called by the lowering module when it defines them)."""
-    register(*targets)(attention)
+def _lowered_attention(target: object) -> object:
+    """The kernels the lowering emits (torch_npu's ops, their CPU reference ops, `sdpa_on_backend`)."""
+    from npu_dit.passes.analysis.attention_ops import LOWERED_ATTENTION_TARGETS, ensure_lowered_targets
+
+    ensure_lowered_targets()
+    try:
+        return attention if target in LOWERED_ATTENTION_TARGETS else None
+    except TypeError:
+        return None
+
+
+register_resolver(_lowered_attention)
 
 
 @register(F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d,

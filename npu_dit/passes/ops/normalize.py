@@ -24,7 +24,14 @@ import torch
 import torch.fx as fx
 from torch.fx.operator_schemas import get_signature_for_torch_op, type_matches
 
-from npu_dit.passes.analysis.attention_ops import node_value
+
+
+def node_value(node: Any) -> Any:
+    """The example value recorded for a node (plain values pass through); the same reading as
+    `analysis.attention_ops.node_value`, here so the registry imports nothing from the analyses."""
+    if isinstance(node, fx.Node):
+        return node.meta.get("val", node.meta.get("example_value"))
+    return node
 
 _SIGNATURES: dict[Any, list[tuple[inspect.Signature, Any]] | None] = {}
 _CHOSEN: dict[tuple, int | None] = {}

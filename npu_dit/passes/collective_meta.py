@@ -1,0 +1,113 @@
+"""Shape rules for the calls the Ulysses rewrite inserts: (sizes, dtype, device) of the output from
+the arguments' fake values, so the local-shape refresh needs no fake dispatch through a collective
+helper's dozen layout ops (a collective's fake tensors cost about as much as the real op's tracing).
+
+Each rule mirrors its helper in `runtime/collectives.py` (and SDPA's output rule); the strict mode
+(`NPU_DIT_LINT=1`) checks every node against a full fake propagation, and a call a rule does not
+cover (it raises) is simply run."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+
+from npu_dit.passes.analysis.attention_ops import SDPA_TARGETS
+from npu_dit.runtime import collectives as C
+
+
+def _move_to_front(shape: Sequence[Any], first: int, second: int) -> list[Any]:
+    """`x.movedim((first, second), (0, 1))`'s shape."""
+    ndim = len(shape)
+    first, second = first % ndim, second % ndim
+    return [shape[first], shape[second]] + [s for d, s in enumerate(shape) if d not in (first, second)]
+
+
+def _move_from_front(shape: Sequence[Any], first: int, second: int) -> list[Any]:
+    """`x.movedim((0, 1), (first, second))`'s shape."""
+    ndim = len(shape)
+    first, second = first % ndim, second % ndim
+    rest = iter(shape[2:])
+    return [shape[0] if d == first else shape[1] if d == second else next(rest) for d in range(ndim)]
+
+
+def _set(shape: Sequence[Any], dim: int, size: Any) -> list[Any]:
+    out = list(shape)
+    out[dim % len(out)] = size
+    return out
+
+
+def pad_heads(x, head_dim, num_padded):
+    return _set(x.shape, head_dim, num_padded), x.dtype, x.device
+
+
+def strip_heads(x, head_dim, num_heads):
+    return _set(x.shape, head_dim, num_heads), x.dtype, x.device
+
+
+def local_heads(x, head_dim, world, rank):
+    return _set(x.shape, head_dim, x.shape[head_dim] // world), x.dtype, x.device
+
+
+def seq_to_heads_start(x, seq_dim, head_dim, recv_lengths, world, group_name):
+    heads, _, *rest = _move_to_front(x.shape, head_dim, seq_dim)
+    return [sum(recv_lengths), heads // world, *rest], x.dtype, x.device
+
+
+def seq_to_heads_wait(y, seq_dim, head_dim):
+    seq, heads, *rest = y.shape
+    return _move_from_front([heads, seq, *rest], head_dim, seq_dim), y.dtype, y.device
+
+
+def heads_to_seq_start(y, seq_dim, head_dim, send_lengths, world, rank, group_name):
+    heads, _, *rest = _move_to_front(y.shape, head_dim, seq_dim)
+    return [send_lengths[rank] * world, heads, *rest], y.dtype, y.device
+
+
+def heads_to_seq_wait(z, seq_dim, head_dim, world):
+    total, heads, *rest = z.shape
+    return _move_from_front([heads * world, total // world, *rest], head_dim, seq_dim), z.dtype, z.device
+
+
+def gather_heads_start(y, head_dim, world, group_name):
+    heads, *rest = [y.shape[head_dim % y.dim()]] + [s for d, s in enumerate(y.shape) if d != head_dim % y.dim()]
+    return [heads * world, *rest], y.dtype, y.device
+
+
+def gather_heads_wait(z, head_dim):
+    first, *rest = z.shape
+    head_dim = head_dim % z.dim()
+    return rest[:head_dim] + [first] + rest[head_dim:], z.dtype, z.device
+
+
+def gather_seq_start(x, seq_dim, recv_lengths, world, group_name):
+    rest = [s for d, s in enumerate(x.shape) if d != seq_dim % x.dim()]
+    dtype = torch.uint8 if x.dtype == torch.bool else x.dtype
+    return [sum(recv_lengths), *rest], dtype, x.device
+
+
+def gather_seq_wait(z, seq_dim, dtype):
+    first, *rest = z.shape
+    seq_dim = seq_dim % z.dim()
+    return rest[:seq_dim] + [first] + rest[seq_dim:], dtype, z.device
+
+
+def localize(x, dim, lengths, sharded, world, rank):
+    if len(lengths) == 1:  # one piece: the chunk of the whole dim, as `local_chunk` cuts it
+        lengths = [x.shape[dim]]
+    local = [C.chunk_lengths(length, world)[rank] if s else length for length, s in zip(lengths, sharded)]
+    return _set(x.shape, dim, sum(local)), x.dtype, x.device
+
+
+def attention(query, key, value, *args, **kwargs):
+    return list(query.shape[:-1]) + [value.shape[-1]], query.dtype, query.device
+
+
+RULES: dict[Any, Any] = {
+    C.pad_heads: pad_heads, C.strip_heads: strip_heads, C.local_heads: local_heads,
+    C.seq_to_heads_start: seq_to_heads_start, C.seq_to_heads_wait: seq_to_heads_wait,
+    C.heads_to_seq_start: heads_to_seq_start, C.heads_to_seq_wait: heads_to_seq_wait,
+    C.gather_heads_start: gather_heads_start, C.gather_heads_wait: gather_heads_wait,
+    C.gather_seq_start: gather_seq_start, C.gather_seq_wait: gather_seq_wait, C.localize: localize,
+    **{target: attention for target in SDPA_TARGETS},
+}
