@@ -63,6 +63,8 @@ class _Rewriter:
         self.index = _placeholder_index(gm)
         self.shards: dict[fx.Node, WeightShard] = {}
         self.counts: dict[str, int] = {}
+        # what each node was called with: untouched nodes get their shapes by substitution
+        self.original_args = {n: (n.args, n.kwargs) for n in gm.graph.nodes}
 
     def bump(self, key: str) -> None:
         self.counts[key] = self.counts.get(key, 0) + 1
@@ -129,13 +131,20 @@ class _Rewriter:
             self.bump("localize")
 
 
-def refresh_tp_shapes(gm: fx.GraphModule, shards: list[WeightShard], world: int) -> None:
-    """Every node's meta["val"] becomes this rank's value: the sharded parameters get local shapes
-    and the graph is propagated again. Tensor parallelism changes static feature sizes only, so the
-    propagation stays in Dynamo's own ShapeEnv: its symbols and the facts it proved about them (which
-    token lengths are equal) stay valid for the passes after this one (Ulysses' token analysis)."""
+def refresh_tp_shapes(gm: fx.GraphModule, shards: list[WeightShard], world: int,
+                      rewriter: "_Rewriter | None" = None) -> None:
+    """Every node's meta["val"] becomes this rank's value: the sharded parameters get local shapes;
+    a node the rewrite left as it was gets its old value with its split dim (the feature plan's
+    placement) at the local size, the rest is fake-run (`fake_prop.refresh`). Tensor parallelism
+    changes static feature sizes only, so this stays in Dynamo's own ShapeEnv: its symbols and the
+    facts it proved about them (which token lengths are equal) stay valid for the passes after this
+    one (Ulysses' token analysis)."""
+    import os
+
     from npu_dit.passes.analysis.attention_ops import graph_fake_mode
-    from npu_dit.passes.analysis.fake_prop import repropagate
+    from torch.utils._pytree import tree_leaves
+
+    from npu_dit.passes.analysis.fake_prop import Resize, refresh, repropagate
 
     by_index = {s.index: s for s in shards}
     mode = graph_fake_mode(gm)
@@ -149,7 +158,27 @@ def refresh_tp_shapes(gm: fx.GraphModule, shards: list[WeightShard], world: int)
             with mode:
                 value = torch.empty(sizes, dtype=value.dtype, device=value.device)
         values.append(value)
-    repropagate(gm, values)
+    if rewriter is None or os.environ.get("NPU_DIT_FULL_REFRESH") == "1":
+        repropagate(gm, values)
+        return
+    placements = rewriter.plan.placements
+
+    def rename(node: fx.Node) -> Any:
+        original = rewriter.original_args.get(node)
+        if original is None or original[0] is not node.args or original[1] is not node.kwargs:
+            return None
+        linear = rewriter.plan.linears.get(node)
+        if linear is not None and linear.kind == "gather":  # column-split, gathered after it
+            value = node_value(node)
+            return Resize({}, [{value.dim() - 1: int(value.shape[-1]) // world}])
+        placement = placements.get(node)
+        leaves = [v for v in tree_leaves(node.meta.get("val")) if isinstance(v, torch.Tensor)]
+        outputs = placement if isinstance(placement, list) else [placement] * len(leaves)
+        if len(outputs) != len(leaves):
+            return None
+        return Resize({}, [{} if p is None else {p.dim: p.size // world} for p in outputs])
+
+    refresh(gm, values, None, rename, mode=mode)
 
 
 def tensor_parallel_pass(gm: fx.GraphModule, *, ctx: ParallelContext, release_weights: bool = True) -> PassResult:
@@ -169,7 +198,7 @@ def tensor_parallel_pass(gm: fx.GraphModule, *, ctx: ParallelContext, release_we
         return PassResult(gm, modified=False, notes=tp_plan.describe() + ["no linear could be sharded"])
     gm.graph.lint()
     gm.recompile()
-    refresh_tp_shapes(gm, shards, ctx.world_size)
+    refresh_tp_shapes(gm, shards, ctx.world_size, rewriter)
     return PassResult(gm, modified=True, counts=rewriter.counts, notes=tp_plan.describe())
 
 

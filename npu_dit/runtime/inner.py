@@ -10,6 +10,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+
 import collections
 import time
 from typing import Any, Callable
@@ -23,6 +26,11 @@ MAX_COMPILED_SHAPES = 8  # per region: the last few resolutions / prompt lengths
 
 
 def compile_inner(gm: fx.GraphModule, example_inputs: list[Any], name: str, *, mode: str | None = None) -> Callable:
+    if os.environ.get("NPU_DIT_CHECK_META") == "1":
+        from npu_dit.runtime.meta_check import MetaChecked
+
+        with _without_check():
+            return MetaChecked(gm, compile_inner_lazily(gm, name, mode=mode))
     if name == "eager":
         return gm.forward
     if name == "inductor":
@@ -72,6 +80,11 @@ def compile_inner_lazily(gm: fx.GraphModule, name: str, *, mode: str | None = No
     only a call that breaks them compiles again (at most MAX_COMPILED_SHAPES entries, least recently
     used dropped). npugraph_ex takes real inputs, once per input signature.
     """
+    if os.environ.get("NPU_DIT_CHECK_META") == "1":
+        from npu_dit.runtime.meta_check import MetaChecked
+
+        with _without_check():
+            return MetaChecked(gm, compile_inner_lazily(gm, name, mode=mode))
     if name == "eager":
         return gm.forward
     if name == "inductor":
@@ -83,6 +96,16 @@ def compile_inner_lazily(gm: fx.GraphModule, name: str, *, mode: str | None = No
         backend = _npugraph_ex()
         return _PerSignature(lambda args: backend(gm, args))
     raise UserError(f"unknown inner compiler {name!r}; choose eager, inductor or npugraph_ex")
+
+
+@contextlib.contextmanager
+def _without_check():
+    saved = os.environ.pop("NPU_DIT_CHECK_META", None)
+    try:
+        yield
+    finally:
+        if saved is not None:
+            os.environ["NPU_DIT_CHECK_META"] = saved
 
 
 def _signature(args: tuple) -> tuple:

@@ -17,7 +17,7 @@ shape differs.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import sympy
 import torch
@@ -184,8 +184,8 @@ class _Refresh(torch.fx.Interpreter):
     a dictionary walk per size, and values of equal shape are one fake tensor, so the 57 alike blocks
     of FLUX.1-dev cost about what one does."""
 
-    def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode, symbols: SymbolMap,
-                 rename: Callable[[fx.Node], dict | None], rules: dict | None = None) -> None:
+    def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode, symbols: SymbolMap | None,
+                 rename: Callable[[fx.Node], Any], rules: dict | None = None) -> None:
         super().__init__(gm, garbage_collect_values=False)
         self.mode, self.symbols, self.rename = mode, symbols, rename
         self.rules = rules or {}
@@ -198,7 +198,11 @@ class _Refresh(torch.fx.Interpreter):
             mapping = self.rename(node)
             old = node.meta.get("val")
             if mapping is not None and _substitutable(old):
-                value = tree_map_only(torch.Tensor, lambda t: self.tensor(t, mapping), old)
+                if isinstance(mapping, Resize):
+                    resize = iter(mapping.dims)
+                    value = tree_map_only(torch.Tensor, lambda t: self.tensor(t, mapping.symbols, next(resize)), old)
+                else:
+                    value = tree_map_only(torch.Tensor, lambda t: self.tensor(t, mapping), old)
                 node.meta["val"] = value
                 self.substituted += 1
                 return value
@@ -227,6 +231,8 @@ class _Refresh(torch.fx.Interpreter):
     def size(self, value: Any, mapping: dict) -> Any:
         if not isinstance(value, torch.SymInt):
             return int(value)
+        if self.symbols is None:
+            return value  # the same ShapeEnv: symbols stay
         key = (value.node.expr, id(mapping))
         found = self.sizes.get(key)
         if found is None:
@@ -243,9 +249,13 @@ class _Refresh(torch.fx.Interpreter):
             self.sizes[key] = found
         return found
 
-    def tensor(self, value: torch.Tensor, mapping: dict) -> torch.Tensor:
+    def tensor(self, value: torch.Tensor, mapping: dict, resize: dict | None = None) -> torch.Tensor:
         sizes = [self.size(s, mapping) for s in value.shape]
         strides = [self.size(s, mapping) for s in value.stride()]
+        if resize:
+            for dim, size in resize.items():
+                sizes[dim] = size
+            strides = []  # a dim changed size: contiguous
         return self.fake(sizes, strides, value.dtype, value.device, value.requires_grad)
 
     def fake(self, sizes: list, strides: list, dtype: torch.dtype, device: torch.device,
@@ -268,13 +278,22 @@ def _key(size: Any) -> Any:
     return size.node.expr if isinstance(size, torch.SymInt) else int(size)
 
 
+class Resize(NamedTuple):
+    """An untouched node whose dims change by a constant (tensor parallelism's local feature
+    sizes): the symbol mapping, and per tensor output {dim: new size}."""
+
+    symbols: dict
+    dims: list
+
+
 def _substitutable(value: Any) -> bool:
     leaves = tree_leaves(value)
     return bool(leaves) and all(isinstance(v, torch.Tensor) for v in leaves)
 
 
-def refresh(gm: fx.GraphModule, placeholder_values: list[Any], symbols: SymbolMap,
-            rename: Callable[[fx.Node], dict | None], rules: dict | None = None) -> tuple[int, int]:
+def refresh(gm: fx.GraphModule, placeholder_values: list[Any], symbols: SymbolMap | None,
+            rename: Callable[[fx.Node], Any], rules: dict | None = None,
+            mode: FakeTensorMode | None = None) -> tuple[int, int]:
     """Give every node its new meta["val"]: substituted where `rename(node)` gives a symbol mapping
     (a node the rewrite left as it was), run on fake values elsewhere (inserted and re-wired nodes,
     sizes), by a shape rule where `rules` has one for the target. Returns how many nodes were
@@ -282,7 +301,8 @@ def refresh(gm: fx.GraphModule, placeholder_values: list[Any], symbols: SymbolMa
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, value in zip(placeholders, placeholder_values):
         node.meta["val"] = value
-    interpreter = _Refresh(gm, symbols.mode, symbols, rename, rules)
-    with symbols.env.suppress_guards():
+    mode = symbols.mode if symbols is not None else mode
+    interpreter = _Refresh(gm, mode, symbols, rename, rules)
+    with mode.shape_env.suppress_guards():
         interpreter.run(*placeholder_values)
     return interpreter.substituted, interpreter.by_rule
