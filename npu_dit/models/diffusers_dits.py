@@ -225,6 +225,53 @@ def _hunyuan_video15(g, batch=1):
             "image_embeds": torch.zeros(batch, 3, 12)}
 
 
+def _ltx2(g, batch=2, frames=2, hw=16, audio_frames=9, text=16):
+    return {"hidden_states": _randn(g, batch, frames * hw * hw, 4), "audio_hidden_states": _randn(g, batch, audio_frames, 4),
+            "encoder_hidden_states": _randn(g, batch, text, 16), "audio_encoder_hidden_states": _randn(g, batch, text, 16),
+            "timestep": _randn(g, batch).abs() * 1000, "encoder_attention_mask": torch.ones(batch, text, dtype=torch.bool),
+            "num_frames": frames, "height": hw, "width": hw, "audio_num_frames": audio_frames, "fps": 25.0}
+
+
+def _helios(g, batch=1, frames=2, hw=16):
+    kw = {"hidden_states": _randn(g, batch, 4, frames, hw, hw), "timestep": _steps(g, batch),
+          "encoder_hidden_states": _randn(g, batch, 12, 16), "indices_hidden_states": torch.ones(batch, frames)}
+    for key, length in (("short", frames - 1), ("mid", frames - 1), ("long", (frames - 1) * 4)):
+        kw[f"indices_latents_history_{key}"] = torch.ones(batch, length)
+    for key, length in (("short", frames - 1), ("mid", frames - 1), ("long", (frames - 1) * 4)):
+        kw[f"latents_history_{key}"] = _randn(g, batch, 4, length, hw, hw)
+    return kw
+
+
+def _ernie_image(g, batch=1, hw=16, text=16):
+    return {"hidden_states": _randn(g, batch, 16, hw, hw), "timestep": _one(batch), "text_bth": _randn(g, batch, text, 16),
+            "text_lens": torch.tensor([text] * batch)}
+
+
+def _glm_image(g, batch=1, hw=8):
+    return {"hidden_states": _randn(g, batch, 4, hw, hw), "encoder_hidden_states": _randn(g, batch, 12, 32),
+            "prior_token_id": torch.randint(0, 64, (batch,), generator=g),
+            "prior_token_drop": torch.zeros(batch, dtype=torch.bool), "timestep": _steps(g, batch),
+            "target_size": torch.tensor([[hw, hw]] * batch, dtype=torch.float32),
+            "crop_coords": torch.tensor([[0, 0]] * batch, dtype=torch.float32)}
+
+
+def _krea2(g, batch=1, grid=2, text=4, layers=3):
+    image = grid * grid
+    position_ids = torch.zeros(text + image, 3)
+    position_ids[text:, 1] = torch.arange(grid).repeat_interleave(grid)
+    position_ids[text:, 2] = torch.arange(grid).repeat(grid)
+    mask = torch.ones(batch, text, dtype=torch.bool)
+    mask[:, -1] = False
+    return {"hidden_states": _randn(g, batch, image, 16), "encoder_hidden_states": _randn(g, batch, text, layers, 16),
+            "timestep": torch.tensor([0.5]), "position_ids": position_ids, "encoder_attention_mask": mask}
+
+
+def _wan_animate(g, batch=1, frames=20, hw=16):
+    return {"hidden_states": _randn(g, batch, 12, frames + 1, hw, hw), "timestep": _steps(g, batch),
+            "encoder_hidden_states": _randn(g, batch, 12, 16), "encoder_hidden_states_image": _randn(g, batch, 12, 16),
+            "pose_hidden_states": _randn(g, batch, 4, frames, hw, hw), "face_pixel_values": _randn(g, batch, 3, 77, 16, 16)}
+
+
 def _wan_config(**over):
     base = {"patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 12, "in_channels": 4,
             "out_channels": 4, "text_dim": 16, "freq_dim": 256, "ffn_dim": 32, "num_layers": 2, "cross_attn_norm": True,
@@ -406,6 +453,53 @@ ENTRIES: tuple[DiTEntry, ...] = (
              {"all_patch_size": (2,), "all_f_patch_size": (1,), "in_channels": 16, "dim": 16, "n_layers": 1,
               "n_refiner_layers": 1, "n_heads": 1, "n_kv_heads": 2, "qk_norm": True, "cap_feat_dim": 16,
               "rope_theta": 256.0, "t_scale": 1000.0, "axes_dims": [8, 4, 4], "axes_lens": [256, 32, 32]}, _z_image),
+
+    DiTEntry("LTX2VideoTransformer3DModel",
+             {"in_channels": 4, "out_channels": 4, "patch_size": 1, "patch_size_t": 1, "num_attention_heads": 2,
+              "attention_head_dim": 8, "cross_attention_dim": 16, "audio_in_channels": 4, "audio_out_channels": 4,
+              "audio_num_attention_heads": 2, "audio_attention_head_dim": 4, "audio_cross_attention_dim": 8,
+              "num_layers": 2, "qk_norm": "rms_norm_across_heads", "caption_channels": 16,
+              "rope_double_precision": False}, _ltx2),
+    DiTEntry("HeliosTransformer3DModel",
+             {"patch_size": (1, 2, 2), "num_attention_heads": 2, "attention_head_dim": 12, "in_channels": 4,
+              "out_channels": 4, "text_dim": 16, "freq_dim": 256, "ffn_dim": 32, "num_layers": 2, "cross_attn_norm": True,
+              "qk_norm": "rms_norm_across_heads", "rope_dim": (4, 4, 4), "has_multi_term_memory_patch": True,
+              "guidance_cross_attn": True, "zero_history_timestep": True, "is_amplify_history": False}, _helios),
+    DiTEntry("MotifVideoTransformer3DModel",
+             {"in_channels": 33, "out_channels": 16, "num_attention_heads": 2, "attention_head_dim": 12, "num_layers": 1,
+              "num_single_layers": 1, "num_decoder_layers": 0, "mlp_ratio": 4.0, "patch_size": 1, "patch_size_t": 1,
+              "qk_norm": "rms_norm", "norm_type": "layer_norm", "text_embed_dim": 32, "image_embed_dim": 4,
+              "rope_theta": 256.0, "rope_axes_dim": (4, 4, 4), "enable_text_cross_attention_dual": False,
+              "enable_text_cross_attention_single": False},
+             lambda g: _video(g, batch=1, channels=33, frames=9, hw=16, text=12, dim=32)),
+    DiTEntry("WanAnimateTransformer3DModel",
+             _wan_config(in_channels=12, latent_channels=4, image_dim=16,
+                         motion_encoder_channel_sizes={"4": 16, "8": 16, "16": 16}, motion_encoder_size=16,
+                         motion_style_dim=8, motion_dim=4, motion_encoder_dim=16, face_encoder_hidden_dim=16,
+                         face_encoder_num_heads=2, inject_face_latents_blocks=2), _wan_animate),
+    DiTEntry("ErnieImageTransformer2DModel",
+             {"hidden_size": 16, "num_attention_heads": 1, "num_layers": 1, "ffn_hidden_size": 16, "in_channels": 16,
+              "out_channels": 16, "patch_size": 1, "text_in_dim": 16, "rope_theta": 256, "rope_axes_dim": (8, 4, 4),
+              "eps": 1e-6, "qk_layernorm": True}, _ernie_image),
+    DiTEntry("GlmImageTransformer2DModel",
+             {"patch_size": 2, "in_channels": 4, "out_channels": 4, "num_layers": 1, "attention_head_dim": 8,
+              "num_attention_heads": 2, "text_embed_dim": 32, "time_embed_dim": 16, "condition_dim": 8,
+              "prior_vq_quantizer_codebook_size": 64}, _glm_image),
+    DiTEntry("NucleusMoEImageTransformer2DModel",
+             {"patch_size": 2, "in_channels": 16, "out_channels": 4, "num_layers": 2, "attention_head_dim": 16,
+              "num_attention_heads": 4, "joint_attention_dim": 16, "axes_dims_rope": (8, 4, 4), "moe_enabled": False,
+              "capacity_factors": [8.0, 8.0]}, _qwen_image),
+    DiTEntry("JoyImageEditTransformer3DModel",
+             {"patch_size": [1, 2, 2], "in_channels": 16, "hidden_size": 32, "num_attention_heads": 2, "text_dim": 16,
+              "num_layers": 2, "rope_dim_list": [4, 6, 6], "theta": 256},
+             lambda g: {"hidden_states": _randn(g, 1, 16, 1, 4, 4), "encoder_hidden_states": _randn(g, 1, 12, 16),
+                        "timestep": _one(1)}),
+    DiTEntry("Krea2Transformer2DModel",
+             {"in_channels": 16, "num_layers": 2, "attention_head_dim": 8, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "intermediate_size": 32, "timestep_embed_dim": 8, "text_hidden_dim": 16,
+              "num_text_layers": 3, "text_num_attention_heads": 2, "text_num_key_value_heads": 1,
+              "text_intermediate_size": 16, "num_layerwise_text_blocks": 1, "num_refiner_text_blocks": 1,
+              "axes_dims_rope": (4, 2, 2), "rope_theta": 1000.0, "norm_eps": 1e-5}, _krea2),
 )
 
 NOT_SURVEYED: dict[str, str] = {

@@ -124,6 +124,9 @@ def survey_one(model: str, *, world: int = 2, timeout: float = 240.0) -> dict[st
                 timed_out = True
                 os.killpg(proc.pid, signal.SIGKILL)
                 returncode = proc.wait()
+            except BaseException:  # Ctrl-C: the ranks live in their own session, take them along
+                os.killpg(proc.pid, signal.SIGKILL)
+                raise
         seconds = time.perf_counter() - start
         with open(log_path, errors="replace") as f:
             log_tail = f.read()[-4000:]
