@@ -159,6 +159,13 @@ def _err(value: float | None) -> str:
     return "-" if value is None else f"{value:.1e}"
 
 
+def _cell(reason: str, limit: int = 240) -> str:
+    """A reason in one table cell: its first line (the --json records keep it whole), cut at `limit`."""
+    line = str(reason).strip().splitlines()[0] if str(reason).strip() else ""
+    line = line if len(line) <= limit else line[: limit - 1] + "…"
+    return line.replace("|", "\\|")
+
+
 def summary(records: list[dict[str, Any]]) -> str:
     count = {s: sum(r["status"] == s for r in records) for s in STATUSES}
     line = (f"{count['sharded']} of {len(records)} sharded, {count['refused']} refused, {count['crashed']} crashed, "
@@ -184,7 +191,7 @@ def format_table(results: dict[str, Any], command: str = "") -> str:
     ]
     for r in records:
         err = _err(r["max_err"]) + (" ✗" if r["max_err"] is not None and not r["exact"] else "")
-        reason = str(r["reason"]).replace("|", "\\|").replace("\n", " ")
+        reason = _cell(r["reason"])
         graphs = f"{r['graphs']}" + (f" ({r['graph_breaks']} breaks)" if r["graph_breaks"] else "")
         lines.append(f"| {r['model']} | {r['status']} | {graphs} | {r['all_to_all']} | {err} | {reason} |")
     seconds = sum(r["seconds"] for r in records)
