@@ -92,9 +92,16 @@ def test_verdict_refused_names_the_fallback_and_keeps_the_error():
     graphs = [_graph(all_to_all=4), _graph(fell_back=True, reason="Ulysses: no attention site")]
     r = dit_survey.verdict("X", [_rank(0, graphs=graphs, max_err=2e-3, breaks={"reason": 1}), _rank(1, graphs=graphs)])
     assert r["status"] == "refused"
-    assert r["reason"] == "Ulysses: no attention site (1 of 2 graphs fell back)"
+    assert r["reason"] == "Ulysses: no attention site (1 of 2 graphs fell back; this one 100 nodes)"
     assert (r["fallbacks"], r["graph_breaks"], r["exact"]) == (1, 1, False)  # a refused graph must be exact
     assert "NOT EXACT" in dit_survey.summary([r])
+
+
+def test_verdict_refused_names_the_largest_graph_that_fell_back():
+    graphs = [_graph(True, "no attention call"), dict(_graph(True, "repeat has no sharding rule"), nodes=900)]
+    r = dit_survey.verdict("X", [_rank(0, graphs=graphs), _rank(1, graphs=graphs)])
+    assert r["reason"] == "repeat has no sharding rule (2 of 2 graphs fell back; this one 900 nodes)"
+    assert [g["nodes"] for g in r["per_graph"]] == [100, 900]
 
 
 def test_verdict_no_collective_is_not_sharded():

@@ -96,11 +96,16 @@ def verdict(model: str, ranks: list[dict[str, Any] | None], *, timed_out: bool =
                   exact=max_err is not None and max_err <= TOLERANCE)
     if not graphs:
         return {**record, "status": "refused", "reason": "no graph reached the backend"}
+    record["per_graph"] = [{"nodes": g["nodes"], "fell_back": g["fell_back"], "reason": g["reason"],
+                            "all_to_all": g["counts"].get("all_to_all", 0)} for g in graphs]
     fell_back = [g for g in graphs if g["fell_back"]]
     if fell_back:
-        reason = fell_back[0]["reason"] or "fell back (no reason given)"
+        # the largest graph that fell back: after a graph break the first graphs are often small pieces
+        # (an embedder, no attention) whose refusal says little about the transformer blocks
+        largest = max(fell_back, key=lambda g: g["nodes"])
+        reason = largest["reason"] or "fell back (no reason given)"
         if len(graphs) > 1:
-            reason += f" ({len(fell_back)} of {len(graphs)} graphs fell back)"
+            reason += f" ({len(fell_back)} of {len(graphs)} graphs fell back; this one {largest['nodes']} nodes)"
         return {**record, "status": "refused", "reason": reason}
     if record["all_to_all"] == 0:
         return {**record, "status": "refused", "reason": f"no fallback, but no all-to-all inserted in {len(graphs)} graph(s)"}
