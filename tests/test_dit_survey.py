@@ -114,8 +114,10 @@ def test_verdict_no_collective_is_not_sharded():
 def test_verdict_failures():
     eager = dit_survey.verdict("X", [_rank(0, eager_error="NameError: transforms"), _rank(1, eager_error="NameError: transforms")])
     assert (eager["status"], eager["reason"]) == ("eager-fails", "NameError: transforms")
-    crash = dit_survey.verdict("X", [_rank(0, compile_error="RuntimeError: boom"), _rank(1)])
+    rewritten = [_graph(all_to_all=2)]
+    crash = dit_survey.verdict("X", [_rank(0, graphs=rewritten, compile_error="RuntimeError: boom"), _rank(1)])
     assert (crash["status"], crash["reason"]) == ("crashed", "RuntimeError: boom")
+    assert (crash["graphs"], crash["all_to_all"], crash["max_err"]) == (1, 2, None)  # it crashed after the rewrite
     hung = dit_survey.verdict("X", [_rank(0, phase="compile"), None], timed_out=True, timeout_s=240)
     assert hung["status"] == "crashed"
     assert hung["reason"] == "timed out after 240 s (rank 0: compile, rank 1: not started)"

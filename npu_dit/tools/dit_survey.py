@@ -80,6 +80,13 @@ def verdict(model: str, ranks: list[dict[str, Any] | None], *, timed_out: bool =
     if timed_out:
         phases = ", ".join(f"rank {i}: {r['phase'] if r else 'not started'}" for i, r in enumerate(ranks))
         return {**record, "status": "crashed", "reason": f"timed out after {timeout_s:.0f} s ({phases})"}
+    # what the backend did, also for a crash (was the graph rewritten when the call failed?)
+    graphs = done[0]["graphs"] if done else []
+    record.update(graphs=len(graphs), fallbacks=sum(g["fell_back"] for g in graphs),
+                  all_to_all=sum(g["counts"].get("all_to_all", 0) for g in graphs),
+                  graph_breaks=sum(done[0].get("graph_breaks", {}).values()) if done else 0,
+                  per_graph=[{"nodes": g["nodes"], "fell_back": g["fell_back"], "reason": g["reason"],
+                              "all_to_all": g["counts"].get("all_to_all", 0)} for g in graphs])
     error = next((r["compile_error"] for r in done if r.get("compile_error")), None)
     if error:
         return {**record, "status": "crashed", "reason": error}
@@ -87,17 +94,11 @@ def verdict(model: str, ranks: list[dict[str, Any] | None], *, timed_out: bool =
     if unfinished:
         return {**record, "status": "crashed",
                 "reason": f"rank {unfinished[0]} died (exit {returncode}): {_last_line(log_tail)}"}
-    graphs = done[0]["graphs"]
     errors = [r["max_err"] for r in done if r.get("max_err") is not None]
     max_err = max(errors) if errors else None
-    record.update(graphs=len(graphs), fallbacks=sum(g["fell_back"] for g in graphs),
-                  all_to_all=sum(g["counts"].get("all_to_all", 0) for g in graphs),
-                  graph_breaks=sum(done[0].get("graph_breaks", {}).values()), max_err=max_err,
-                  exact=max_err is not None and max_err <= TOLERANCE)
+    record.update(max_err=max_err, exact=max_err is not None and max_err <= TOLERANCE)
     if not graphs:
         return {**record, "status": "refused", "reason": "no graph reached the backend"}
-    record["per_graph"] = [{"nodes": g["nodes"], "fell_back": g["fell_back"], "reason": g["reason"],
-                            "all_to_all": g["counts"].get("all_to_all", 0)} for g in graphs]
     fell_back = [g for g in graphs if g["fell_back"]]
     if fell_back:
         # the largest graph that fell back: after a graph break the first graphs are often small pieces
