@@ -143,3 +143,10 @@ def test_table_summary_and_write(tmp_path):
     dit_survey.write(results, "npu-dit bench dits", str(path))  # replaces its own section
     text = path.read_text()
     assert text.count(dit_survey.MARK_START) == 1 and "| A | sharded |" in text
+
+
+def test_a_model_over_its_time_limit_is_killed_and_recorded():
+    record = dit_survey.survey_one("DiT", world=2, timeout=3)  # the ranks are still importing torch at 3 s
+    assert record["status"] == "crashed"
+    assert record["reason"].startswith("timed out after 3 s (rank 0: ")
+    assert record["seconds"] < 30  # the whole session was killed, not waited for
