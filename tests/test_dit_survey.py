@@ -98,10 +98,14 @@ def test_verdict_refused_names_the_fallback_and_keeps_the_error():
 
 
 def test_verdict_refused_names_the_largest_graph_that_fell_back():
-    graphs = [_graph(True, "no attention call"), dict(_graph(True, "repeat has no sharding rule"), nodes=900)]
+    no_attention = "Ulysses: this graph has no attention call (a piece of the model after a graph break?)"
+    graphs = [_graph(True, "bool has no sharding rule"), dict(_graph(True, "repeat has no sharding rule"), nodes=900),
+              dict(_graph(True, no_attention), nodes=5000)]
     r = dit_survey.verdict("X", [_rank(0, graphs=graphs), _rank(1, graphs=graphs)])
-    assert r["reason"] == "repeat has no sharding rule (2 of 2 graphs fell back; this one 900 nodes)"
-    assert [g["nodes"] for g in r["per_graph"]] == [100, 900]
+    assert r["reason"] == "repeat has no sharding rule (3 of 3 graphs fell back; this one 900 nodes)"
+    assert [g["nodes"] for g in r["per_graph"]] == [100, 900, 5000]
+    only = dit_survey.verdict("X", [_rank(0, graphs=graphs[2:]), _rank(1, graphs=graphs[2:])])
+    assert only["reason"] == no_attention
 
 
 def test_verdict_no_collective_is_not_sharded():

@@ -35,6 +35,7 @@ MARK_START = "<!-- bench:dits:start -->"
 MARK_END = "<!-- bench:dits:end -->"
 TOLERANCE = 1e-4
 STATUSES = ("sharded", "refused", "crashed", "eager-fails")
+NO_ATTENTION = "has no attention call"  # the Ulysses pass's refusal of a graph piece without attention
 
 
 def worker_command(model: str, out_dir: str, world: int) -> list[str]:
@@ -101,9 +102,9 @@ def verdict(model: str, ranks: list[dict[str, Any] | None], *, timed_out: bool =
         return {**record, "status": "refused", "reason": "no graph reached the backend"}
     fell_back = [g for g in graphs if g["fell_back"]]
     if fell_back:
-        # the largest graph that fell back: after a graph break the first graphs are often small pieces
-        # (an embedder, no attention) whose refusal says little about the transformer blocks
-        largest = max(fell_back, key=lambda g: g["nodes"])
+        # after a graph break many pieces hold no attention (embedders, glue) and say little about the
+        # transformer blocks: name the largest graph that fell back for another reason, if there is one
+        largest = max(fell_back, key=lambda g: (NO_ATTENTION not in (g["reason"] or ""), g["nodes"]))
         reason = largest["reason"] or "fell back (no reason given)"
         if len(graphs) > 1:
             reason += f" ({len(fell_back)} of {len(graphs)} graphs fell back; this one {largest['nodes']} nodes)"
