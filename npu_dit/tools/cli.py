@@ -165,6 +165,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=int, default=4, help="denoising steps (the cached columns cache the steps after the warm-up)")
     e.add_argument("--write", metavar="FILE", nargs="?", const="docs/BENCHMARKS.md", default=None)
     e.add_argument("--json", action="store_true")
+    d = bsub.add_parser("dits", help="every diffusers DiT at its test's tiny config: does Ulysses shard it, and is it "
+                                     "exact against eager (one fresh Gloo run per model)", formatter_class=HelpFormatter)
+    d.add_argument("--models", default="all", metavar="NAME,...",
+                   help="comma-separated short or class names (Flux, WanTransformer3DModel); default: all")
+    d.add_argument("--world", type=int, default=2, help="ranks = ulysses_degree")
+    d.add_argument("--timeout", type=float, default=240.0, help="seconds per model before it is killed and recorded")
+    d.add_argument("--from-json", metavar="FILE", default=None, help="print (and --write) a saved --json run instead of running")
+    d.add_argument("--write", metavar="FILE", nargs="?", const="docs/BENCHMARKS.md", default=None)
+    d.add_argument("--json", action="store_true", help="print the records as JSON instead of the table")
     c = bsub.add_parser("cache", help="28-step denoising with DBCache/TaylorSeer/steps-mask configs vs no cache",
                         formatter_class=HelpFormatter)
     c.add_argument("--sizes", default="tiny,bench-deep", help="FLUX configs to run, comma-separated")
@@ -256,6 +265,8 @@ def _bench(args: argparse.Namespace, argv: list[str] | None) -> int:
         return _bench_seed(args, argv, log)
     if args.bench == "exactness":
         return _bench_exactness(args, argv, log)
+    if args.bench == "dits":
+        return _bench_dits(args, argv, log)
     results = bench_ulysses(
         degree=args.degree, height=args.height, width=args.width, prompt_len=args.prompt_len,
         warmup=args.warmup, iters=args.iters, runs=args.runs, inner_compiler=args.inner_compiler,
@@ -329,6 +340,27 @@ def _bench_exactness(args: argparse.Namespace, argv: list[str] | None, log) -> i
     for line in bad:
         log(f"NOT EXACT: {line}")
     return 1 if bad else 0
+
+
+def _bench_dits(args: argparse.Namespace, argv: list[str] | None, log) -> int:
+    from npu_dit.models.diffusers_dits import ENTRIES
+    from npu_dit.tools import dit_survey
+
+    command = "npu-dit " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.from_json:
+        with open(args.from_json) as f:
+            results = json.load(f)
+        command = results.get("command", command)
+    else:
+        models = [e.name for e in ENTRIES] if args.models == "all" else [m.strip() for m in args.models.split(",") if m.strip()]
+        results = dit_survey.survey(models, world=args.world, timeout=args.timeout, log=log)
+        results["command"] = command
+    print(json.dumps(results, indent=1) if args.json else dit_survey.format_table(results, results["command"]))
+    log(dit_survey.summary(results["records"]))
+    if args.write:
+        dit_survey.write(results, results["command"], args.write)
+        log(f"wrote {args.write}")
+    return 0
 
 
 def _bench_cache(args: argparse.Namespace, argv: list[str] | None, log) -> int:
