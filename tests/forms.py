@@ -58,6 +58,8 @@ FORMS = {
     "narrow_first": ("refuse", lambda h: h + torch.narrow(h, 1, 0, 1)),
     "select_first": ("refuse", lambda h: h + h.select(1, 0).unsqueeze(1)),
     "setitem_token": ("refuse", _setitem),
+    "setitem_inside_the_stream": ("refuse", lambda h: _aligned_write(h)),
+    "setitem_whole_stream": ("either", lambda h: _whole_write(h)),
     "inplace_on_a_view": ("refuse", _inplace_view),
     # a size of the sharded dim used as a value: the global length, or a refusal
     "size_as_value": ("either", lambda h: h * h.shape[1]),
@@ -132,3 +134,15 @@ class FeatureForm(torch.nn.Module):
 
     def forward(self, x):
         return (self.fc2(FEATURE_FORMS[self.form][1](self.fc1(x))),)
+
+
+def _aligned_write(h):
+    h = h * 1
+    h[:, 1:] = h[:, 1:] * 2  # not at a stream boundary of the image tokens: must refuse
+    return h
+
+
+def _whole_write(h):
+    h = h * 1
+    h[:, :] = h * 2  # every position with its own value: aligned
+    return h

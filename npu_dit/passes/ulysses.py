@@ -212,11 +212,15 @@ class _Rewriter:
         self.setup_end = first_op
 
     def add_grid_lengths(self, stream: int, placeholders: list[fx.Node], ph: int, row_dim: int, col_dim: int,
-                         patch_rows: int, patch_cols: int) -> None:
-        """A patch-grid stream: rows = H // p and cols = W // p of its (whole) input; rank j holds
-        chunk j of the rows, so its tokens are rows_j * cols contiguous ones."""
+                         patch_rows: int, patch_cols: int, lead: tuple = ()) -> None:
+        """A patch-grid stream: rows = H // p and cols = W // p of its (whole) input (rows times the
+        outer factors' patches, a video's frames, when there are some); rank j holds chunk j of the
+        rows, so its tokens are rows_j * cols contiguous ones."""
         size = torch.ops.aten.sym_size.int
         rows = self.call(operator.floordiv, (self.call(size, (placeholders[ph], row_dim)), patch_rows))
+        for dim, patch in lead:
+            outer = self.call(operator.floordiv, (self.call(size, (placeholders[ph], dim)), patch))
+            rows = self.call(operator.mul, (outer, rows))
         cols = self.call(operator.floordiv, (self.call(size, (placeholders[ph], col_dim)), patch_cols))
         self.grid_rows[stream] = (rows, cols)
         self.global_len[stream] = self.call(operator.mul, (rows, cols))
@@ -519,7 +523,11 @@ class _Rewriter:
         if node in flow.opaque_set and any(self.local.get(i) for i in node.all_input_nodes):
             raise Refusal(f"{self.where(node)} has no sharding rule and reads sharded tokens")
         for written in flow.mutations.get(node, ()):
-            touched = [t for t in self.alias_chain(written) if self.local.get(t) or self.streams_of(t) & self.sharded]
+            chain = self.alias_chain(written)
+            touched = [t for t in chain if self.local.get(t) or self.streams_of(t) & self.sharded]
+            if touched and node in flow.aligned_writes and len(chain) == 1 and (
+                    self.streams_of(written) & self.sharded) <= self.local.get(written, frozenset()):
+                continue  # a write of local tokens into their own positions (RoPE on a slice of q)
             if touched:
                 raise Refusal(f"{self.where(node)} writes in place into {touched[-1].name}, which holds tokens of a "
                               f"sharded stream; Ulysses cannot prove an in-place write exact",

@@ -223,6 +223,8 @@ class FlowResult:
     mutations: dict[fx.Node, list[fx.Node]] = dataclasses.field(default_factory=dict)
     # calls that return nothing and read tensors, with no entry saying they only have effects
     no_value: list[fx.Node] = dataclasses.field(default_factory=list)
+    # `x[i] = v` through a slice cut at stream boundaries, `v` holding the tokens it overwrites
+    aligned_writes: set[fx.Node] = dataclasses.field(default_factory=set)
 
     @functools.cached_property
     def opaque_set(self) -> frozenset:
@@ -272,6 +274,7 @@ class _Flow:
         self.merges: dict[int, tuple[Seq, ...]] = {}
         self.mutations: dict[fx.Node, list[fx.Node]] = {}
         self.no_value: list[fx.Node] = []
+        self.aligned_writes: set[fx.Node] = set()
 
     # -- helpers ------------------------------------------------------------------------------
     def fresh(self, node: fx.Node, shape: list[Size], dim: int) -> Seq | None:
@@ -366,7 +369,7 @@ class _Flow:
                 self.values[node] = self.fresh_all(node)
                 self.opaque.append(node)
         return FlowResult(self.atoms, self.values, self.opaque, self.mixing, self.inexact_slices,
-                          self.patches, self.merges, self.mutations, self.no_value)
+                          self.patches, self.merges, self.mutations, self.no_value, self.aligned_writes)
 
     def visit(self, node: fx.Node) -> Any:
         value = node_value(node)
@@ -389,6 +392,8 @@ class _Flow:
             written = [sem.call.args.get(name) for name in sem.mutates]
             self.mutations[node] = [w for w in written if isinstance(w, fx.Node)]
         kind = sem.kind
+        if kind == "setitem":
+            self.rule_setitem(node, sem)
         if value is None:
             if kind not in ("effect", "setitem") and _reads_or_makes_tensors(node, value):
                 self.no_value.append(node)
@@ -744,10 +749,42 @@ class _Flow:
             return self.fresh_all(node)
         return tuple(result)
 
-    def rule_getitem(self, node: fx.Node) -> DimsValue | None:
-        base, index = node.args[0], node.args[1]
+    def rule_setitem(self, node: fx.Node, sem: Semantics) -> None:
+        """`base[index] = value`: the region written has the dims a read of `base[index]` would have,
+        and the value fills it (their dims are one). A write through a slice cut at stream boundaries
+        of a value holding the same tokens is position-aligned (`aligned_writes`): done on local
+        tokens it writes exactly this rank's part."""
+        base, index, value = sem.call.args["input"], sem.call.args["index"], sem.call.args["value"]
+        if self.dims(base) is None:
+            return
+        from npu_dit.passes.analysis.attention_ops import graph_fake_mode
+
+        mode = graph_fake_mode(self.gm)
+        try:
+            with mode, mode.shape_env.suppress_guards():
+                region = node_value(base)[fx.node.map_arg(index, node_value)]
+        except Exception:  # noqa: BLE001 - an index the fake run cannot take: no alignment claimed
+            self.opaque.append(node)
+            return
+        out_shape = [as_size(s) for s in region.shape]
+        dims = self.rule_getitem(node, base, index, out_shape)
+        if dims is None or len(dims) != len(out_shape) or node in self.opaque:
+            return
+        vd = self.dims(value) if isinstance(value, fx.Node) else None
+        if vd is not None:
+            if not _is_broadcast_of(out_shape, [_shape(value)], self._eq):
+                return
+            self.join(node, [dims, vd], out_shape)
+        if node not in self.inexact_slices:
+            self.aligned_writes.add(node)
+
+    def rule_getitem(self, node: fx.Node, base: Any = None, index: Any = None,
+                     out_shape: list[Size] | None = None) -> DimsValue | None:
+        if base is None:
+            base, index = node.args[0], node.args[1]
+            out_shape = _shape(node)
         src = self.dims(base)
-        in_shape, out_shape = _shape(base), _shape(node)
+        in_shape = _shape(base)
         if src is None or in_shape is None:
             return self.fresh_all(node)
         index = index if isinstance(index, tuple) else (index,)

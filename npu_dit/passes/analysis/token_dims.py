@@ -78,9 +78,14 @@ class PatchGrid:
     row_dim: int
     col_dim: int
     patch: tuple[int, int]
+    # outer factors before the rows ((dim, patch) of the input, outermost first): a video's frames.
+    # The grid's "rows" are then all of them times the row dim's patches: still contiguous runs of
+    # `cols` tokens, cut in whole rows
+    lead: tuple[tuple[int, int], ...] = ()
 
     def describe(self) -> str:
-        return (f"{self.input_name} dims {self.row_dim}, {self.col_dim} in {self.patch[0]}x{self.patch[1]} "
+        lead = "".join(f"{d} ({p}), " for d, p in self.lead)
+        return (f"{self.input_name} dims {lead}{self.row_dim}, {self.col_dim} in {self.patch[0]}x{self.patch[1]} "
                 f"patches")
 
 
@@ -270,31 +275,36 @@ def token_dims(gm: fx.GraphModule) -> TokenDims:
     for segment in segments:
         grid = patch_grid(flow, segment.atom)
         if grid is not None:
-            node, row_dim, col_dim, patch = grid
-            grids[segment.id] = PatchGrid(segment.id, node, _name(node), row_dim, col_dim, patch)
+            node, row_dim, col_dim, patch, lead = grid
+            grids[segment.id] = PatchGrid(segment.id, node, _name(node), row_dim, col_dim, patch, lead)
     return TokenDims(flow, segments, inputs, built, outputs, attention_tokens, by_node, grids)
 
 
-def patch_grid(flow: FlowResult, atom: int) -> tuple[fx.Node, int, int, tuple[int, int]] | None:
-    """(input, row dim, column dim, (patch rows, patch columns)) when `atom` is a reshape's merge of
-    two dims of whole patches cut from two dims of one graph input, rows first; else None."""
+def patch_grid(flow: FlowResult, atom: int) -> tuple[fx.Node, int, int, tuple[int, int], tuple] | None:
+    """(input, row dim, column dim, (patch rows, patch columns), outer factors) when `atom` is a
+    reshape's merge of dims of whole patches (or of whole positions: patch 1, a 1x1 patch embedding)
+    cut from dims of one graph input, in the input's dim order (row-major); else None."""
     atoms = flow.atoms
     factors = flow.merged_factors(atom)
-    if factors is None or len(factors) != 2:
+    if factors is None or len(factors) < 2:
         return None
     found = []
     for factor in factors:
         if len(factor) != 1:
             return None
         cut = next((c for k, c in flow.patches.items() if atoms.find(k) == factor[0]), None)
-        if cut is None or len(atoms.normalize(cut[0])) != 1:
-            return None
-        source = atoms.find(atoms.normalize(cut[0])[0])
+        if cut is not None:
+            if len(atoms.normalize(cut[0])) != 1:
+                return None
+            source, patch = atoms.find(atoms.normalize(cut[0])[0]), cut[1]
+        else:
+            source, patch = atoms.find(factor[0]), 1  # the input's own positions
         node, dim = atoms.origin[source]
         if node.op != "placeholder":
             return None
-        found.append((node, dim, cut[1]))
-    (rows_node, row_dim, p_rows), (cols_node, col_dim, p_cols) = found
-    if rows_node is not cols_node or row_dim >= col_dim:
+        found.append((node, dim, patch))
+    dims = [d for _, d, _ in found]
+    if len({n for n, _, _ in found}) != 1 or dims != sorted(set(dims)):
         return None
-    return rows_node, row_dim, col_dim, (p_rows, p_cols)
+    (_, row_dim, p_rows), (_, col_dim, p_cols) = found[-2], found[-1]
+    return found[0][0], row_dim, col_dim, (p_rows, p_cols), tuple((d, p) for _, d, p in found[:-2])
