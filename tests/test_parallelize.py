@@ -27,7 +27,7 @@ def flux_pipe_factory():
         ({"text_encoder_parallel": "yes"}, "True or False"),
         ({"vae_parallel": "yes"}, "True or False"),
         ({"ulysses_degree": 2}, "torchrun --nproc-per-node 2"),
-        ({"async_ulysses": True}, "ulysses_degree"),
+        ({"async_ulysses": True, "ulysses_degree": 1}, "ulysses_degree"),
         ({"cache": {"Fn_compute_block": 1}}, "Fn_compute_block"),
         ({"cache": "fast"}, "dict of cache settings"),
     ],

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import resource
@@ -76,6 +77,70 @@ def add_parser(sub) -> None:
     g.add_argument("--warmup", type=int, default=0, help="untimed generations before the timed one (compiles happen there)")
     g.add_argument("--json", action="store_true", help="print the report as JSON")
     g.add_argument("--quiet", action="store_true", help="no progress bar, no library warnings")
+
+
+PIXEL_MULTIPLE = 16  # every seed pipeline: the VAE downsamples 8x, the transformer packs 2x2 latents
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def check_args(args: argparse.Namespace, spec, world: int) -> None:
+    """Every flag's value, before anything is built: a ValueError naming the flag, the value and what
+    is allowed (the CLI prints it on one line and exits with status 2)."""
+    from npu_dit.pipelines import check_weights_dir
+    from npu_dit.pipelines.lora import check_lora_file
+
+    for flag, value in (("--steps", args.steps), ("--height", args.height), ("--width", args.width)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value}: must be a positive integer")
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and value % PIXEL_MULTIPLE:
+            lower = max(PIXEL_MULTIPLE, value // PIXEL_MULTIPLE * PIXEL_MULTIPLE)
+            raise ValueError(
+                f"{flag} {value}: must be a multiple of {PIXEL_MULTIPLE} for {spec.name} (the VAE downsamples 8x and "
+                f"the transformer packs 2x2 latents), e.g. {lower} or {lower + PIXEL_MULTIPLE}"
+            )
+    if args.warmup < 0:
+        raise ValueError(f"--warmup {args.warmup}: must be 0 or more")
+    for flag, value in (("--true-cfg-scale", args.true_cfg_scale), ("--lora-scale", args.lora_scale)):
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{flag} {value}: must be a finite number")
+    if args.tp < 1 or world % args.tp:
+        raise ValueError(f"--tp {args.tp}: must divide the number of processes, {world} (allowed: {_divisors(world)})"
+                         + (f"; for --tp {args.tp} launch with torchrun --nproc-per-node {args.tp}" if args.tp > 1 else ""))
+    if args.ulysses is not None and (args.ulysses < 1 or args.ulysses * args.tp != world):
+        allowed = world // args.tp
+        raise ValueError(f"--ulysses {args.ulysses}: --ulysses x --tp must equal the number of processes, {world}; "
+                         f"with --tp {args.tp} that is --ulysses {allowed} (the default when --ulysses is left out)")
+    out = args.out or f"{spec.name}.png"
+    if os.path.splitext(out)[1].lower() not in (".png", ".npy"):
+        raise ValueError(f"--out {out}: must end in .png (the image) or .npy (the float32 array)")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--out {out}: the folder {folder} does not exist; create it first or write elsewhere")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--out {out}: the folder {folder} is not writable")
+    if args.weights is not None:
+        check_weights_dir(args.weights, spec)
+    if args.lora is not None:
+        try:
+            check_lora_file(args.lora)
+        except ValueError as exc:
+            raise ValueError(f"--lora {args.lora}: {exc}") from None
+    images = args.image or []
+    if images and not spec.max_input_images:
+        raise ValueError(f"--image: {spec.name} is a text-to-image model; --image is for the edit models")
+    if len(images) > spec.max_input_images:
+        raise ValueError(f"--image: {spec.name} takes at most {spec.max_input_images} input image(s), got {len(images)}")
+    for path in images:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            Image.open(path).close()
+        except (OSError, UnidentifiedImageError) as exc:
+            raise ValueError(f"--image {path}: not a readable image ({exc})") from None
 
 
 def parse_cache(text: str | None) -> dict[str, Any] | None:
@@ -182,6 +247,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = dict(ulysses_degree=args.ulysses, tp_degree=args.tp, async_ulysses=args.async_ulysses,
                     attention_backend=args.attention_backend, cache=cache, inner_compiler=args.inner_compiler)
     # every option is checked before the (possibly large) pipeline is loaded
+    check_args(args, spec, world)
     _check_flags(args.tp, args.text_encoder_parallel, args.vae_parallel)
     build_options(num_inference_steps=steps, dump_dir=None, world_size=world, **settings)
     if args.quiet:
@@ -205,7 +271,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pipe.transformer.forward = _record_tokens(pipe.transformer.forward, tokens)
     kwargs = call_kwargs(args, spec, steps)
     out = args.out or f"{spec.name}.png"
-    if out.endswith(".npy"):
+    if out.lower().endswith(".npy"):
         kwargs["output_type"] = "np"
     for _ in range(args.warmup):
         pipe(**{**kwargs, "generator": torch.Generator().manual_seed(args.seed)})
@@ -226,7 +292,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         gathered = [memory]
     if rank == 0:
-        if out.endswith(".npy"):
+        if out.lower().endswith(".npy"):
             import numpy as np
 
             np.save(out, np.asarray(image, dtype=np.float32))
