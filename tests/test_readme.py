@@ -61,6 +61,12 @@ def test_python_block_runs_as_written(line, code, world, tmp_path):
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(world), "--master-port", str(free_port())]
     proc = subprocess.run([*launcher, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=840)
     assert proc.returncode == 0, f"README.md line {line}, {world} process(es):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    # the compile is visible, once per frame: rank 0 alone says it (another rank would repeat each frame)
+    if "torch.compile(" not in code and "parallelize(" not in code:
+        return
+    started = re.findall(r"^npu_dit: compiling frame (\S+)", proc.stderr, re.M)
+    ended = re.findall(r"^npu_dit: compiled frame (\S+) in", proc.stderr, re.M)
+    assert started and len(started) == len(set(started)) and sorted(ended) == sorted(started), proc.stderr[-6000:]
 
 
 def _cli_commands() -> list[tuple[int, list[str]]]:
