@@ -176,6 +176,15 @@ def _quiet_libraries() -> None:
     diffusers.utils.logging.disable_progress_bar()
 
 
+def _quiet_library_logs() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()
+
+
 def _test_image(index: int, side: int = 256):
     """A deterministic RGB gradient (the default edit input when no --image is given)."""
     import numpy as np
@@ -266,6 +275,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         from npu_dit.progress import set_verbose
 
         set_verbose(False)
+    elif int(os.environ.get("RANK", "0")) != 0:
+        _quiet_library_logs()  # rank 0 shows the libraries' messages once; the others would repeat them
     if world > 1 and not torch.distributed.is_initialized():
         from npu_dit.runtime.dist import ensure_process_group
 
