@@ -7,6 +7,10 @@ happens on the first call, as always with torch.compile). The pipeline's `__call
 hybrid cache gets the real step count of each generation (`num_inference_steps`), which decides its
 steps mask; a different step count on a later call recompiles with the new count.
 
+`async_ulysses=True` with the default Ulysses degree at 1 (one process, or a world all on the TP axis)
+is a no-op, so one script runs under `python` and under `torchrun`; an explicit `ulysses_degree=1`
+with it is refused.
+
 `tp_degree` shards the transformer's linears over that many ranks (Ulysses takes the rest of the world
 by default: ulysses_degree = world // tp_degree). `text_encoder_parallel=True` (TEP) compiles each text
 encoder with `tp_degree` = the world size: T5 whole, a vision-language encoder's language model

@@ -8,6 +8,7 @@ from tests.dist_utils import run_ranks
 from tests.dist_workers_release import released_weights
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_released_parameters_raise_a_clear_error_and_the_compiled_model_runs(tmp_path):
     records = run_ranks(released_weights, 2, tmp_path, timeout=600)

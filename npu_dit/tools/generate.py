@@ -7,7 +7,8 @@ under torchrun, with the transformer compiled by `npu_dit.parallelize`.
     npu-dit generate qwen-image-edit-lightning --weights /ckpt/Qwen-Image-Edit --lora lightning.safetensors --steps 8
 
 Every rank runs the pipeline (same seed, same latents); rank 0 writes the PNG and prints the table of
-time per stage, peak memory per rank and the cache summary. Flag spellings follow cache-dit's
+time per stage (compiling apart: the "compile" row), peak memory per rank and the cache summary. Every
+flag's value is checked before anything is built (`check_args`: one line naming the flag, exit status 2). Flag spellings follow cache-dit's
 `generate.py` where it has the flag (`--model-path`, `--steps`, `--parallel-text-encoder`, ...).
 """
 
@@ -76,7 +77,8 @@ def add_parser(sub) -> None:
                    choices=("eager", "inductor", "npugraph_ex"), help="inner compiler for the rewritten graph; bare --compile: inductor")
     g.add_argument("--warmup", type=int, default=0, help="untimed generations before the timed one (compiles happen there)")
     g.add_argument("--json", action="store_true", help="print the report as JSON")
-    g.add_argument("--quiet", action="store_true", help="no progress bar, no library warnings")
+    g.add_argument("--quiet", action="store_true",
+                   help="print only the final tables: no compile lines, progress bars or library warnings, on any rank")
 
 
 PIXEL_MULTIPLE = 16  # every seed pipeline: the VAE downsamples 8x, the transformer packs 2x2 latents
