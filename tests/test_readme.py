@@ -64,7 +64,7 @@ def test_python_block_runs_as_written(line, code, world, tmp_path):
     # the compile is visible, once per frame: rank 0 alone says it (another rank would repeat each frame)
     if "torch.compile(" not in code and "parallelize(" not in code:
         return
-    started = re.findall(r"^npu_dit: compiling frame (\S+)", proc.stderr, re.M)
+    started = re.findall(r"^npu_dit: compiling frame ([^\s:]+)", proc.stderr, re.M)
     ended = re.findall(r"^npu_dit: compiled frame (\S+) in", proc.stderr, re.M)
     assert started and len(started) == len(set(started)) and sorted(ended) == sorted(started), proc.stderr[-6000:]
 
