@@ -16,7 +16,8 @@ and device, and any use of its values (`.sum()`, `torch.*`, the module's eager f
 RuntimeError naming `release_weights=False`; `state_dict()` raises the same. While Dynamo traces a
 frame of an npu_dit-compiled call (a recompile) the stand-ins are taken out, so it sees the
 parameters themselves (`compile_events`). `module.parameters()` still yields the released tensors:
-their metadata is right, their values are gone (reading them is not supported).
+their metadata is right, their values are gone (reading them, or `module.to(dtype)`, which copies
+them, is not supported: no hook reaches those paths without a recompile).
 """
 
 from __future__ import annotations
