@@ -43,6 +43,13 @@ def print_cache_summary() -> None:
     print(format_summaries())
 
 
+def set_verbose(verbose: bool) -> None:
+    """Show (the default) or hide rank 0's compile progress lines (the `npu_dit.compile` logger)."""
+    from npu_dit.progress import set_verbose as _set_verbose
+
+    _set_verbose(verbose)
+
+
 def reset_cache() -> None:
     """Start a new generation on every cache controller (generations are also detected from the
     timesteps going back up)."""
@@ -52,4 +59,4 @@ def reset_cache() -> None:
 
 
 __all__ = ["CacheConfig", "CompileConfig", "__version__", "cache_summaries", "explain", "parallelize",
-           "print_cache_summary", "reset_cache"]
+           "print_cache_summary", "reset_cache", "set_verbose"]

@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import warnings
+import time
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
 import torch.fx as fx
 
-from npu_dit import tracing
+from npu_dit import progress, tracing
 from npu_dit.config import CompileConfig
-from npu_dit.errors import UserError
+from npu_dit.errors import UserError, warn_user
 from npu_dit.plans import CACHE_PLAN_KEY
 from npu_dit.passes.infra import PipelineReport, run_passes
 from npu_dit.passes.pipeline import build_pipeline
@@ -74,6 +74,7 @@ def npu_dit_backend(
     mode: str | None = None,
 ) -> Callable:
     cfg = CompileConfig.from_options(options)
+    progress.backend_entered(cfg.inner_compiler)
     if mode is not None and cfg.inner_compiler != "inductor":
         raise UserError(
             f"torch.compile(mode={mode!r}) only applies to inner_compiler='inductor'; "
@@ -95,16 +96,23 @@ def npu_dit_backend(
     tag = "graph_" + str(gm.meta.get("dynamo_compile_id", "0")).replace("/", "_")
     if parallel is not None:
         tag += f"_rank{dist.get_rank()}"
+    start = time.perf_counter()
     rewritten, report = run_passes(gm, build_pipeline(cfg, ctx, tp_ctx=tp_ctx), dump_dir=cfg.dump_dir, graph_tag=tag)
     if parallel is not None:
         rewritten = _agree_across_ranks(gm, rewritten, report, example_inputs)
+    progress.add_time("passes", time.perf_counter() - start)
+    if report.fell_back:
+        progress.note(f"runs unrewritten ({report.fallback_reason})")
     _warn_fixable(rewritten, report)
     RECORDS.append(CompileRecord(cfg, report, rewritten, num_nodes, parallel, tag))
     if rewritten is gm:
         if tp_ctx is not None:
             _refuse_released_weights(example_inputs, report)
         # no rewrite (or a refusal): every rank runs the captured graph on the full inputs
-        return compile_inner(rewritten, example_inputs, cfg.inner_compiler, mode=mode)
+        start = time.perf_counter()
+        compiled = compile_inner(rewritten, example_inputs, cfg.inner_compiler, mode=mode)
+        progress.add_time("inner", time.perf_counter() - start)
+        return compiled
     # the rewritten graph takes other inputs (local shapes, scalars, lengths): the inner compiler
     # gets it on its first real call
     spatial_plan = rewritten.meta.get(SPATIAL_META_KEY)
@@ -157,7 +165,7 @@ def _agree_across_ranks(
     if any(r[3] for r in records):
         report.fell_back = True
         report.fallback_reason = "another rank could not rewrite this graph; every rank runs it unrewritten"
-        warnings.warn(f"npu_dit: {report.fallback_reason} (see the warning on that rank).", RuntimeWarning, stacklevel=3)
+        warn_user(f"npu_dit: {report.fallback_reason} (see the warning on that rank).")
         return captured
     agreement.check_records(records, agreement.COMPILE, detail)
     return rewritten
@@ -182,9 +190,7 @@ def _warn_fixable(rewritten: fx.GraphModule, report: PipelineReport) -> None:
         return
     for stream in plan.streams:
         if not stream.sharded and stream.fix:
-            warnings.warn(
+            warn_user(
                 f"npu_dit: token stream {stream.id} ({stream.name}, e.g. {stream.example_length} tokens) stays "
-                f"replicated: {stream.reason}. {stream.fix}",
-                RuntimeWarning,
-                stacklevel=3,
+                f"replicated: {stream.reason}. {stream.fix}"
             )

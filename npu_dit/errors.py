@@ -29,3 +29,46 @@ class Refusal(Exception):
 
 class RankMismatchError(RuntimeError):
     """Ranks compiled or called the same model differently (different shapes, plans or options)."""
+
+
+def _library_dirs() -> tuple[str, ...]:
+    import os
+    import sysconfig
+
+    import torch
+
+    import npu_dit
+
+    dirs = [os.path.dirname(torch.__file__), os.path.dirname(npu_dit.__file__), sysconfig.get_paths()["stdlib"]]
+    for name in ("diffusers", "transformers", "accelerate", "tqdm"):
+        module = __import__("sys").modules.get(name)
+        if module is not None and getattr(module, "__file__", None):
+            dirs.append(os.path.dirname(module.__file__))
+    return tuple(os.path.join(os.path.realpath(d), "") for d in dirs)
+
+
+def warn_user(message: str, category: type[Warning] = RuntimeWarning) -> None:
+    """`warnings.warn` attributed to the user's line: the innermost frame outside torch, npu_dit, the
+    model libraries and the standard library (a warning raised while Dynamo compiles would otherwise
+    point at a line of npu_dit or of torch, which `stacklevel` cannot reach past reliably)."""
+    import os
+    import sys
+    import warnings
+
+    libraries = _library_dirs()
+    frame = sys._getframe(1)
+    outermost = frame
+    while frame is not None:
+        filename = os.path.realpath(frame.f_code.co_filename)
+        if not filename.startswith(libraries) and not frame.f_code.co_filename.startswith("<"):
+            break
+        outermost = frame
+        frame = frame.f_back
+    frame = frame or outermost
+    module_globals = frame.f_globals
+    warnings.warn_explicit(
+        message, category, frame.f_code.co_filename, frame.f_lineno,
+        module=module_globals.get("__name__", "__main__"),
+        registry=module_globals.setdefault("__warningregistry__", {}),
+        module_globals=module_globals,
+    )

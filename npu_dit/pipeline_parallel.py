@@ -7,6 +7,10 @@ happens on the first call, as always with torch.compile). The pipeline's `__call
 hybrid cache gets the real step count of each generation (`num_inference_steps`), which decides its
 steps mask; a different step count on a later call recompiles with the new count.
 
+`async_ulysses=True` with the default Ulysses degree at 1 (one process, or a world all on the TP axis)
+is a no-op, so one script runs under `python` and under `torchrun`; an explicit `ulysses_degree=1`
+with it is refused.
+
 `tp_degree` shards the transformer's linears over that many ranks (Ulysses takes the rest of the world
 by default: ulysses_degree = world // tp_degree). `text_encoder_parallel=True` (TEP) compiles each text
 encoder with `tp_degree` = the world size: T5 whole, a vision-language encoder's language model
@@ -66,6 +70,10 @@ def build_options(
     if ulysses_degree is None:  # the world, less the tensor-parallel axis
         tp = tp_degree if isinstance(tp_degree, int) and not isinstance(tp_degree, bool) and tp_degree > 0 else 1
         ulysses_degree = world_size // tp if world_size % tp == 0 and world_size >= tp else world_size
+        if ulysses_degree == 1 and async_ulysses is True:
+            # one process (or a world all on the TP axis): no all-to-all to overlap, so the same script
+            # runs with `python` and with `torchrun`; an explicit ulysses_degree=1 is still refused
+            async_ulysses = False
     options: dict[str, Any] = {
         "ulysses_degree": ulysses_degree, "tp_degree": tp_degree, "async_ulysses": async_ulysses,
         "attention_backend": attention_backend, "inner_compiler": inner_compiler,
@@ -88,10 +96,15 @@ def build_options(
         options["cache"] = cache
     cfg = CompileConfig.from_options(options)
     if cfg.world_degree > 1 and cfg.world_degree != world_size:
+        if world_size % cfg.tp_degree:
+            divisors = ", ".join(str(d) for d in range(1, world_size + 1) if world_size % d == 0)
+            fix = f"set tp_degree to a divisor of {world_size} ({divisors})"
+        else:
+            fix = f"set ulysses_degree={world_size // cfg.tp_degree} (the default: the world / tp_degree)"
         raise ValueError(
-            f"parallelize: ulysses_degree x tp_degree = {cfg.world_degree} but this run has {world_size} "
-            f"process(es); launch with torchrun --nproc-per-node {cfg.world_degree}, or set "
-            f"ulysses_degree={world_size} (the default: the whole world)"
+            f"parallelize: ulysses_degree x tp_degree = {cfg.ulysses_degree} x {cfg.tp_degree} = {cfg.world_degree} "
+            f"but this run has {world_size} process(es); launch with torchrun --nproc-per-node {cfg.world_degree}, "
+            f"or {fix}"
         )
     return options
 

@@ -17,13 +17,23 @@ Only the frames compiled with this backend trace without duck shaping; nothing e
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 
-def backend_tracing_context() -> contextlib.AbstractContextManager:
+def no_duck_shaping() -> contextlib.AbstractContextManager:
     import torch.fx.experimental._config as fx_config
 
     return fx_config.patch(use_duck_shape=False)
+
+
+@contextlib.contextmanager
+def backend_tracing_context() -> Iterator[None]:
+    """Around every call of an npu_dit-compiled function: no duck shaping, and Dynamo's compiles in
+    it are npu-dit's (`compile_events`: progress lines, released parameters hidden from tracing)."""
+    from npu_dit import compile_events
+
+    with no_duck_shaping(), compile_events.npu_dit_call():
+        yield
 
 
 def _backend_ctx_of(backend: Any) -> Callable[[], contextlib.AbstractContextManager]:

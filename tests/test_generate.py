@@ -1,6 +1,7 @@
 """`npu-dit generate` as a user runs it: one process, and torchrun with 2 ranks writing the same PNG."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -47,3 +48,49 @@ def test_generate_refuses_unavailable_features_before_loading(capsys):
     assert "F1B0" in capsys.readouterr().err
     assert main(["generate", "flux.1-dev", "--image", "x.png"]) == 2
     assert "edit models" in capsys.readouterr().err
+
+
+SMALL = ["generate", "flux.1-dev", "--steps", "2", "--height", "64", "--width", "64"]
+
+
+def _run_both(cmd, tmp_path):
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc.stdout, proc.stderr
+
+
+def _stage_seconds(table: str, stage: str) -> float:
+    match = re.search(rf"^\| {stage} \| ([0-9.]+) \|", table, re.M)
+    assert match, (stage, table)
+    return float(match[1])
+
+
+@pytest.mark.slow
+def test_the_compile_is_visible_and_has_its_own_row(tmp_path):
+    out, err = _run_both([sys.executable, "-m", "npu_dit.tools.cli", *SMALL, "--out", "one.png"], tmp_path)
+    started = re.findall(r"^npu_dit: compiling frame (\S+):", err, re.M)
+    ended = re.findall(r"^npu_dit: compiled frame (\S+) in ([0-9.]+) s: Dynamo tracing ([0-9.]+) s, "
+                       r"npu-dit passes ([0-9.]+) s, inner compiler \(eager\) ([0-9.]+) s", err, re.M)
+    assert started and [frame for frame, *_ in ended] == started, err
+    totals = [float(total) for _, total, *_ in ended]
+    for _, total, *parts in ended:
+        assert sum(float(p) for p in parts) <= float(total) + 0.2
+    # the table's compile row is those compiles (rounded to 0.1 s in the lines), not in denoising
+    assert abs(_stage_seconds(out, "compile") - sum(totals)) <= 0.1 * len(totals) + 0.05, (out, err)
+    assert _stage_seconds(out, "compile") > _stage_seconds(out, "denoising")
+
+
+@pytest.mark.slow
+def test_quiet_two_rank_run_prints_only_the_table(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port())]
+    out, err = _run_both([*torchrun, "-m", "npu_dit.tools.cli", *SMALL, "--async-ulysses", "--quiet", "--out", "q.png"],
+                         tmp_path)
+    assert err.strip() == "", err  # no compile lines, warnings or progress bars, from any rank
+    lines = out.strip().splitlines()
+    assert lines[0].startswith("flux.1-dev") and "2 process(es)" in lines[0]
+    assert lines[-1].startswith("wrote ") and lines[-1].endswith("q.png")
+    assert out.count("| stage | seconds | share |") == 1  # rank 0 alone prints the report
+    assert _stage_seconds(out, "compile") > 0
+    allowed = ("flux.1-dev", "  ", "|", "(first run", "wrote ")
+    assert all(not line or line.startswith(allowed) for line in lines), out

@@ -27,7 +27,7 @@ def flux_pipe_factory():
         ({"text_encoder_parallel": "yes"}, "True or False"),
         ({"vae_parallel": "yes"}, "True or False"),
         ({"ulysses_degree": 2}, "torchrun --nproc-per-node 2"),
-        ({"async_ulysses": True}, "ulysses_degree"),
+        ({"async_ulysses": True, "ulysses_degree": 1}, "ulysses_degree"),
         ({"cache": {"Fn_compute_block": 1}}, "Fn_compute_block"),
         ({"cache": "fast"}, "dict of cache settings"),
     ],
@@ -130,3 +130,22 @@ def test_short_runs_get_a_warmup_that_leaves_steps_to_cache():
     # an explicit setting is the user's: still checked, never replaced
     with pytest.raises(ValueError, match="max_warmup_steps"):
         build_options(cache={"max_warmup_steps": 8}, num_inference_steps=4, **common)
+
+
+def test_async_ulysses_is_a_no_op_at_ulysses_degree_1_unless_asked_for_explicitly():
+    from npu_dit.pipeline_parallel import build_options
+
+    common = dict(tp_degree=1, attention_backend="auto", cache=None, inner_compiler="eager",
+                  num_inference_steps=None, dump_dir=None)
+    # the same script under `python` (world 1) and under `torchrun --nproc-per-node 2`
+    assert build_options(ulysses_degree=None, async_ulysses=True, world_size=1, **common)["async_ulysses"] is False
+    assert build_options(ulysses_degree=None, async_ulysses=True, world_size=2, **common)["async_ulysses"] is True
+    with pytest.raises(ValueError, match="needs 'ulysses_degree' > 1"):
+        build_options(ulysses_degree=1, async_ulysses=True, world_size=1, **common)
+
+
+def test_a_tp_degree_that_does_not_divide_the_world_says_what_does(flux_pipe_factory, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"tp_degree to a divisor of 2 \(1, 2\)") as info:
+        npu_dit.parallelize(flux_pipe_factory(), tp_degree=3)
+    assert "set ulysses_degree=2" not in str(info.value)  # the advice it gave before: already the case

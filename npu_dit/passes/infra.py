@@ -17,14 +17,13 @@ import os
 import re
 import time
 import traceback
-import warnings
 from typing import Callable, Sequence
 
 import torch
 import torch.fx as fx
 from torch.fx._lazy_graph_module import _make_graph_module
 
-from npu_dit.errors import Refusal, UserError  # noqa: F401 - re-exported for the passes
+from npu_dit.errors import Refusal, UserError, warn_user  # noqa: F401 - re-exported for the passes
 
 log = logging.getLogger("npu_dit")
 
@@ -161,6 +160,20 @@ def _lint_meta(gm: fx.GraphModule, name: str, values_before: dict) -> None:
         raise AssertionError(f"pass {name} left stale shapes in meta['val']: " + "; ".join(problems))
 
 
+def _accurate(refusal: Refusal) -> str:
+    """The refusal as the user should read it. A pass that finds a size static suggests
+    `dynamic=True`; under `dynamic=True` (Dynamo's `assume_static_by_default` is off while the backend
+    runs) a size is static because it is 0 or 1, which Dynamo always specialises: say that instead."""
+    import torch._dynamo.config
+
+    fix = refusal.fix
+    if fix is not None and "dynamic=True" in fix and not torch._dynamo.config.assume_static_by_default:
+        fix = ("this graph was compiled with dynamic=True, but Dynamo makes a size of 0 or 1 a constant "
+               "(0/1 specialisation), so an input this small cannot be split; nothing to change: it runs whole "
+               "on every rank, and larger inputs compile a graph that is split")
+    return refusal.reason if fix is None else f"{refusal.reason}. {fix}"
+
+
 def run_passes(
     gm: fx.GraphModule,
     passes: Sequence[PassSpec],
@@ -197,23 +210,17 @@ def run_passes(
         except UserError:
             raise
         except Refusal as exc:  # the pass cannot prove its rewrite exact for this graph
-            reason = f"{spec.name} refused: {exc}"
-            warnings.warn(
-                f"npu_dit: {reason}. Running this graph without npu_dit's rewrites (results stay correct).",
-                RuntimeWarning,
-                stacklevel=2,
-            )
+            reason = f"{spec.name} refused: {_accurate(exc)}"
+            warn_user(f"npu_dit: {reason}. Running this graph without npu_dit's rewrites (results stay correct).")
             report.fell_back = True
             report.fallback_reason = reason
             return gm, report
         except Exception as exc:  # noqa: BLE001 - any failure falls back to the captured graph
             reason = f"pass {spec.name!r} failed: {type(exc).__name__}: {exc}"
             log.debug("npu_dit fallback traceback:\n%s", traceback.format_exc())
-            warnings.warn(
+            warn_user(
                 f"npu_dit: {reason}. Running the captured graph without npu_dit's rewrites "
-                f"(results stay correct; set NPU_DIT_DUMP_DIR to see the graphs, or report this graph).",
-                RuntimeWarning,
-                stacklevel=2,
+                f"(results stay correct; set NPU_DIT_DUMP_DIR to see the graphs, or report this graph)."
             )
             report.fell_back = True
             report.fallback_reason = reason

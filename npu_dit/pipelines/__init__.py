@@ -17,6 +17,22 @@ from npu_dit.pipelines.lora import fuse_lora
 from npu_dit.pipelines.tiny import LIGHTNING_SCHEDULER, tiny_pipeline
 
 
+def check_weights_dir(weights: str | os.PathLike, spec: ModelSpec) -> str:
+    """The folder, once it looks like a diffusers checkpoint (a model_index.json): checked before loading."""
+    weights = os.fspath(weights)
+    if not os.path.isdir(weights):
+        raise ValueError(
+            f"--weights {weights!r} is not a directory; pass a local diffusers checkpoint folder (one with "
+            f"model_index.json), e.g. a download of {spec.hf_repo}"
+        )
+    if not os.path.isfile(os.path.join(weights, "model_index.json")):
+        raise ValueError(
+            f"--weights {weights!r} has no model_index.json, so it is not a diffusers checkpoint folder; pass the "
+            f"folder a download of {spec.hf_repo} created (it holds model_index.json, transformer/, vae/, ...)"
+        )
+    return weights
+
+
 def load_pipeline(
     model: str | ModelSpec,
     *,
@@ -42,12 +58,7 @@ def load_pipeline(
         if size is not None:
             raise ValueError(f"size={size!r} picks an offline random pipeline, but weights={os.fspath(weights)!r} "
                              f"brings the checkpoint's own config: pass one or the other")
-        weights = os.fspath(weights)
-        if not os.path.isdir(weights):
-            raise ValueError(
-                f"--weights {weights!r} is not a directory; pass a local diffusers checkpoint folder (one with "
-                f"model_index.json), e.g. a download of {spec.hf_repo}"
-            )
+        weights = check_weights_dir(weights, spec)
         pipe = getattr(diffusers, spec.pipeline).from_pretrained(weights, dtype=dtype, local_files_only=True)
         if "lightning" in spec.name:
             from diffusers import FlowMatchEulerDiscreteScheduler
@@ -58,4 +69,4 @@ def load_pipeline(
     return pipe
 
 
-__all__ = ["fuse_lora", "load_pipeline", "tiny_pipeline"]
+__all__ = ["check_weights_dir", "fuse_lora", "load_pipeline", "tiny_pipeline"]

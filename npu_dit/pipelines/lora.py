@@ -19,17 +19,36 @@ _PREFIXES = ("transformer.", "diffusion_model.", "base_model.model.", "model.")
 _PAIR = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B|lora_down|lora_up)(\.default)?\.weight$")
 
 
-def read_lora(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
-    """{module path: {"down": A, "up": B, "alpha": a?}} from a .safetensors (or torch) file."""
+def check_lora_file(path: str | os.PathLike) -> str:
+    """The path, once it names a file whose header can be read (cheap: the tensors are not loaded)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise ValueError(f"LoRA file {path!r} does not exist")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+        from safetensors import safe_open
 
-        tensors = load_file(path)
-    else:
-        tensors = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            with safe_open(path, framework="pt") as f:
+                f.keys()
+        except Exception as exc:  # noqa: BLE001 - SafetensorError: a truncated or foreign file
+            raise ValueError(f"LoRA file {path!r} is not a readable safetensors file ({exc}); pass a PEFT or "
+                             f"kohya LoRA saved as .safetensors") from None
+    return path
+
+
+def read_lora(path: str | os.PathLike) -> dict[str, dict[str, torch.Tensor]]:
+    """{module path: {"down": A, "up": B, "alpha": a?}} from a .safetensors (or torch) file."""
+    path = check_lora_file(path)
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            tensors = load_file(path)
+        else:
+            tensors = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, UnpicklingError, ...: a file we cannot read
+        raise ValueError(f"LoRA file {path!r} could not be read ({type(exc).__name__}: {exc}); pass a "
+                         f"PEFT or kohya LoRA saved as .safetensors") from None
     adapters: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
         for prefix in _PREFIXES:

@@ -20,6 +20,7 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 
+from npu_dit import progress
 from npu_dit.errors import UserError
 
 MAX_COMPILED_SHAPES = 8  # per region: the last few resolutions / prompt lengths stay compiled
@@ -125,7 +126,9 @@ class _PerSignature:
     def __call__(self, *args: Any) -> Any:
         key = _signature(args)
         if key not in self.compiled:
+            start = time.perf_counter()
             self.compiled[key] = self.compile_for(list(args))
+            progress.inner_compiled_lazily("npugraph_ex", time.perf_counter() - start)
             self.compiles += 1
             if len(self.compiled) > MAX_COMPILED_SHAPES:
                 self.compiled.popitem(last=False)  # least recently used
@@ -192,7 +195,9 @@ class DynamicCompiled:
                 fakes.append(a)
         start = time.perf_counter()
         fn = self.compile_fakes(fakes)
-        self.compile_seconds += time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        self.compile_seconds += seconds
+        progress.inner_compiled_lazily("inductor", seconds)
         self.compiles += 1
         code = env.produce_guards_expression([fakes[p] for p in positions], ignore_static=False) if positions else None
         self.entries.insert(0, (tuple(positions), _guard_function(code, positions), static, fn))

@@ -12,7 +12,6 @@ the global shape the ranks just agreed on), after one warning.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any, Callable, Sequence
 
 import torch
@@ -20,6 +19,7 @@ import torch.distributed as dist
 
 from npu_dit.runtime.executor import gather_uneven
 
+from npu_dit.errors import warn_user
 from npu_dit.plans import SpatialPlan
 from npu_dit.runtime.agreement import CALL, call_signature, check_records, exchange
 from npu_dit.runtime.dist import ParallelContext
@@ -77,11 +77,9 @@ class SpatialExecutor:
             return
         self._warned.add(height)
         plan = self.plan
-        warnings.warn(
+        warn_user(
             f"npu_dit: spatial_degree={plan.world_size}: a height of {height} rows cannot be cut into "
             f"{plan.world_size} bands of at least {plan.min_units} unit(s) of {plan.align} rows (this graph "
             f"downsamples by {plan.align}); every rank runs it whole (results stay correct). Use a height that "
-            f"is a multiple of {plan.align} and at least {plan.world_size * plan.min_units * plan.align} rows.",
-            RuntimeWarning,
-            stacklevel=3,
+            f"is a multiple of {plan.align} and at least {plan.world_size * plan.min_units * plan.align} rows."
         )

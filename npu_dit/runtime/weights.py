@@ -6,16 +6,30 @@ the parameter object (weakly), so a recompiled graph finds them again. With `rel
 (the default) the full parameters are then released the way FSDP frees them,
 `param.untyped_storage().resize_(0)`: shape, stride and dtype stay, so Dynamo's guards (metadata,
 not storage) still pass and nothing recompiles, but the module can no longer run without the
-compiled program (eagerly, `.to()`, `state_dict()` of real values). Pass
-`options={"release_weights": False}` to keep the full weights (memory is then not saved).
+compiled program. Pass `options={"release_weights": False}` to keep the full weights (memory is
+then not saved).
+
+A tensor with no storage behind it crashes the process when an op reads it (SIGSEGV: kernels do not
+check). So the owning module's attribute is shadowed by a `ReleasedParameter` in its instance
+`__dict__` (which Dynamo does not guard: nothing recompiles): `module.weight` keeps its shape, dtype
+and device, and any use of its values (`.sum()`, `torch.*`, the module's eager forward) raises a
+RuntimeError naming `release_weights=False`; `state_dict()` raises the same. While Dynamo traces a
+frame of an npu_dit-compiled call (a recompile) the stand-ins are taken out, so it sees the
+parameters themselves (`compile_events`). `module.parameters()` still yields the released tensors:
+their metadata is right, their values are gone (reading them, or `module.to(dtype)`, which copies
+them, is not supported: no hook reaches those paths without a recompile).
 """
 
 from __future__ import annotations
 
+import gc
+import weakref
 from typing import Any, Sequence
 
 import torch
 from torch.utils.weak import WeakIdKeyDictionary
+
+from npu_dit import compile_events
 
 from npu_dit.plans import TensorParallelPlan, WeightShard, feature_blocks
 
@@ -64,11 +78,15 @@ class WeightFeeder:
                 _SHARDS[param] = held
             local.append(held[key])
         if self.plan.release_weights:
+            released = {}
             for shard in self.plan.shards:
                 param = args[shard.index]
                 if param not in _RELEASED and param.device.type != "meta":
                     param.untyped_storage().resize_(0)
                     _RELEASED[param] = True
+                    released[id(param)] = (param, shard.name)
+            if released:
+                _shadow(released)
         return local
 
 
@@ -82,3 +100,97 @@ def held_bytes(module: torch.nn.Module) -> int:
         else:
             total += param.numel() * param.element_size()
     return total
+
+
+def _released_message(name: str, param: torch.Tensor, use: str) -> str:
+    return (
+        f"npu_dit: cannot {use}: parameter {name} (shape {tuple(param.shape)}) was released by tensor parallelism "
+        f"(release_weights=True, the default with tp_degree > 1): this rank keeps only its shard and "
+        f"the module runs only through the compiled call. To read the weights or run the module uncompiled, "
+        f"compile with options={{'release_weights': False}} (keeps the full weights: no memory saved)."
+    )
+
+
+_METADATA = frozenset({
+    "shape", "dtype", "device", "ndim", "layout", "requires_grad", "is_leaf", "is_meta", "is_cuda", "is_sparse",
+    "is_quantized", "size", "dim", "numel", "nelement", "element_size", "stride", "is_floating_point",
+    "is_complex", "is_contiguous", "names", "grad", "grad_fn",
+})
+
+
+class ReleasedParameter:
+    """What `module.<name>` is once tensor parallelism released that parameter: the metadata of the
+    parameter, and a clear RuntimeError for any use of its values (never a read of freed memory)."""
+
+    __slots__ = ("_param", "_name")
+
+    def __init__(self, param: torch.Tensor, name: str) -> None:
+        self._param = param
+        self._name = name
+
+    def __getattr__(self, attr: str) -> Any:
+        if attr in _METADATA:
+            return getattr(self._param, attr)
+        raise RuntimeError(_released_message(self._name, self._param, f"read .{attr} of it"))
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        leaves = [*args, *(kwargs or {}).values()]
+        released = next(a for a in leaves if isinstance(a, ReleasedParameter))
+        use = f"call {getattr(func, '__name__', func)} on it"
+        raise RuntimeError(_released_message(released._name, released._param, use))
+
+    def __repr__(self) -> str:
+        return (f"ReleasedParameter({self._name}, shape={tuple(self._param.shape)}, dtype={self._param.dtype}: "
+                f"released by tensor parallelism; compile with options={{'release_weights': False}} to keep it)")
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(_released_message(self._name, self._param, "apply an operator to it"))
+
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __truediv__ = __rtruediv__ = _refuse
+    __matmul__ = __rmatmul__ = __neg__ = __pow__ = __getitem__ = __iter__ = __len__ = __array__ = _refuse
+    __float__ = __int__ = __bool__ = __lt__ = __le__ = __gt__ = __ge__ = _refuse
+
+
+# module -> {attribute name: stand-in}, for the modules whose parameters were released
+_SHADOWED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _shadow(released: dict[int, tuple[torch.Tensor, str]]) -> None:
+    """Put a ReleasedParameter in front of each released parameter of every module that owns it (one
+    walk over the live modules: the executor is handed the parameters, not their modules)."""
+    for obj in gc.get_objects():
+        if not issubclass(type(obj), torch.nn.Module) or not isinstance(obj.__dict__.get("_parameters"), dict):
+            continue
+        for attr, param in obj.__dict__["_parameters"].items():
+            hit = released.get(id(param))
+            if hit is None or hit[0] is not param:
+                continue
+            stand_ins = _SHADOWED.get(obj)
+            if stand_ins is None:
+                stand_ins = _SHADOWED[obj] = {}
+                obj.register_state_dict_pre_hook(_refuse_state_dict)
+            stand_ins[attr] = ReleasedParameter(param, hit[1])
+            obj.__dict__[attr] = stand_ins[attr]
+
+
+def _refuse_state_dict(module: torch.nn.Module, prefix: str, keep_vars: bool) -> None:
+    stand_ins = _SHADOWED.get(module, {})
+    if stand_ins:
+        stand_in = next(iter(stand_ins.values()))
+        raise RuntimeError(_released_message(stand_in._name, stand_in._param, "take state_dict()"))
+
+
+def _hide_stand_ins(args: Any) -> None:
+    """Dynamo is about to trace: it must see the parameters, not their stand-ins."""
+    for module, stand_ins in list(_SHADOWED.items()):
+        for attr in stand_ins:
+            module.__dict__.pop(attr, None)
+
+
+def _restore_stand_ins(args: Any) -> None:
+    for module, stand_ins in list(_SHADOWED.items()):
+        module.__dict__.update(stand_ins)
+
+
+compile_events.subscribe(_hide_stand_ins, _restore_stand_ins)

@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from npu_dit.passes.prepare import prepare_meta
-from npu_dit.tracing import backend_tracing_context
+from npu_dit.tracing import no_duck_shaping
 
 
 @dataclasses.dataclass
@@ -48,7 +48,7 @@ def capture_graph(model: torch.nn.Module, inputs: dict[str, Any], *, dynamic: bo
     torch._dynamo.reset()
     compiled = torch.compile(model, backend=record, dynamic=dynamic)
     # trace exactly as backend="npu_dit" does (no duck shaping; see npu_dit/tracing.py)
-    with torch.no_grad(), backend_tracing_context():
+    with torch.no_grad(), no_duck_shaping():
         outputs = compiled(**inputs)
     if not graphs:
         raise RuntimeError("Dynamo captured no graph for this call")

@@ -7,7 +7,8 @@ under torchrun, with the transformer compiled by `npu_dit.parallelize`.
     npu-dit generate qwen-image-edit-lightning --weights /ckpt/Qwen-Image-Edit --lora lightning.safetensors --steps 8
 
 Every rank runs the pipeline (same seed, same latents); rank 0 writes the PNG and prints the table of
-time per stage, peak memory per rank and the cache summary. Flag spellings follow cache-dit's
+time per stage (compiling apart: the "compile" row), peak memory per rank and the cache summary. Every
+flag's value is checked before anything is built (`check_args`: one line naming the flag, exit status 2). Flag spellings follow cache-dit's
 `generate.py` where it has the flag (`--model-path`, `--steps`, `--parallel-text-encoder`, ...).
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import resource
@@ -75,7 +77,72 @@ def add_parser(sub) -> None:
                    choices=("eager", "inductor", "npugraph_ex"), help="inner compiler for the rewritten graph; bare --compile: inductor")
     g.add_argument("--warmup", type=int, default=0, help="untimed generations before the timed one (compiles happen there)")
     g.add_argument("--json", action="store_true", help="print the report as JSON")
-    g.add_argument("--quiet", action="store_true", help="no progress bar, no library warnings")
+    g.add_argument("--quiet", action="store_true",
+                   help="print only the final tables: no compile lines, progress bars or library warnings, on any rank")
+
+
+PIXEL_MULTIPLE = 16  # every seed pipeline: the VAE downsamples 8x, the transformer packs 2x2 latents
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def check_args(args: argparse.Namespace, spec, world: int) -> None:
+    """Every flag's value, before anything is built: a ValueError naming the flag, the value and what
+    is allowed (the CLI prints it on one line and exits with status 2)."""
+    from npu_dit.pipelines import check_weights_dir
+    from npu_dit.pipelines.lora import check_lora_file
+
+    for flag, value in (("--steps", args.steps), ("--height", args.height), ("--width", args.width)):
+        if value is not None and value < 1:
+            raise ValueError(f"{flag} {value}: must be a positive integer")
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and value % PIXEL_MULTIPLE:
+            lower = max(PIXEL_MULTIPLE, value // PIXEL_MULTIPLE * PIXEL_MULTIPLE)
+            raise ValueError(
+                f"{flag} {value}: must be a multiple of {PIXEL_MULTIPLE} for {spec.name} (the VAE downsamples 8x and "
+                f"the transformer packs 2x2 latents), e.g. {lower} or {lower + PIXEL_MULTIPLE}"
+            )
+    if args.warmup < 0:
+        raise ValueError(f"--warmup {args.warmup}: must be 0 or more")
+    for flag, value in (("--true-cfg-scale", args.true_cfg_scale), ("--lora-scale", args.lora_scale)):
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{flag} {value}: must be a finite number")
+    if args.tp < 1 or world % args.tp:
+        raise ValueError(f"--tp {args.tp}: must divide the number of processes, {world} (allowed: {_divisors(world)})"
+                         + (f"; for --tp {args.tp} launch with torchrun --nproc-per-node {args.tp}" if args.tp > 1 else ""))
+    if args.ulysses is not None and (args.ulysses < 1 or args.ulysses * args.tp != world):
+        allowed = world // args.tp
+        raise ValueError(f"--ulysses {args.ulysses}: --ulysses x --tp must equal the number of processes, {world}; "
+                         f"with --tp {args.tp} that is --ulysses {allowed} (the default when --ulysses is left out)")
+    out = args.out or f"{spec.name}.png"
+    if os.path.splitext(out)[1].lower() not in (".png", ".npy"):
+        raise ValueError(f"--out {out}: must end in .png (the image) or .npy (the float32 array)")
+    folder = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(folder):
+        raise ValueError(f"--out {out}: the folder {folder} does not exist; create it first or write elsewhere")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"--out {out}: the folder {folder} is not writable")
+    if args.weights is not None:
+        check_weights_dir(args.weights, spec)
+    if args.lora is not None:
+        try:
+            check_lora_file(args.lora)
+        except ValueError as exc:
+            raise ValueError(f"--lora {args.lora}: {exc}") from None
+    images = args.image or []
+    if images and not spec.max_input_images:
+        raise ValueError(f"--image: {spec.name} is a text-to-image model; --image is for the edit models")
+    if len(images) > spec.max_input_images:
+        raise ValueError(f"--image: {spec.name} takes at most {spec.max_input_images} input image(s), got {len(images)}")
+    for path in images:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            Image.open(path).close()
+        except (OSError, UnidentifiedImageError) as exc:
+            raise ValueError(f"--image {path}: not a readable image ({exc})") from None
 
 
 def parse_cache(text: str | None) -> dict[str, Any] | None:
@@ -95,14 +162,29 @@ def parse_cache(text: str | None) -> dict[str, Any] | None:
 
 
 def _quiet_libraries() -> None:
+    """--quiet, on every rank: no library warnings, no progress bars (transformers' first, so the
+    warnings diffusers' imports trigger in it are already silenced)."""
     import warnings
 
-    import diffusers
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import transformers
 
-    diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
-    warnings.filterwarnings("ignore")
+    transformers.utils.logging.disable_progress_bar()
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+
+
+def _quiet_library_logs() -> None:
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    import diffusers
+
+    diffusers.utils.logging.set_verbosity_error()
 
 
 def _test_image(index: int, side: int = 256):
@@ -116,12 +198,17 @@ def _test_image(index: int, side: int = 256):
 
 
 def _timed(fn, totals: dict[str, float], stage: str):
+    """Time `fn` into `totals[stage]`, less the compiles that ran inside it (they go to "compile")."""
+    from npu_dit.progress import compile_seconds
+
     def wrapper(*args, **kwargs):
-        start = time.perf_counter()
+        start, compiled_before = time.perf_counter(), compile_seconds()
         try:
             return fn(*args, **kwargs)
         finally:
-            totals[stage] += time.perf_counter() - start
+            compiling = compile_seconds() - compiled_before
+            totals["compile"] += compiling
+            totals[stage] += time.perf_counter() - start - compiling
 
     return wrapper
 
@@ -182,10 +269,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = dict(ulysses_degree=args.ulysses, tp_degree=args.tp, async_ulysses=args.async_ulysses,
                     attention_backend=args.attention_backend, cache=cache, inner_compiler=args.inner_compiler)
     # every option is checked before the (possibly large) pipeline is loaded
+    check_args(args, spec, world)
     _check_flags(args.tp, args.text_encoder_parallel, args.vae_parallel)
     build_options(num_inference_steps=steps, dump_dir=None, world_size=world, **settings)
     if args.quiet:
         _quiet_libraries()
+        from npu_dit.progress import set_verbose
+
+        set_verbose(False)
+    elif int(os.environ.get("RANK", "0")) != 0:
+        _quiet_library_logs()  # rank 0 shows the libraries' messages once; the others would repeat them
     if world > 1 and not torch.distributed.is_initialized():
         from npu_dit.runtime.dist import ensure_process_group
 
@@ -196,7 +289,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pipe.set_progress_bar_config(disable=args.quiet or rank != 0)
     npu_dit.parallelize(pipe, text_encoder_parallel=args.text_encoder_parallel, vae_parallel=args.vae_parallel,
                         num_inference_steps=steps, **settings)
-    totals = {"text encoding": 0.0, "denoising": 0.0, "VAE": 0.0}
+    totals = {"text encoding": 0.0, "denoising": 0.0, "VAE": 0.0, "compile": 0.0}
     pipe.encode_prompt = _timed(pipe.encode_prompt, totals, "text encoding")
     pipe.vae.decode = _timed(pipe.vae.decode, totals, "VAE")
     pipe.vae.encode = _timed(pipe.vae.encode, totals, "VAE")
@@ -205,10 +298,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     pipe.transformer.forward = _record_tokens(pipe.transformer.forward, tokens)
     kwargs = call_kwargs(args, spec, steps)
     out = args.out or f"{spec.name}.png"
-    if out.endswith(".npy"):
+    if out.lower().endswith(".npy"):
         kwargs["output_type"] = "np"
     for _ in range(args.warmup):
         pipe(**{**kwargs, "generator": torch.Generator().manual_seed(args.seed)})
+    warmup_compile_s = totals["compile"]
     for stage in totals:
         totals[stage] = 0.0
     if torch.distributed.is_initialized():
@@ -226,7 +320,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         gathered = [memory]
     if rank == 0:
-        if out.endswith(".npy"):
+        if out.lower().endswith(".npy"):
             import numpy as np
 
             np.save(out, np.asarray(image, dtype=np.float32))
@@ -246,7 +340,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "cache_summary": controller.format_summary() if controller is not None else None,
         "cache_patterns": patterns,
         "compiled_graphs": _compiled_graphs(),
-        "warmup_runs": args.warmup, "text_encoder_parallel": args.text_encoder_parallel,
+        "warmup_runs": args.warmup, "warmup_compile_s": warmup_compile_s,
+        "text_encoder_parallel": args.text_encoder_parallel,
     }
 
 
@@ -281,7 +376,9 @@ def format_report(r: dict[str, Any]) -> str:
         share = f"{100 * seconds / total:.0f} %" if total and stage != "total" else ""
         lines.append(f"| {stage} | {seconds:.3f} | {share} |")
     if not r["warmup_runs"]:
-        lines.append("(first run: denoising includes compiling the transformer; use --warmup 1 for steady-state timings)")
+        lines.append("(first run: it compiles; use --warmup 1 for steady-state timings)")
+    elif r.get("warmup_compile_s"):
+        lines.append(f"(compiled in the untimed warm-up run: {r['warmup_compile_s']:.3f} s)")
     lines += ["", "| rank | peak host RSS (MiB) | peak device memory (MiB) | CPU s (timed run) |", "| ---: | ---: | ---: | ---: |"]
     for rank, mem in enumerate(r["peak_memory_per_rank"]):
         device = f"{mem['device_mib']:.0f}" if "device_mib" in mem else "-"

@@ -1,0 +1,75 @@
+"""`npu-dit generate`: every flag's value is checked before anything is built. A bad value is one line
+naming the flag, the value and what is allowed, exit status 2, no traceback."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+import npu_dit.pipelines
+from npu_dit.tools.cli import main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _corrupt_lora(tmp_path):
+    path = tmp_path / "broken.safetensors"
+    path.write_bytes(b"\xff" * 64)  # an 8-byte header length far past the end of the file
+    return str(path)
+
+
+def _empty_dir(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    return str(tmp_path / "ckpt")
+
+
+# (flags, world size, what the message must name besides the flag)
+CASES = {
+    "steps-zero": (["--steps", "0"], 1, ["--steps 0", "positive"]),
+    "steps-negative": (["--steps", "-3"], 1, ["--steps -3", "positive"]),
+    "height-zero": (["--height", "0"], 1, ["--height 0", "positive"]),
+    "height-7": (["--height", "7"], 1, ["--height 7", "multiple of 16"]),
+    "height-100": (["--height", "100"], 1, ["--height 100", "multiple of 16", "96 or 112"]),
+    "width-100": (["--width", "100"], 1, ["--width 100", "multiple of 16"]),
+    "out-jpg": (["--out", "a.jpg"], 1, ["--out a.jpg", ".png", ".npy"]),
+    "out-missing-dir": (["--out", "no/such/dir/x.png"], 1, ["--out no/such/dir/x.png", "does not exist"]),
+    "warmup-negative": (["--warmup", "-1"], 1, ["--warmup -1"]),
+    "lora-corrupt": ([ "--lora", _corrupt_lora], 1, ["--lora", "broken.safetensors", "not a readable safetensors"]),
+    "lora-missing": (["--lora", "nowhere.safetensors"], 1, ["--lora nowhere.safetensors", "does not exist"]),
+    "weights-empty": (["--weights", _empty_dir], 1, ["--weights", "model_index.json"]),
+    "tp-3-on-2": (["--tp", "3"], 2, ["--tp 3", "2 (allowed: 1, 2)"]),
+    "ulysses-3-on-2": (["--ulysses", "3"], 2, ["--ulysses 3", "--ulysses 2"]),
+    "image-missing": (["--image", "nowhere.png"], 1, ["--image nowhere.png"]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_value_is_one_line_exit_2_before_building(case, tmp_path, monkeypatch, capsys):
+    flags, world, expected = CASES[case]
+    flags = [f(tmp_path) if callable(f) else f for f in flags]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", str(world))  # as torchrun sets it; checked before any process group
+
+    def build(*args, **kwargs):
+        raise AssertionError("the pipeline was built before the flags were checked")
+
+    monkeypatch.setattr(npu_dit.pipelines, "load_pipeline", build)
+    model = "qwen-image-edit" if case.startswith("image") else "flux.1-dev"
+    assert main(["generate", model, *flags, "--quiet"]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert captured.out == ""
+    assert len(err.splitlines()) == 1, err
+    for text in expected:
+        assert text in err, (text, err)
+    assert not os.path.exists(tmp_path / "flux.1-dev.png")
+
+
+def test_bad_value_from_the_command_line_has_no_traceback(tmp_path):
+    env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "npu_dit.tools.cli", "generate", "flux.1-dev", "--height", "7"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "--height 7" in proc.stderr
