@@ -240,6 +240,12 @@ class FlowResult:
         factors = next((f for k, f in self.merges.items() if self.atoms.find(k) == root), None)
         return None if factors is None else tuple(self.atoms.normalize(f) for f in factors)
 
+    def all_merged_factors(self, atom: int) -> list[tuple[Seq, ...]]:
+        """Every reshape's merge that made `atom` (a table and the tokens it meets can both be merges)."""
+        root = self.atoms.find(atom)
+        return [tuple(self.atoms.normalize(f) for f in factors)
+                for k, factors in self.merges.items() if self.atoms.find(k) == root]
+
     def seq(self, node: fx.Node, dim: int) -> Seq | None:
         value = self.dims(node)
         if value is None:
@@ -461,6 +467,8 @@ class _Flow:
             return self.rule_narrow(node, sem)
         if kind == "select":
             return self.rule_select(node, sem)
+        if kind == "pad":
+            return self.rule_pad(node, sem)
         if kind == "pointwise":
             tensors, out = sem.tensor_inputs(), _shape(node)
             if tensors and _is_broadcast_of(out, [_shape(t) for t in tensors], self._eq):
@@ -484,6 +492,18 @@ class _Flow:
         mixed = sem.dims if sem.dims is not None else tuple(range(len(src)))
         self.mixing[node] = [(x, d) for d in mixed]
         return tuple(src)
+
+    def rule_pad(self, node: fx.Node, sem: Semantics) -> DimsValue | None:
+        """F.pad: the dims it pads get new positions (fresh atoms; padding a sharded dim would pad
+        every rank's chunk, so it is recorded as mixing), the others are carried."""
+        x = sem.call.args.get("input")
+        src, out, pad = self.dims(x), _shape(node), sem.call.args.get("pad")
+        if src is None or out is None or not isinstance(pad, (list, tuple)) or len(src) != len(out):
+            self.opaque.append(node)
+            return self.fresh_all(node)
+        padded = {len(src) - 1 - i // 2 for i, p in enumerate(pad) if not (isinstance(p, int) and p == 0)}
+        self.mixing[node] = [(x, d) for d in sorted(padded)]
+        return tuple(self.fresh(node, out, d) if d in padded else src[d] for d in range(len(src)))
 
     def rule_narrow(self, node: fx.Node, sem: Semantics) -> DimsValue | None:
         x = sem.call.args.get("input")

@@ -284,9 +284,16 @@ def patch_grid(flow: FlowResult, atom: int) -> tuple[fx.Node, int, int, tuple[in
     """(input, row dim, column dim, (patch rows, patch columns), outer factors) when `atom` is a
     reshape's merge of dims of whole patches (or of whole positions: patch 1, a 1x1 patch embedding)
     cut from dims of one graph input, in the input's dim order (row-major); else None."""
+    for factors in flow.all_merged_factors(atom):
+        grid = _grid_of(flow, factors)
+        if grid is not None:
+            return grid
+    return None
+
+
+def _grid_of(flow: FlowResult, factors: tuple) -> tuple[fx.Node, int, int, tuple[int, int], tuple] | None:
     atoms = flow.atoms
-    factors = flow.merged_factors(atom)
-    if factors is None or len(factors) < 2:
+    if len(factors) < 2:
         return None
     found = []
     for factor in factors:
