@@ -21,6 +21,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from npu_dit.runtime.planes import record_traced
+
 c10d = torch.ops._c10d_functional
 
 
@@ -120,6 +122,7 @@ def seq_to_heads_start(
     rest = x.shape[2:]
     x = x.reshape(world, heads // world, seq, *rest).transpose(1, 2)  # [world, S_local, H/world, *rest]
     x = x.reshape(world * seq, heads // world, *rest).contiguous()
+    record_traced(group_name, x, "all_to_all")
     return c10d.all_to_all_single(x, list(recv_lengths), [seq] * world, group_name)
 
 
@@ -138,6 +141,7 @@ def heads_to_seq_start(
     """[.., S_full, .., H/world, ..] -> send each rank its tokens back, with this rank's heads."""
     y = y.movedim((head_dim, seq_dim), (0, 1)).transpose(0, 1).contiguous()  # [S_full, H/world, *rest]
     local = send_lengths[rank]
+    record_traced(group_name, y, "all_to_all")
     return c10d.all_to_all_single(y, [local] * world, list(send_lengths), group_name)
 
 
@@ -157,6 +161,7 @@ def heads_to_seq_wait(z: torch.Tensor, seq_dim: int, head_dim: int, world: int) 
 def gather_heads_start(y: torch.Tensor, head_dim: int, world: int, group_name: str) -> torch.Tensor:
     """Replicated tokens after attention: all-gather the head slices (even: every rank has H/world)."""
     y = y.movedim(head_dim, 0).contiguous()
+    record_traced(group_name, y, "all_gather")
     return c10d.all_gather_into_tensor(y, world, group_name)
 
 
@@ -173,6 +178,7 @@ def gather_seq_start(
         x = x.to(torch.uint8)
     local = x.shape[0]
     x = x.unsqueeze(0).expand(world, *x.shape).reshape(world * local, *x.shape[1:]).contiguous()
+    record_traced(group_name, x, "all_gather (as all_to_all)")
     return c10d.all_to_all_single(x, list(recv_lengths), [local] * world, group_name)
 
 
@@ -197,11 +203,13 @@ def feature_block(x: torch.Tensor, dim: int, segs: Sequence[int], world: int, ra
 
 def tp_all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
     """Partial sums of a row-sharded linear -> the full result on every rank of the TP group."""
+    record_traced(group_name, x, "all_reduce")
     return c10d.wait_tensor(c10d.all_reduce(x.contiguous(), "sum", group_name))
 
 
 def tp_all_gather_last(x: torch.Tensor, world: int, group_name: str) -> torch.Tensor:
     """Column blocks of a linear's output -> the full output (blocks in rank order on the last dim)."""
+    record_traced(group_name, x, "all_gather")
     y = c10d.all_gather_into_tensor(x.movedim(-1, 0).contiguous(), world, group_name)
     return c10d.wait_tensor(y).movedim(0, -1)
 

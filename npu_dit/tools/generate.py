@@ -221,8 +221,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     # denoising = the transformer calls; the scheduler steps and latent packing go to "other"
     stages = {**totals, "other": max(0.0, total - sum(totals.values())), "total": total}
     if torch.distributed.is_initialized():
-        gathered: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(gathered, memory)
+        from npu_dit.runtime import planes
+
+        gathered = planes.host_all_gather_object(memory, "peak memory")  # host information: the host plane
     else:
         gathered = [memory]
     if rank == 0:
