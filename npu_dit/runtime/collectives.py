@@ -132,6 +132,30 @@ def seq_to_heads_wait(y: torch.Tensor, seq_dim: int, head_dim: int) -> torch.Ten
     return y.transpose(0, 1).movedim((0, 1), (head_dim, seq_dim))
 
 
+def seq_to_heads_qkv_start(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_dim: int, head_dim: int, recv_lengths: Sequence[int],
+    world: int, group_name: str,
+) -> torch.Tensor:
+    """Q, K and V of one attention site in ONE all-to-all (sync Ulysses): each is laid out as
+    `seq_to_heads_start` lays it out, the three are interleaved per token ([world * S_local, 3, H/world,
+    *rest]), so every rank receives its heads of all three for every token in one message."""
+    parts = []
+    for x in (q, k, v):
+        x = x.movedim((head_dim, seq_dim), (0, 1))  # [H, S_local, *rest]
+        heads, seq = x.shape[0], x.shape[1]
+        parts.append(x.reshape(world, heads // world, seq, *x.shape[2:]).transpose(1, 2))  # [world, S_local, H/w, *rest]
+    x = torch.stack(parts, 2)  # [world, S_local, 3, H/world, *rest], contiguous
+    x = x.reshape(world * seq, *x.shape[2:])
+    record_traced(group_name, x, "all_to_all")
+    return c10d.all_to_all_single(x, list(recv_lengths), [seq] * world, group_name)
+
+
+def seq_to_heads_qkv_wait(y: torch.Tensor, seq_dim: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (q, k, v), each [.., S_full, .., H/world, ..] as `seq_to_heads_wait` returns it (views)."""
+    y = c10d.wait_tensor(y)  # [S_full, 3, H/world, *rest]
+    return tuple(y.select(1, i).transpose(0, 1).movedim((0, 1), (head_dim, seq_dim)) for i in range(3))
+
+
 # --- head-sharded -> sequence-sharded (attention output) -------------------------------------------
 
 
@@ -186,8 +210,9 @@ def gather_seq_wait(z: torch.Tensor, seq_dim: int, dtype: torch.dtype) -> torch.
     return c10d.wait_tensor(z).to(dtype).movedim(0, seq_dim)
 
 
-COLLECTIVE_STARTS = (seq_to_heads_start, heads_to_seq_start, gather_heads_start, gather_seq_start)
-COLLECTIVE_WAITS = (seq_to_heads_wait, heads_to_seq_wait, gather_heads_wait, gather_seq_wait)
+COLLECTIVE_STARTS = (seq_to_heads_start, heads_to_seq_start, gather_heads_start, gather_seq_start,
+                     seq_to_heads_qkv_start)
+COLLECTIVE_WAITS = (seq_to_heads_wait, heads_to_seq_wait, gather_heads_wait, gather_seq_wait, seq_to_heads_qkv_wait)
 
 
 # --- tensor parallelism ----------------------------------------------------------------------------
