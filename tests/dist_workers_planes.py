@@ -76,3 +76,24 @@ def steady_calls(rank, world_size, cache=None, async_ulysses=False, wrong_device
         finally:
             planes.declare(device_group, torch.device("cpu"))
     return result
+
+
+def disagree_on_a_new_signature(rank, world_size):
+    """Both ranks agree on the first shapes, then change them differently: the first call of the new
+    signature exchanges on both ranks, so both raise RankMismatchError (no hang, no Gloo abort)."""
+    import time
+
+    from tests.conftest import tiny_model_and_inputs
+
+    _, model, inputs = tiny_model_and_inputs("flux")
+    compiled = torch.compile(model, backend="npu_dit", dynamic=True, options={"ulysses_degree": world_size})
+    _, _, changed = tiny_model_and_inputs("flux", prompt_len=16 if rank == 0 else 20)
+    with torch.no_grad():
+        compiled(**inputs)
+        compiled(**inputs)
+        start = time.monotonic()
+        try:
+            compiled(**changed)
+        except Exception as exc:  # noqa: BLE001 - reported to the test
+            return type(exc).__name__, str(exc), time.monotonic() - start
+    return None, "", time.monotonic() - start
