@@ -81,7 +81,7 @@ def ensure_host_group(timeout_s: float) -> Any:
     """The CPU Gloo group over the whole world (created once, collectively, on every rank)."""
     world = dist.group.WORLD
     key = id(world)
-    if key not in _HOST_GROUP:
+    if key not in _HOST_GROUP or not _alive(_HOST_GROUP[key]):
         _HOST_GROUP.clear()  # a new world (destroyed and initialised again): the old group is gone
         group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
         _HOST_GROUP[key] = group
@@ -89,10 +89,17 @@ def ensure_host_group(timeout_s: float) -> Any:
     return _HOST_GROUP[key]
 
 
+def _alive(group: Any) -> bool:
+    """False for a group of a world that was destroyed (a new world object may reuse the old id)."""
+    from torch.distributed.distributed_c10d import _world
+
+    return group in _world.pg_map
+
+
 def host_group() -> Any:
     """The host group of the current world; `ensure_host_group` must have run (ensure_parallel does)."""
     group = _HOST_GROUP.get(id(dist.group.WORLD))
-    if group is None:
+    if group is None or not _alive(group):
         raise RuntimeError("npu_dit: no host group: call npu_dit.runtime.dist.ensure_parallel first (every rank)")
     return group
 
