@@ -97,3 +97,17 @@ def disagree_on_a_new_signature(rank, world_size):
         except Exception as exc:  # noqa: BLE001 - reported to the test
             return type(exc).__name__, str(exc), time.monotonic() - start
     return None, "", time.monotonic() - start
+
+
+def fused_under_inductor(rank, world_size):
+    """Sync Ulysses (Q/K/V in one all-to-all) with the rewritten graph compiled by Inductor."""
+    from npu_dit.backend import RECORDS
+    from tests.conftest import tiny_model_and_inputs
+
+    _, model, inputs = tiny_model_and_inputs("flux")
+    compiled = torch.compile(model, backend="npu_dit", dynamic=True,
+                             options={"ulysses_degree": world_size, "inner_compiler": "inductor"})
+    with torch.no_grad():
+        out = compiled(**dict(inputs, timestep=torch.tensor([1.0])))[0]
+        profiled = _profiled_collectives(lambda: compiled(**dict(inputs, timestep=torch.tensor([1.0]))))
+    return {"out": out, "counts": dict(RECORDS[-1].report.counts), "profiled": profiled}

@@ -102,3 +102,16 @@ def test_a_tensor_on_another_device_than_its_group_is_an_error():
         planes.check_device("test-group", torch.ones(2), "all_to_all")
     finally:
         planes._DECLARED.pop("test-group", None)
+
+
+@pytest.mark.slow
+def test_fused_qkv_under_inductor(tmp_path):
+    from tests.dist_workers_planes import fused_under_inductor
+
+    records = run_ranks(fused_under_inductor, 2, tmp_path, timeout=900)
+    expected = _serial()
+    for record in records:
+        r = record["result"]
+        assert r["counts"]["fused_qkv_all_to_all"] == SITES
+        torch.testing.assert_close(r["out"], expected, atol=2e-5, rtol=1e-4)
+        assert r["profiled"].get("gloo:all_to_all") == 2 * SITES, r["profiled"]
