@@ -268,9 +268,10 @@ class CacheController:
 
 def _diff_stats(previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
     """sum|R_prev - R|, sum|R_prev|, count: summed over ranks they give the exact global means."""
-    return torch.stack(
-        [(previous - current).abs().sum(), previous.abs().sum(), torch.tensor(float(previous.numel()), device=previous.device)]
-    ).to(device="cpu", dtype=torch.float64)
+    # the two sums come to the host in one copy (the step's one sync); the count is known on the host
+    # (a device tensor made from it would be one more host-to-device copy, and float32 rounds it above 2**24)
+    sums = torch.stack([(previous - current).abs().sum(), previous.abs().sum()]).to(device="cpu", dtype=torch.float64)
+    return torch.cat([sums, torch.tensor([float(previous.numel())], dtype=torch.float64)])
 
 
 def _ratio(stats: torch.Tensor) -> float:
