@@ -33,7 +33,7 @@ from npu_dit.passes.pipeline import build_pipeline
 from npu_dit.passes.prepare import prepare_meta
 from npu_dit.passes.scalar_inputs import SCALAR_INPUTS_KEY
 from npu_dit.plans import SHARDING_META_KEY, SPATIAL_META_KEY, TP_META_KEY
-from npu_dit.runtime import agreement
+from npu_dit.runtime import agreement, planes
 from npu_dit.runtime.cache import CacheController
 from npu_dit.runtime.dist import ParallelContext, check_same_cache_config, ensure_parallel, ensure_process_group
 from npu_dit.runtime.executor import GraphExecutor
@@ -125,10 +125,11 @@ def npu_dit_backend(
     cache_plan = rewritten.meta.get(CACHE_PLAN_KEY)
     if cache_plan is not None:
         regions = tuple(compile_inner_lazily(r.gm, cfg.inner_compiler, mode=mode) for r in cache_plan.regions)
-        # the whole world: under Ulysses x TP the TP ranks hold the same tokens, so the all-reduced
-        # sums and counts are both scaled alike and the means stay exact; every rank decides alike
+        # the whole world's host group (a CPU decision, never on the device group): under Ulysses x TP
+        # the TP ranks hold the same tokens, so the all-reduced sums and counts are both scaled alike
+        # and the means stay exact; every rank decides alike
         inner = CacheController(
-            cache_plan, cfg.cache, regions, group=dist.group.WORLD if parallel is not None else None, label=tag
+            cache_plan, cfg.cache, regions, group=planes.host_group() if parallel is not None else None, label=tag
         )
     else:
         inner = compile_inner_lazily(rewritten, cfg.inner_compiler, mode=mode)

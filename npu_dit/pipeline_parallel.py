@@ -17,6 +17,11 @@ encoder with `tp_degree` = the world size: T5 whole, a vision-language encoder's
 (`text_encoder.model.language_model`; its vision tower stays replicated). Tensor parallelism releases
 the full weights it shards (`release_weights`, runtime/weights.py).
 
+`device="auto"|"cpu"|"cuda"|"npu"` moves the pipeline to this rank's device first (its LOCAL_RANK
+accelerator; auto = NPU when torch_npu imports, else CUDA, else CPU: `runtime/devices.py`); the
+process groups then follow the model's device (HCCL / NCCL / Gloo, plus the CPU Gloo host group).
+The default, None, leaves the pipeline where it is.
+
 `vae_parallel=True` compiles the VAE's `decode` and `encode` (the edit pipelines encode their input
 images) with `options={"spatial_degree": world size}`: each rank decodes a band of rows, exactly (see
 `passes/spatial.py`); with one process there is nothing to shard and the VAE is left as it is.
@@ -122,11 +127,13 @@ def parallelize(
     inner_compiler: str = "eager",
     num_inference_steps: int | None = None,
     dump_dir: str | None = None,
+    device: str | torch.device | None = None,
 ):
     """Compile `pipe.transformer` with the npu_dit backend over the torchrun world; returns `pipe`.
 
     `ulysses_degree` defaults to the world size (1 without torchrun). `num_inference_steps` is only a
-    first guess for the cache: each call's own `num_inference_steps` replaces it.
+    first guess for the cache: each call's own `num_inference_steps` replaces it. `device` (auto, cpu,
+    cuda, npu) moves the pipeline to this rank's device first; None leaves it where it is.
     """
     transformer = getattr(pipe, "transformer", None)
     if not isinstance(transformer, torch.nn.Module):
@@ -144,6 +151,11 @@ def parallelize(
     )
     steps = num_inference_steps if num_inference_steps is not None else _default_steps(pipe)
     options = build_options(num_inference_steps=steps, **settings)  # raises before anything compiles
+    if device is not None:
+        from npu_dit.runtime.devices import resolve_device
+
+        target = resolve_device(device)  # a UserError naming what is missing, before anything compiles
+        pipe.to(target)
     original = transformer._orig_mod if hasattr(transformer, "_orig_mod") else transformer
     state = {"original": original, "settings": settings, "steps": steps}
     setattr(pipe, _STATE_ATTR, state)

@@ -377,8 +377,11 @@ def test_ulysses_structure_no_transpose_around_the_all_to_all(key, async_):
     cap = capture_graph(model, inputs)
     cfg = CompileConfig.from_options({"ulysses_degree": 2, "async_ulysses": async_, "attention_backend": "npu_fia"})
     specs = build_pipeline(cfg, inspection_context(2, 0))
-    assert [s.name for s in specs][-1] == "attention_lowering"
-    sharded, _ = run_passes(cap.gm, specs[:-1])
+    names = [s.name for s in specs]
+    lowering = names.index("attention_lowering")
+    # sync Ulysses then sends Q, K and V in one all-to-all per site (the lowering saw them apart)
+    assert names[lowering + 1:] == ([] if async_ else ["fuse_qkv"])
+    sharded, _ = run_passes(cap.gm, specs[:lowering])
     lowered, report = run_passes(cap.gm, specs)
     assert not report.fell_back, report.fallback_reason
     sites = report.counts["attention_sites"]
@@ -392,8 +395,10 @@ def test_ulysses_structure_no_transpose_around_the_all_to_all(key, async_):
     # the kernel is fed straight from the all-to-all: wait(start(..., seq_dim=1, head_dim=2)) -> contiguous
     from npu_dit.runtime import collectives as C
 
-    waits = calls(lowered, C.seq_to_heads_wait)
+    waits = calls(lowered, C.seq_to_heads_wait) + calls(lowered, C.seq_to_heads_qkv_wait)
     assert waits and all(w.args[1:] == (1, 2) for w in waits)
+    if not async_:
+        assert len(calls(lowered, C.seq_to_heads_qkv_wait)) == sites and not calls(lowered, C.seq_to_heads_wait)
     assert all(s.args[1:3] == (1, 2) for s in calls(lowered, C.heads_to_seq_start))
 
 

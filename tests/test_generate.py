@@ -94,3 +94,48 @@ def test_quiet_two_rank_run_prints_only_the_table(tmp_path):
     assert _stage_seconds(out, "compile") > 0
     allowed = ("flux.1-dev", "  ", "|", "(first run", "wrote ")
     assert all(not line or line.startswith(allowed) for line in lines), out
+
+
+def test_device_that_is_not_there_is_a_clear_error(capsys):
+    """--device npu / cuda without torch_npu or a GPU: exit status 2 and a message naming what is
+    missing, before any pipeline is loaded; parallelize(device=...) raises the same before compiling."""
+    import torch
+
+    from npu_dit.errors import UserError
+    from npu_dit.pipeline_parallel import parallelize
+    from npu_dit.tools.cli import main
+
+    assert main(["generate", "flux.1-dev", "--device", "npu"]) == 2
+    assert "torch_npu" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(["generate", "flux.1-dev", "--device", "cuda"]) == 2
+        err = capsys.readouterr().err
+        assert "no CUDA GPU" in err and "--device cpu" in err
+
+    class Pipe:
+        transformer = torch.nn.Linear(2, 2)
+
+        def __call__(self, num_inference_steps: int = 2):
+            return None
+
+    with pytest.raises(UserError, match="torch_npu"):
+        parallelize(Pipe(), device="npu")
+    assert not isinstance(Pipe.transformer, type(torch.compile(torch.nn.Linear(1, 1))))  # nothing compiled
+
+
+def test_generate_on_the_cpu_device_is_the_plain_pipeline(tmp_path):
+    """`--device cpu` (what auto picks here) gives the image of the diffusers pipeline run directly."""
+    import torch
+
+    from npu_dit.models import get_model
+    from npu_dit.pipelines import load_pipeline
+    from npu_dit.tools.cli import main
+
+    out = tmp_path / "cpu.npy"
+    assert main(["generate", "flux.1-dev", "--device", "cpu", "--steps", "2", "--height", "128", "--width", "128",
+                 "--out", str(out), "--quiet"]) == 0
+    pipe = load_pipeline(get_model("flux.1-dev"), dtype=torch.float32, seed=0)
+    pipe.set_progress_bar_config(disable=True)
+    expected = pipe(prompt="a photo of a cat sitting on a red chair", height=128, width=128, num_inference_steps=2,
+                    generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    np.testing.assert_allclose(np.load(out), expected, atol=1e-6, rtol=0)

@@ -29,9 +29,11 @@ def test_inspect_full_size_flux_on_the_meta_device(capsys):
     examples = sorted(s["example"] for s in report["token_dims"]["segments"])
     assert examples == [512, 4096]  # 512 text tokens, 4096 image tokens at 1024x1024
     assert report["timings"]["analysis_s"] < 30.0  # a sanity bound only: the figure is measured in docs/BENCHMARKS.md
-    # Ulysses-2: every site wrapped in 4 all-to-alls; the per-layer volume is DeepSpeed's 4*N*h/P
+    # sync Ulysses-2: every site wrapped in 2 all-to-alls (Q, K and V in one, the output); the
+    # per-layer volume is still DeepSpeed's 4*N*h/P
     comm = report["communication"]
-    assert comm["collectives"]["all_to_all (seq->heads)"]["count"] == 3 * 57
+    assert comm["collectives"]["all_to_all (seq->heads, Q/K/V in one)"]["count"] == 57
+    assert "all_to_all (seq->heads)" not in comm["collectives"]
     assert comm["collectives"]["all_to_all (heads->seq)"]["count"] == 57
     n, h, p, bf16 = 4096 + 512, 24 * 128, 2, 2
     assert comm["all_to_all_bytes_per_layer"] == comm["deepspeed_formula_bytes_per_layer"] == 4 * n * h // p * bf16

@@ -18,6 +18,9 @@ Order matters and is written down here, not left to import side effects:
    spatial        — (convolutional graphs, `spatial_degree` > 1; never with the transformer passes
                     above) height bands with halos, exact group-norm statistics, gathered attention
                     keys/values; after scalar_inputs like every rewrite.
+   fuse_qkv       — (sync Ulysses) Q, K and V of each site in one all-to-all; after the lowering, which
+                    treats the unfused exchanges as layout-transparent ops, and before the regions are
+                    cut. Async Ulysses keeps one all-to-all per projection (each overlaps compute).
 5. cache_regions  — last: it cuts the final graph (sharded, scheduled, lowered) into front/middle/back
                     regions at block boundaries; it changes no node.
 """
@@ -75,6 +78,10 @@ def build_pipeline(cfg: CompileConfig, ctx: ParallelContext | None = None,
         passes.append(
             PassSpec("attention_lowering", functools.partial(attention_lowering_pass, cfg=cfg), preserves_numerics=False)
         )
+    if cfg.ulysses_degree > 1 and not cfg.async_ulysses:
+        from npu_dit.passes.fuse_qkv import fuse_qkv_pass
+
+        passes.append(PassSpec("fuse_qkv", fuse_qkv_pass))
     if cfg.cache is not None:
         from npu_dit.passes.cache_regions import cache_regions_pass
 

@@ -8,6 +8,11 @@ one rank aborting inside Gloo ("collective mismatch") or everyone hanging until 
 record = [MAGIC, kind, hash(what), hash(graph)]; at compile time `what` is the plan and `graph` the
 captured graph's signature (a fallback on one rank is not an error; a different graph is); kinds: COMPILE (the plan fingerprint and the
 example-input signature) and CALL (the global input shapes of this call).
+
+The records travel on the host plane (`runtime/planes.py`: CPU tensors over the Gloo group beside the
+device group), so reading them is no device-to-host copy. At call time `ShapeAgreement` exchanges only
+when the call's signature (shapes and dtypes of the non-parameter tensors, the ints) differs from the
+last one every rank agreed on: the first call of each new signature, never the steady state.
 """
 
 from __future__ import annotations
@@ -15,10 +20,10 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
-import torch.distributed as dist
 
 from npu_dit.errors import RankMismatchError
 from npu_dit.plans import stable_hash
+from npu_dit.runtime import planes
 
 MAGIC = 0x4E5055444954  # "NPUDIT"
 COMPILE, CALL = 1, 2
@@ -26,25 +31,45 @@ SLOTS = 5
 _KIND = {COMPILE: "compiling a graph", CALL: "calling the compiled model"}
 
 
-def exchange(kind: int, what: str, *, graph: str = "", fell_back: bool = False, group: Any = None) -> list[list[int]]:
-    """All-gather this rank's record; returns every rank's [magic, kind, hash(what), fell_back, hash(graph)]."""
-    device = _collective_device(group)
-    record = torch.tensor([MAGIC, kind, stable_hash(what), int(fell_back), stable_hash(graph)], dtype=torch.int64,
-                          device=device)
-    world = dist.get_world_size(group)
-    slots = [torch.empty_like(record) for _ in range(world)]
-    dist.all_gather(slots, record, group=group)
+def exchange(kind: int, what: str, *, graph: str = "", fell_back: bool = False) -> list[list[int]]:
+    """All-gather this rank's record over the host group; returns every rank's
+    [magic, kind, hash(what), fell_back, hash(graph)]."""
+    record = torch.tensor([MAGIC, kind, stable_hash(what), int(fell_back), stable_hash(graph)], dtype=torch.int64)
+    slots = planes.host_all_gather(record, "agreement" if kind == CALL else "agreement (compile)")
     return [s.tolist() for s in slots]
 
 
-def _collective_device(group: Any) -> torch.device:
-    """NCCL and HCCL gather device tensors; Gloo CPU ones."""
-    backend = str(dist.get_backend(group)).lower()
-    if backend == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    if backend == "hccl":
-        return torch.device("npu", torch.npu.current_device())  # type: ignore[attr-defined]
-    return torch.device("cpu")
+class ShapeAgreement:
+    """Per executor: the ranks compare a call's global input shapes when its signature is new.
+
+    Parameters are left out (Dynamo guards them, and FLUX.1-dev has ~1,000): the positions of the
+    other arguments are found on the first call and the signature is built from those alone, as a
+    tuple compared with the last agreed one — no string, no hash, no collective in the steady state.
+    """
+
+    def __init__(self) -> None:
+        self.data_positions: tuple[int, ...] | None = None
+        self.agreed: tuple | None = None
+        self.exchanges = 0
+
+    def __call__(self, args: Sequence[Any]) -> None:
+        if self.data_positions is None:
+            self.data_positions = tuple(i for i, a in enumerate(args) if not isinstance(a, torch.nn.Parameter))
+        signature = tuple(_part(args[i]) for i in self.data_positions)
+        if signature == self.agreed:
+            return
+        text = call_signature([args[i] for i in self.data_positions])
+        check_records(exchange(CALL, text), CALL, f"inputs {text}")
+        self.agreed = signature
+        self.exchanges += 1
+
+
+def _part(a: Any) -> Any:
+    if isinstance(a, torch.Tensor):
+        return (a.shape, a.dtype)
+    if isinstance(a, (bool, int)):
+        return a
+    return None  # floats (a timestep passed as a number) change every step and are no shape
 
 
 def check_records(records: Sequence[Sequence[int]], kind: int, detail: str, *, ignore_plans: bool = False) -> None:
@@ -80,6 +105,6 @@ def call_signature(args: Sequence[Any]) -> str:
     for a in args:
         if isinstance(a, torch.Tensor):
             parts.append(f"{tuple(a.shape)}{str(a.dtype)[6:]}")
-        elif isinstance(a, (int, float, bool)):
+        elif isinstance(a, (int, bool)):
             parts.append(repr(a))
     return "|".join(parts)

@@ -6,7 +6,10 @@ timestep input is found from the graph, `passes/analysis/timestep.py`).
 Under Ulysses every rank holds a different chunk of the image stream; every call all-reduces the
 diff's sums and counts (the exact global means) together with each rank's vote, and the decision is
 taken from the reduced values, so every rank takes the same one even when their cache states have
-diverged, and the collectives inside the middle region stay matched.
+diverged, and the collectives inside the middle region stay matched. The all-reduce is a host
+decision: a CPU float64 tensor over the host plane's Gloo group (`runtime/planes.py`), never the
+NCCL/HCCL device group; the diff's statistics are the one device-to-host copy of a step (none on
+warmup and steps-mask steps, which need no diff).
 
 `controllers()`, `latest()`, `summaries()` and `reset_all()` reach the live controllers from user code.
 """
@@ -21,12 +24,12 @@ import weakref
 from typing import Any, Callable
 
 import torch
-import torch.distributed as dist
 
 from npu_dit.config import CacheConfig
 from npu_dit.plans import CachePlan, rebuild_outputs
 from npu_dit.runtime.cache_policy import DBCachePolicy, Decision, TaylorSeer
 from npu_dit.runtime.cache_steps import StepTracker
+from npu_dit.runtime import planes
 from npu_dit.runtime.grad import refuse_grad
 
 _CONTROLLERS: list["weakref.ref[CacheController]"] = []
@@ -72,7 +75,7 @@ class CacheController:
         cfg: CacheConfig,
         regions: tuple[Callable, Callable, Callable],
         *,
-        group: Any = None,  # process group for the decision all-reduce (None: single process)
+        group: Any = None,  # the host group for the decision all-reduce (None: single process)
         label: str = "",
     ) -> None:
         self.plan = plan
@@ -141,7 +144,7 @@ class CacheController:
             dtype=torch.float64,
         )
         total = torch.cat([diff_stats, votes])
-        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=self.group)
+        planes.host_all_reduce(total, "cache decision")
         compute_votes, cache_votes, diff_votes, world = (float(v) for v in total[3:])
         if compute_votes > 0:
             return (pre if pre is not None and pre.compute else Decision(step, True, "peer")), local_diff
@@ -265,9 +268,10 @@ class CacheController:
 
 def _diff_stats(previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
     """sum|R_prev - R|, sum|R_prev|, count: summed over ranks they give the exact global means."""
-    return torch.stack(
-        [(previous - current).abs().sum(), previous.abs().sum(), torch.tensor(float(previous.numel()), device=previous.device)]
-    ).to(device="cpu", dtype=torch.float64)
+    # the two sums come to the host in one copy (the step's one sync); the count is known on the host
+    # (a device tensor made from it would be one more host-to-device copy, and float32 rounds it above 2**24)
+    sums = torch.stack([(previous - current).abs().sum(), previous.abs().sum()]).to(device="cpu", dtype=torch.float64)
+    return torch.cat([sums, torch.tensor([float(previous.numel())], dtype=torch.float64)])
 
 
 def _ratio(stats: torch.Tensor) -> float:

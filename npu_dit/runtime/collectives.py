@@ -21,6 +21,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from npu_dit.runtime.planes import record_traced
+
 c10d = torch.ops._c10d_functional
 
 
@@ -120,6 +122,7 @@ def seq_to_heads_start(
     rest = x.shape[2:]
     x = x.reshape(world, heads // world, seq, *rest).transpose(1, 2)  # [world, S_local, H/world, *rest]
     x = x.reshape(world * seq, heads // world, *rest).contiguous()
+    record_traced(group_name, x, "all_to_all")
     return c10d.all_to_all_single(x, list(recv_lengths), [seq] * world, group_name)
 
 
@@ -127,6 +130,30 @@ def seq_to_heads_wait(y: torch.Tensor, seq_dim: int, head_dim: int) -> torch.Ten
     """-> [.., S_full, .., H/world, ..] in the input's layout (sequence in rank order)."""
     y = c10d.wait_tensor(y)  # [S_full, H/world, *rest]
     return y.transpose(0, 1).movedim((0, 1), (head_dim, seq_dim))
+
+
+def seq_to_heads_qkv_start(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seq_dim: int, head_dim: int, recv_lengths: Sequence[int],
+    world: int, group_name: str,
+) -> torch.Tensor:
+    """Q, K and V of one attention site in ONE all-to-all (sync Ulysses): each is laid out as
+    `seq_to_heads_start` lays it out, the three are interleaved per token ([world * S_local, 3, H/world,
+    *rest]), so every rank receives its heads of all three for every token in one message."""
+    parts = []
+    for x in (q, k, v):
+        x = x.movedim((head_dim, seq_dim), (0, 1))  # [H, S_local, *rest]
+        heads, seq = x.shape[0], x.shape[1]
+        parts.append(x.reshape(world, heads // world, seq, *x.shape[2:]).transpose(1, 2))  # [world, S_local, H/w, *rest]
+    x = torch.stack(parts, 2)  # [world, S_local, 3, H/world, *rest], contiguous
+    x = x.reshape(world * seq, *x.shape[2:])
+    record_traced(group_name, x, "all_to_all")
+    return c10d.all_to_all_single(x, list(recv_lengths), [seq] * world, group_name)
+
+
+def seq_to_heads_qkv_wait(y: torch.Tensor, seq_dim: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (q, k, v), each [.., S_full, .., H/world, ..] as `seq_to_heads_wait` returns it (views)."""
+    y = c10d.wait_tensor(y)  # [S_full, 3, H/world, *rest]
+    return tuple(y.select(1, i).transpose(0, 1).movedim((0, 1), (head_dim, seq_dim)) for i in range(3))
 
 
 # --- head-sharded -> sequence-sharded (attention output) -------------------------------------------
@@ -138,6 +165,7 @@ def heads_to_seq_start(
     """[.., S_full, .., H/world, ..] -> send each rank its tokens back, with this rank's heads."""
     y = y.movedim((head_dim, seq_dim), (0, 1)).transpose(0, 1).contiguous()  # [S_full, H/world, *rest]
     local = send_lengths[rank]
+    record_traced(group_name, y, "all_to_all")
     return c10d.all_to_all_single(y, [local] * world, list(send_lengths), group_name)
 
 
@@ -157,6 +185,7 @@ def heads_to_seq_wait(z: torch.Tensor, seq_dim: int, head_dim: int, world: int) 
 def gather_heads_start(y: torch.Tensor, head_dim: int, world: int, group_name: str) -> torch.Tensor:
     """Replicated tokens after attention: all-gather the head slices (even: every rank has H/world)."""
     y = y.movedim(head_dim, 0).contiguous()
+    record_traced(group_name, y, "all_gather")
     return c10d.all_gather_into_tensor(y, world, group_name)
 
 
@@ -173,6 +202,7 @@ def gather_seq_start(
         x = x.to(torch.uint8)
     local = x.shape[0]
     x = x.unsqueeze(0).expand(world, *x.shape).reshape(world * local, *x.shape[1:]).contiguous()
+    record_traced(group_name, x, "all_gather (as all_to_all)")
     return c10d.all_to_all_single(x, list(recv_lengths), [local] * world, group_name)
 
 
@@ -180,8 +210,9 @@ def gather_seq_wait(z: torch.Tensor, seq_dim: int, dtype: torch.dtype) -> torch.
     return c10d.wait_tensor(z).to(dtype).movedim(0, seq_dim)
 
 
-COLLECTIVE_STARTS = (seq_to_heads_start, heads_to_seq_start, gather_heads_start, gather_seq_start)
-COLLECTIVE_WAITS = (seq_to_heads_wait, heads_to_seq_wait, gather_heads_wait, gather_seq_wait)
+COLLECTIVE_STARTS = (seq_to_heads_start, heads_to_seq_start, gather_heads_start, gather_seq_start,
+                     seq_to_heads_qkv_start)
+COLLECTIVE_WAITS = (seq_to_heads_wait, heads_to_seq_wait, gather_heads_wait, gather_seq_wait, seq_to_heads_qkv_wait)
 
 
 # --- tensor parallelism ----------------------------------------------------------------------------
@@ -197,11 +228,13 @@ def feature_block(x: torch.Tensor, dim: int, segs: Sequence[int], world: int, ra
 
 def tp_all_reduce(x: torch.Tensor, group_name: str) -> torch.Tensor:
     """Partial sums of a row-sharded linear -> the full result on every rank of the TP group."""
+    record_traced(group_name, x, "all_reduce")
     return c10d.wait_tensor(c10d.all_reduce(x.contiguous(), "sum", group_name))
 
 
 def tp_all_gather_last(x: torch.Tensor, world: int, group_name: str) -> torch.Tensor:
     """Column blocks of a linear's output -> the full output (blocks in rank order on the last dim)."""
+    record_traced(group_name, x, "all_gather")
     y = c10d.all_gather_into_tensor(x.movedim(-1, 0).contiguous(), world, group_name)
     return c10d.wait_tensor(y).movedim(0, -1)
 

@@ -5,7 +5,8 @@ axis: rank, size and the group its collectives run on, from a DeviceMesh with na
 "tp"); `ensure_process_group` is the Ulysses-only shorthand. The communication backend follows the
 device of the compiled graph's tensors (HCCL on Ascend NPUs, NCCL on CUDA GPUs, Gloo on CPUs — also a
 CPU model on a machine with a GPU); every group gets a timeout, so a rank that dies makes the others
-fail with an error instead of hanging.
+fail with an error instead of hanging. Beside the device groups, one CPU Gloo group over the world
+carries the host decisions (`runtime/planes.py`): data on the device plane, decisions on the host plane.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from npu_dit.errors import UserError
+from npu_dit.runtime import planes
 
 TIMEOUT_ENV = "NPU_DIT_GROUP_TIMEOUT"
 DEFAULT_TIMEOUT_S = 600.0
@@ -115,12 +117,17 @@ def ensure_parallel(
             f"(torchrun --nproc-per-node {degree})"
         )
     mesh = _mesh(ulysses_degree, tp_degree, device)
+    planes.ensure_host_group(timeout_s)  # collectively, on every rank, once per world
+    kind = mesh.device_type
+    declared = torch.device(kind, _device_index(kind)) if kind != "cpu" else planes.CPU
+    planes.declare(dist.group.WORLD, declared)
     contexts = []
     for name, size in (("ulysses", ulysses_degree), ("tp", tp_degree)):
         if size == 1:
             contexts.append(None)
             continue
         group = mesh.get_group(name)
+        planes.declare(group, declared)
         contexts.append(ParallelContext(
             rank=dist.get_rank(group),
             world_size=size,
@@ -130,6 +137,15 @@ def ensure_parallel(
             timeout_source=source,
         ))
     return contexts[0], contexts[1]
+
+
+def _device_index(kind: str) -> int:
+    """This rank's accelerator (torchrun's LOCAL_RANK; the current device once one is set)."""
+    module = getattr(torch, kind)
+    try:
+        return module.current_device()
+    except Exception:  # noqa: BLE001 - no device runtime: the LOCAL_RANK the device would have
+        return int(os.environ.get("LOCAL_RANK", "0"))
 
 
 def process_group(ctx: ParallelContext):
@@ -147,13 +163,13 @@ def check_same_cache_config(cache: object, ctx: ParallelContext) -> None:
     from npu_dit.runtime import agreement
 
     # the fixed-size agreement record first (a rank calling while this one compiles meets the same
-    # collective and both fail clearly); the settings themselves only once every rank is here
+    # collective and both fail clearly); the settings themselves only once every rank is here.
+    # Both on the host plane: CPU tensors and objects over the Gloo group beside the device group
     records = agreement.exchange(agreement.COMPILE, repr(cache), graph="cache options")
     agreement.check_records(records, agreement.COMPILE, f"cache={cache!r}", ignore_plans=True)
     if len({r[2] for r in records}) == 1:
         return
-    settings = [None] * ctx.world_size
-    dist.all_gather_object(settings, repr(cache))
+    settings = planes.host_all_gather_object(repr(cache), "cache options")
     if len(set(settings)) > 1:
         listing = "; ".join(f"rank {r}: cache={s}" for r, s in enumerate(settings))
         raise UserError(

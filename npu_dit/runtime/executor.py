@@ -3,8 +3,11 @@
 It turns the 0-d scalar inputs the graph now takes as numbers into numbers (`scalar_inputs` pass),
 and, under Ulysses, shards each input along its inferred token dim (`tensor_split` chunk `rank`),
 refreshes the SymInt inputs that are local lengths, appends the global stream lengths the rewritten
-graph asks for, runs the compiled graph, and gathers the outputs along their token dims. Gloo cannot
-all-gather uneven tensors, so outputs are padded to the longest chunk, gathered, and trimmed.
+graph asks for, runs the compiled graph, and gathers the outputs along their token dims: one
+all-gather per output into a preallocated buffer (every stream's chunk padded to that stream's
+longest, packed side by side; Gloo cannot all-gather uneven tensors), then trimmed.
+The ranks compare the call's global shapes on the host plane only when the signature is new
+(`agreement.ShapeAgreement`).
 Under tensor parallelism it feeds this rank's weight shards in place of the sharded parameters
 (`runtime/weights.py`); inputs and outputs stay replicated over the TP group.
 """
@@ -18,7 +21,8 @@ import torch.distributed as dist
 
 from npu_dit.plans import ShardingPlan, TensorParallelPlan
 from npu_dit.errors import RankMismatchError
-from npu_dit.runtime.agreement import CALL, call_signature, check_records, exchange
+from npu_dit.runtime import planes
+from npu_dit.runtime.agreement import ShapeAgreement
 from npu_dit.runtime.collectives import chunk_lengths, local_chunk
 from npu_dit.runtime.dist import ParallelContext, process_group
 from npu_dit.runtime.grad import COLLECTIVES, refuse_grad
@@ -44,28 +48,30 @@ class GraphExecutor:
         self.plan = plan
         self.ctx = ctx
         self.feed_weights = WeightFeeder(weights) if weights is not None and weights.shards else None
+        self.agree = ShapeAgreement()
 
     def __call__(self, *args: Any) -> Any:
+        parallel = self.plan is not None or self.feed_weights is not None
+        if parallel:
+            refuse_grad(args, COLLECTIVES)
+            # every rank must run the same global shapes: compared on the host plane, when they change
+            self.agree(args)
         if self.feed_weights is not None:  # this rank's tensor-parallel shards for the sharded parameters
             args = self.feed_weights(args)
         if self.scalar_inputs:
             args = list(args)
             for index in self.scalar_inputs:
                 args[index] = args[index].item()
-        if self.plan is None and self.feed_weights is None:
+        if not parallel:
             return self.compiled(*args)
-        refuse_grad(args, COLLECTIVES)
-        signature = call_signature(args)
         try:
-            # every rank must run the same global shapes: one small all-gather, compared on every rank
-            check_records(exchange(CALL, signature), CALL, f"inputs {signature}")
             if self.plan is None:  # tensor parallelism alone: replicated inputs and outputs
                 return self.compiled(*args)
             local_args, global_lengths = self.shard_args(args)
             outputs = self.compiled(*local_args)
             return self.gather_outputs(outputs, global_lengths)
         except RuntimeError as exc:
-            if isinstance(exc, (DistributedRunError, RankMismatchError)) or not _looks_distributed(exc):
+            if isinstance(exc, (DistributedRunError, RankMismatchError, planes.PlaneError)) or not _looks_distributed(exc):
                 raise
             ctx = self.ctx or self.feed_weights.plan
             backend = getattr(self.ctx, "backend", dist.get_backend())
@@ -97,13 +103,10 @@ class GraphExecutor:
         if not self.plan.outputs:
             return outputs
         result = list(outputs)
+        group = process_group(self.ctx)
         for gather in self.plan.outputs:
-            tensor = result[gather.index]
             per_stream = [chunk_lengths(global_lengths[s], self.ctx.world_size) for s in gather.streams]
-            pieces = torch.split(tensor, [lengths[self.ctx.rank] for lengths in per_stream], gather.dim)
-            group = process_group(self.ctx)
-            gathered = [gather_uneven(p, gather.dim, lengths, group=group) for p, lengths in zip(pieces, per_stream)]
-            result[gather.index] = gathered[0] if len(gathered) == 1 else torch.cat(gathered, gather.dim)
+            result[gather.index] = gather_streams(result[gather.index], gather.dim, per_stream, self.ctx.rank, group)
         return type(outputs)(result) if isinstance(outputs, tuple) else result
 
 
@@ -118,12 +121,37 @@ def _looks_distributed(exc: BaseException) -> bool:
 
 def gather_uneven(tensor: torch.Tensor, dim: int, lengths: list[int], group=None) -> torch.Tensor:
     """All-gather pieces of different lengths along `dim` (padded to the longest, then cut)."""
-    longest = max(lengths)
-    missing = longest - tensor.shape[dim]
-    if missing:
-        pad_shape = list(tensor.shape)
-        pad_shape[dim] = missing
-        tensor = torch.cat([tensor, tensor.new_zeros(pad_shape)], dim)
-    slots = [torch.empty_like(tensor) for _ in lengths]
-    dist.all_gather(slots, tensor.contiguous(), group=group)
-    return torch.cat([slot.narrow(dim, 0, n) for slot, n in zip(slots, lengths)], dim)
+    return gather_streams(tensor, dim, [lengths], dist.get_rank(group), group)
+
+
+def gather_streams(tensor: torch.Tensor, dim: int, per_stream: list[list[int]], rank: int, group) -> torch.Tensor:
+    """This rank's chunks of one or more streams, side by side along `dim`, -> the whole streams in
+    the same order, with ONE all-gather: each stream's chunk is placed at that stream's longest chunk
+    length in a send buffer (zeros elsewhere), gathered into a preallocated [world, ...] buffer, and
+    each rank's chunk cut out. Even chunks of one stream need no padding and no send-side copy."""
+    dim = dim % tensor.dim()
+    world = len(per_stream[0])
+    longest = [max(lengths) for lengths in per_stream]
+    mine = [lengths[rank] for lengths in per_stream]
+    moved = tensor.movedim(dim, 0)  # gathers concatenate along dim 0
+    if mine == longest and len(per_stream) == 1:
+        send = moved.contiguous()
+    else:
+        send = moved.new_zeros((sum(longest), *moved.shape[1:]))
+        src = dst = 0
+        for have, room in zip(mine, longest):
+            send[dst:dst + have] = moved[src:src + have]
+            src, dst = src + have, dst + room
+    buffer = send.new_empty((world * send.shape[0], *send.shape[1:]))
+    planes.data_all_gather_into_tensor(buffer, send, group, "output gather")
+    slots = buffer.view(world, send.shape[0], *send.shape[1:])
+    pieces = []
+    offset = 0
+    for lengths, room in zip(per_stream, longest):
+        pieces.extend(slots[r, offset:offset + n] for r, n in enumerate(lengths))
+        offset += room
+    if len(pieces) == world and all(n == longest[0] for n in per_stream[0]):
+        whole = buffer  # one stream, even chunks: the buffer is the result (a view, no copy)
+    else:
+        whole = torch.cat(pieces, 0)
+    return whole.movedim(0, dim)

@@ -1,7 +1,7 @@
 """The executor of a spatially sharded graph (the VAE under `spatial_degree`).
 
 Per call, on every rank: the ranks check they were given the same global shapes (one small
-all-gather, as for Ulysses), the input is cut into contiguous row bands of whole `align`-row units
+all-gather on the host plane when the call's signature is new, as for Ulysses), the input is cut into contiguous row bands of whole `align`-row units
 (`spatial_ops.band_units`), the SymInt inputs equal to the height get this band's rows, every rank's
 unit count is appended, the rewritten graph runs, and the outputs listed in the plan are gathered
 along the height (padded to the longest band, all-gathered, trimmed: Gloo cannot gather uneven
@@ -21,8 +21,8 @@ from npu_dit.runtime.executor import gather_uneven
 
 from npu_dit.errors import warn_user
 from npu_dit.plans import SpatialPlan
-from npu_dit.runtime.agreement import CALL, call_signature, check_records, exchange
-from npu_dit.runtime.dist import ParallelContext
+from npu_dit.runtime.agreement import ShapeAgreement
+from npu_dit.runtime.dist import ParallelContext, process_group
 from npu_dit.runtime.grad import refuse_grad
 from npu_dit.runtime.spatial_ops import band_units
 
@@ -41,12 +41,12 @@ class SpatialExecutor:
         self.plan, self.ctx = plan, ctx
         self.scalar_inputs = tuple(scalar_inputs)
         self._warned: set[int] = set()
+        self.agree = ShapeAgreement()
 
     def __call__(self, *args: Any) -> Any:
         plan = self.plan
         refuse_grad(args, "the spatial collectives are not differentiable (the output would come back detached)")
-        signature = call_signature(args)
-        check_records(exchange(CALL, signature), CALL, f"inputs {signature}")
+        self.agree(args)
         height = args[plan.input_index].shape[plan.dim]
         units = band_units(height, plan.align, plan.world_size)
         if height % plan.align or min(units) < plan.min_units:
@@ -69,7 +69,7 @@ class SpatialExecutor:
         for index, dim in self.plan.outputs:
             tensor = result[index]
             per_unit = tensor.shape[dim] // units[self.ctx.rank]
-            result[index] = gather_uneven(tensor, dim, [per_unit * u for u in units])
+            result[index] = gather_uneven(tensor, dim, [per_unit * u for u in units], group=process_group(self.ctx))
         return type(outputs)(result) if isinstance(outputs, tuple) else result
 
     def _warn_unsharded(self, height: int) -> None:

@@ -29,6 +29,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from npu_dit.runtime.planes import record_traced
+
 c10d = torch.ops._c10d_functional
 
 
@@ -62,6 +64,7 @@ def neighbour_rows(
         in_splits[rank + 1], out_splits[rank + 1] = send_down, bottom
     n = rows.shape[0]
     send = torch.cat([rows[:send_up], rows[n - send_down:]], 0).contiguous()
+    record_traced(group_name, send, "halo all_to_all")
     return c10d.wait_tensor(c10d.all_to_all_single(send, out_splits, in_splits, group_name))
 
 
@@ -161,6 +164,7 @@ def group_norm(
     count = grouped.shape[-1]
     var, mean = torch.var_mean(grouped, dim=-1, correction=0)  # [B, G] each
     stats = torch.stack([mean, var * count, torch.full_like(mean, count)], 0)  # [3, B, G]
+    record_traced(group_name, stats, "group_norm all_gather")
     gathered = c10d.wait_tensor(c10d.all_gather_into_tensor(stats.contiguous(), world, group_name))
     gathered = gathered.reshape(world, 3, batch, num_groups)
     means, m2s, counts = gathered[:, 0], gathered[:, 1], gathered[:, 2]
@@ -187,6 +191,7 @@ def gather_rows_start(x: torch.Tensor, dim: int, units: Sequence[int], rank: int
     rows = x.movedim(dim, 0)
     local = rows.shape[0]
     send = rows.unsqueeze(0).expand(world, *rows.shape).reshape(world * local, *rows.shape[1:]).contiguous()
+    record_traced(group_name, send, "row gather all_to_all")
     return c10d.all_to_all_single(send, lengths, [local] * world, group_name)
 
 

@@ -19,6 +19,7 @@ from npu_dit.runtime.executor import GraphExecutor
 
 _KINDS = {
     C.seq_to_heads_start: "all_to_all (seq->heads)",
+    C.seq_to_heads_qkv_start: "all_to_all (seq->heads, Q/K/V in one)",
     C.heads_to_seq_start: "all_to_all (heads->seq)",
     C.gather_heads_start: "all_gather (heads)",
     C.gather_seq_start: "all_gather (seq, as all_to_all)",
@@ -37,7 +38,7 @@ class _MetaRun(fx.Interpreter):
 
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
         if target in _KINDS:
-            x = args[0]
+            x = torch.stack(args[:3], 0) if target is C.seq_to_heads_qkv_start else args[0]
             from npu_dit.passes.analysis.module_paths import module_path
 
             self.sent.append((_KINDS[target], module_path(self.current_node), x.numel() * x.element_size(), tuple(x.shape)))
@@ -87,7 +88,7 @@ def collective_report(gm: fx.GraphModule, plan: ShardingPlan, ctx: ParallelConte
         entry = per_kind.setdefault(kind, {"count": 0, "bytes": 0})
         entry["count"] += 1
         entry["bytes"] += nbytes
-    a2a_bytes = sum(b for kind, _, b, _ in runner.sent if kind.startswith("all_to_all (seq->heads)") or kind.startswith("all_to_all (heads->seq)"))
+    a2a_bytes = sum(b for kind, _, b, _ in runner.sent if kind.startswith("all_to_all (seq->heads") or kind.startswith("all_to_all (heads->seq)"))
     tokens = sum(global_lengths.values()) + sum(  # + replicated and patch-grid streams (no input carries a grid)
         s.example_length or 0 for s in plan.streams if not s.sharded or s.grid is not None
     )

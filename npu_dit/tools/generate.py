@@ -28,6 +28,8 @@ from npu_dit.tools.help_format import HelpFormatter
 
 import torch
 
+from npu_dit.runtime.devices import DEVICES
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 TINY_SIDE = 256  # default output size of the tiny pipelines (1024 with --weights)
 
@@ -60,7 +62,10 @@ def add_parser(sub) -> None:
     g.add_argument("--out", default=None, metavar="PATH.png",
                    help="default: MODEL.png in the current folder; PATH.npy: the float32 image array (HxWx3 in [0, 1]) "
                         "before 8-bit rounding, for exact comparisons")
-    g.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
+    g.add_argument("--device", default="auto", choices=DEVICES,
+                   help="where each rank runs: auto = NPU when torch_npu imports, else CUDA, else CPU; "
+                        "each rank takes its LOCAL_RANK device")
+    g.add_argument("--dtype", default=None, choices=tuple(DTYPES), help="default: bfloat16 on NPU/CUDA, float32 on the CPU")
     g.add_argument("--ulysses", "--ulysses-degree", dest="ulysses", type=int, default=None,
                    help="Ulysses degree; default: the torchrun world size (1 without torchrun)")
     g.add_argument("--async-ulysses", "--ulysses-async", dest="async_ulysses", action="store_true",
@@ -224,10 +229,13 @@ def _record_tokens(fn, seen: list[list[int]]):
     return wrapper
 
 
-def _peak_memory_mib() -> dict[str, float]:
+def _peak_memory_mib(device: torch.device) -> dict[str, float]:
+    from npu_dit.runtime.devices import peak_memory_mib
+
     peak = {"host_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
-    if torch.cuda.is_available():
-        peak["device_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    device_mib = peak_memory_mib(device)
+    if device_mib is not None:
+        peak["device_mib"] = device_mib
     return peak
 
 
@@ -272,6 +280,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     check_args(args, spec, world)
     _check_flags(args.tp, args.text_encoder_parallel, args.vae_parallel)
     build_options(num_inference_steps=steps, dump_dir=None, world_size=world, **settings)
+    from npu_dit.runtime.devices import default_dtype, resolve_device
+
+    device = resolve_device(args.device)  # this rank's LOCAL_RANK device; a UserError if it is not there
+    dtype = DTYPES[args.dtype] if args.dtype else default_dtype(device)
     if args.quiet:
         _quiet_libraries()
         from npu_dit.progress import set_verbose
@@ -282,13 +294,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if world > 1 and not torch.distributed.is_initialized():
         from npu_dit.runtime.dist import ensure_process_group
 
-        ensure_process_group(world, device=torch.device("cpu"))  # the pipeline runs on the CPU
+        # HCCL / NCCL / Gloo for the device, and the CPU Gloo group for host decisions beside it
+        ensure_process_group(world, device=device)
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
 
-    pipe = load_pipeline(spec, weights=args.weights, size=args.size, lora=args.lora, lora_scale=args.lora_scale, dtype=DTYPES[args.dtype], seed=args.seed)
+    pipe = load_pipeline(spec, weights=args.weights, size=args.size, lora=args.lora, lora_scale=args.lora_scale, dtype=dtype, seed=args.seed)
     pipe.set_progress_bar_config(disable=args.quiet or rank != 0)
     npu_dit.parallelize(pipe, text_encoder_parallel=args.text_encoder_parallel, vae_parallel=args.vae_parallel,
-                        num_inference_steps=steps, **settings)
+                        num_inference_steps=steps, device=device, **settings)
     totals = {"text encoding": 0.0, "denoising": 0.0, "VAE": 0.0, "compile": 0.0}
     pipe.encode_prompt = _timed(pipe.encode_prompt, totals, "text encoding")
     pipe.vae.decode = _timed(pipe.vae.decode, totals, "VAE")
@@ -311,12 +324,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     image = pipe(**kwargs).images[0]
     total = time.perf_counter() - start
     # this process's CPU seconds in the timed run: with more ranks than cores, wall time exceeds it
-    memory = {**_peak_memory_mib(), "cpu_s": time.process_time() - start_cpu}
+    memory = {**_peak_memory_mib(device), "cpu_s": time.process_time() - start_cpu}
     # denoising = the transformer calls; the scheduler steps and latent packing go to "other"
     stages = {**totals, "other": max(0.0, total - sum(totals.values())), "total": total}
     if torch.distributed.is_initialized():
-        gathered: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(gathered, memory)
+        from npu_dit.runtime import planes
+
+        gathered = planes.host_all_gather_object(memory, "peak memory")  # host information: the host plane
     else:
         gathered = [memory]
     if rank == 0:
@@ -333,6 +347,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 if controller is not None else None)
     return {
         "model": spec.name, "weights": args.weights or f"{args.size or 'tiny'} random (offline)", "world_size": world,
+        "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "options": build_options(num_inference_steps=steps, dump_dir=None, world_size=world, **settings),
         "height": kwargs["height"], "width": kwargs["width"], "steps": steps, "stages_s": stages,
         "transformer_tokens": tokens,
@@ -363,7 +378,8 @@ def format_tokens(pairs: list[list[int]]) -> str:
 def format_report(r: dict[str, Any]) -> str:
     o = r["options"]
     lines = [
-        f"{r['model']}  ({r['weights']}), {r['height']}x{r['width']}, {r['steps']} steps, {r['world_size']} process(es)",
+        f"{r['model']}  ({r['weights']}), {r['height']}x{r['width']}, {r['steps']} steps, {r['world_size']} process(es)"
+        f"{', ' + r['device'] + ' ' + r['dtype'] if 'device' in r else ''}",
         f"  ulysses_degree={o['ulysses_degree']} tp_degree={o['tp_degree']} text_encoder_parallel={r.get('text_encoder_parallel', False)} async_ulysses={o['async_ulysses']} attention_backend={o['attention_backend']} "
         f"inner_compiler={o['inner_compiler']} cache={o.get('cache')}",
         *([f"  tokens per transformer call: {format_tokens(r['transformer_tokens'])}"] if r.get("transformer_tokens") else []),
