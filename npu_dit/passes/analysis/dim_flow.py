@@ -795,8 +795,9 @@ class _Flow:
             if not _is_broadcast_of(out_shape, [_shape(value)], self._eq):
                 return
             self.join(node, [dims, vd], out_shape)
-        if node not in self.inexact_slices:
-            self.aligned_writes.add(node)
+        # a cut inside a stretch of tokens is in `inexact_slices` (a pass refuses it where the tokens
+        # are sharded); a strided slice of the features (RoPE's even/odd halves) is not a concern
+        self.aligned_writes.add(node)
 
     def rule_getitem(self, node: fx.Node, base: Any = None, index: Any = None,
                      out_shape: list[Size] | None = None) -> DimsValue | None:

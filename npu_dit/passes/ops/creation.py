@@ -34,7 +34,8 @@ def size(call: Call) -> Semantics:
 
 @register(torch.Tensor.dim, torch.Tensor.numel, torch.numel, torch.Tensor.element_size, torch.ops.aten.sym_numel.default,
           torch.Tensor.is_contiguous, torch.is_floating_point, torch.Tensor.is_floating_point, torch.is_complex,
-          torch.Tensor.is_complex, torch.Tensor.stride, torch.ops.aten.sym_stride.int, torch.Tensor.get_device)
+          torch.Tensor.is_complex, torch.Tensor.stride, torch.ops.aten.sym_stride.int, torch.Tensor.get_device,
+          torch.Tensor.item, torch.Tensor.tolist)
 def metadata(call: Call) -> Semantics:
     return Semantics("size", call)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import numbers
 import operator
+import types
 import typing
 from typing import Any
 
@@ -141,12 +142,19 @@ def _matches(parameter: inspect.Parameter, arg_type: Any) -> bool:
     annotation = parameter.annotation
     if annotation is inspect.Parameter.empty:
         return True
+    if arg_type is type(None) and parameter.default is None:
+        return True
+    return _type_ok(annotation, arg_type)
+
+
+def _type_ok(annotation: Any, arg_type: Any) -> bool:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):  # Optional[T], `T | None`
+        return any(_type_ok(arm, arg_type) for arm in typing.get_args(annotation))
     if arg_type is type(None):
-        return typing.get_origin(annotation) is typing.Union and type(None) in typing.get_args(annotation) or (
-            parameter.default is None)
-    if annotation is numbers.Number or annotation == typing.Optional[numbers.Number]:
+        return annotation is type(None)
+    if annotation is numbers.Number:
         return arg_type in (int, float, bool)
-    if arg_type is bool and annotation in (int, typing.Optional[int]):
+    if arg_type is bool and annotation is int:
         return False  # an int parameter does not take a bool (std(x, True) is `unbiased`)
     try:
         return bool(type_matches(annotation, arg_type))
