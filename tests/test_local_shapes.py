@@ -76,3 +76,20 @@ def test_recorded_shapes_are_the_real_local_shapes_on_every_rank(tmp_path):
         for name, (err, fell_back) in record["result"].items():
             assert not fell_back, (rank, name)
             assert err <= 1e-5, (rank, name, err)
+
+
+def test_the_real_shape_check_catches_a_wrong_recorded_shape(tiny_capture):
+    """The check is not vacuous: one node's recorded shape made wrong is reported."""
+    from npu_dit.runtime.meta_check import check_meta
+
+    _, _, cap = tiny_capture("flux")
+    assert check_meta(cap.gm, cap.real_inputs) == []
+    node = next(n for n in cap.gm.graph.nodes if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor)
+                and n.meta["val"].dim() == 3)
+    saved = node.meta["val"]
+    try:
+        node.meta["val"] = saved.new_empty(saved.shape[0], saved.shape[1] + 1, saved.shape[2])
+        problems = check_meta(cap.gm, cap.real_inputs)
+    finally:
+        node.meta["val"] = saved
+    assert problems and node.name in problems[0], problems

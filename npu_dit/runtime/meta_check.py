@@ -40,7 +40,7 @@ class _Checker(fx.Interpreter):
         if isinstance(recorded, torch.SymInt) and isinstance(real, int):
             expr = recorded.node.expr
             if isinstance(expr, sympy.Symbol):
-                self.bindings.setdefault(expr, real)
+                self.bindings.setdefault(expr, sympy.Integer(real))
         elif isinstance(recorded, torch.Tensor) and isinstance(real, torch.Tensor):
             for size, value in zip(recorded.shape, real.shape):
                 self.bind(size, int(value))
@@ -56,7 +56,7 @@ class _Checker(fx.Interpreter):
             known = expr.xreplace(self.bindings)
             if known.free_symbols:
                 if isinstance(expr, sympy.Symbol):
-                    self.bindings[expr] = int(value)  # a size first seen here (data-dependent)
+                    self.bindings[expr] = sympy.Integer(int(value))  # a size first seen here (data-dependent)
                 continue
             if int(known) != int(value):
                 self.problems.append(f"{node.name} dim {d}: recorded {expr} = {int(known)}, the rank computes {int(value)}")
