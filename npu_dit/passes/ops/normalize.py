@@ -152,6 +152,11 @@ def _type_ok(annotation: Any, arg_type: Any) -> bool:
         return any(_type_ok(arm, arg_type) for arm in typing.get_args(annotation))
     if arg_type is type(None):
         return annotation is type(None)
+    if typing.get_origin(annotation) in (list, tuple, typing.List, typing.Tuple) and arg_type in (int, float, bool):
+        arms = typing.get_args(annotation)  # a Python function's list parameter given one number
+        return bool(arms) and _type_ok(arms[0], arg_type)
+    if annotation is float and arg_type is int:
+        return True
     if annotation is numbers.Number:
         return arg_type in (int, float, bool)
     if arg_type is bool and annotation is int:
