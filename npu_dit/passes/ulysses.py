@@ -669,7 +669,7 @@ class _Rewriter:
             vh = self.to_heads(v, self.runs(v, seq_dim, self.local.get(v, frozenset())), seq_dim, head_dim, padded)
             new_mask = mask
             if isinstance(mask, fx.Node):
-                new_mask = self.gather_mask(mask, ndim)
+                new_mask = self.mask_heads(self.gather_mask(mask, ndim), ndim, head_dim, int(num_heads), padded)
             kwargs = {**{k_: v_ for k_, v_ in args.items() if k_ not in ("query", "key", "value", "attn_mask")},
                       "attn_mask": new_mask}
             attention = self.call(node.target, (qh, kh, vh), kwargs)
@@ -722,6 +722,22 @@ class _Rewriter:
                     parts.append(piece)
             result = parts[0] if len(parts) == 1 else self.call(torch.cat, (parts, dim))
         return result
+
+    def mask_heads(self, mask: fx.Node, ndim: int, head_dim: int, num_heads: int, padded: int) -> fx.Node:
+        """A mask with a dim per head (`prepare_attention_mask` repeats it per head) is cut to this
+        rank's heads, as q, k and v are; a mask broadcast over the heads (size 1) is left alone."""
+        value = node_value(mask)
+        dim = head_dim - (ndim - value.dim())
+        if dim < 0 or value.shape[dim] == 1:
+            return mask
+        size = value.shape[dim]
+        expr = size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(int(size))
+        if not _same(expr, sympy.Integer(num_heads), self.fake_mode.shape_env):
+            raise Refusal(f"the mask of an attention call has {value.shape[dim]} entries along the heads, "
+                          f"not 1 or the {num_heads} heads")
+        padded_mask = self.call(C.pad_heads, (mask, dim, padded))
+        self.bump("mask_heads")
+        return self.call(C.local_heads, (padded_mask, dim, self.world, self.rank))
 
     def from_heads(self, attention: fx.Node, runs: list[_Run], seq_dim: int, head_dim: int, num_heads: int, original: Any) -> fx.Node:
         """Head-sharded -> the layout the graph had: all-to-all back for local runs, all-gather of
