@@ -154,3 +154,16 @@ def test_a_model_over_its_time_limit_is_killed_and_recorded():
     assert record["status"] == "crashed"
     assert record["reason"].startswith("timed out after 3 s (rank 0: ")
     assert record["seconds"] < 30  # the whole session was killed, not waited for
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model", ["LTXVideo", "Wan"])
+def test_diffusers_dits_that_used_to_crash_or_refuse_are_sharded_and_exact(model):
+    """Through the public call on 2 Gloo ranks (the survey's own runner): LTX-Video's per-head
+    cross-attention mask crashed the rewritten graph; Wan's video patch grid (frames x rows x
+    columns) and its `type_as` were refused."""
+    from npu_dit.tools.dit_survey import survey_one
+
+    record = survey_one(model, world=2, timeout=400)
+    assert record["status"] == "sharded", record
+    assert record["exact"], record
