@@ -84,7 +84,8 @@ def plan_streams(gm: fx.GraphModule, tokens: TokenDims, *, world_size: int, rank
         # tokens patchified from an input (no input carries them): every rank keeps a contiguous run of
         # whole patch rows, cut where the tokens are made; the input itself stays whole
         stream = Stream(len(streams), (segment.id,), [], True, "patch rows", frozenset(), segment.hint,
-                        name=grid.describe(), grid=(index_of[grid.input], grid.row_dim, grid.col_dim, *grid.patch, grid.lead))
+                        name=grid.describe(), grid=(index_of[grid.input], grid.row_dim, grid.col_dim, *grid.patch)
+                        + ((grid.lead,) if grid.lead else ()))
         streams.append(stream)
         owner[segment.id] = stream.id
     if streams and not any(s.symbols for s in streams):

@@ -170,9 +170,23 @@ def stale_meta(gm: fx.GraphModule, before: dict[int, Any], limit: int = 5) -> li
 
 
 def _same(a: Any, b: Any) -> bool:
+    """Equal sizes: the same expression, or equal wherever the symbols are evaluated (sympy cannot
+    always cancel floor divisions: `((h*(w//4) + h*((w//2 + 1)//2)) // (w//2)` is `h` for every w)."""
     ea = a.node.expr if isinstance(a, torch.SymInt) else sympy.Integer(int(a))
     eb = b.node.expr if isinstance(b, torch.SymInt) else sympy.Integer(int(b))
-    return ea == eb or sympy.expand(ea - eb) == 0
+    if ea == eb or sympy.expand(ea - eb) == 0:
+        return True
+    symbols = sorted(ea.free_symbols | eb.free_symbols, key=str)
+    if not symbols:
+        return False
+    for k in range(6):  # a few points (several residues of every symbol), never only the hint
+        point = {x: sympy.Integer(2 + 7 * k + 3 * i + (k * i) % 5) for i, x in enumerate(symbols)}
+        try:
+            if ea.xreplace(point) != eb.xreplace(point):
+                return False
+        except (TypeError, ZeroDivisionError):
+            return False
+    return True
 
 
 class _Refresh(torch.fx.Interpreter):

@@ -172,14 +172,25 @@ def _bind(signature: inspect.Signature, args: tuple, kwargs: dict) -> inspect.Bo
         return signature.bind(*args, **kwargs)
     except TypeError:
         pass
-    # varargs sizes of a method call: x.view(2, 3) / x.permute(0, 2, 1) / x.expand(B, -1, -1)
-    params = list(signature.parameters.values())
-    if len(params) >= 2 and len(args) > 2 and not kwargs:
-        packed = (args[0], tuple(args[1:]))
-        try:
-            return signature.bind(*packed)
-        except TypeError:
-            return None
+    # varargs sizes: x.view(2, 3), x.permute(0, 2, 1), x.expand(B, -1, -1), torch.ones(B, S, dtype=...):
+    # the sizes written one by one fill the list parameter they stand for
+    params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+    for i, parameter in enumerate(params):
+        if i >= len(args):
+            break
+        if typing.get_origin(parameter.annotation) not in (list, typing.List):
+            continue
+        rest = args[i:]
+        if len(rest) >= 1 and all(_type_of(a) is int for a in rest) and (len(rest) > 1 or i + 1 < len(args)):
+            try:
+                return signature.bind(*args[:i], tuple(rest), **kwargs)
+            except TypeError:
+                return None
+        if len(rest) > 1 and all(_type_of(a) is int for a in rest):
+            try:
+                return signature.bind(*args[:i], tuple(rest), **kwargs)
+            except TypeError:
+                return None
     return None
 
 
