@@ -181,11 +181,6 @@ def _bind(signature: inspect.Signature, args: tuple, kwargs: dict) -> inspect.Bo
         if typing.get_origin(parameter.annotation) not in (list, typing.List):
             continue
         rest = args[i:]
-        if len(rest) >= 1 and all(_type_of(a) is int for a in rest) and (len(rest) > 1 or i + 1 < len(args)):
-            try:
-                return signature.bind(*args[:i], tuple(rest), **kwargs)
-            except TypeError:
-                return None
         if len(rest) > 1 and all(_type_of(a) is int for a in rest):
             try:
                 return signature.bind(*args[:i], tuple(rest), **kwargs)
