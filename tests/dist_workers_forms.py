@@ -11,6 +11,7 @@ warnings.filterwarnings("ignore")
 
 def token_forms(rank, world_size, forms):
     from npu_dit.backend import RECORDS
+    from npu_dit.plans import SHARDING_META_KEY
     from tests.forms import TokenForm
 
     results = {}
@@ -26,8 +27,12 @@ def token_forms(rank, world_size, forms):
         except Exception as exc:  # noqa: BLE001 - reported per form
             results[form] = (None, None, f"{type(exc).__name__}: {exc}")
             continue
-        report = RECORDS[-1].report
-        results[form] = (out, report.fell_back, report.fallback_reason or "")
+        record = RECORDS[-1]
+        plan = None if record.report.fell_back else record.graph.meta.get(SHARDING_META_KEY)
+        # the image tokens (the form's operand) stay whole if the pass refused or kept their stream replicated
+        image_whole = plan is None or not any(s.sharded and "image" in s.name for s in plan.streams)
+        results[form] = (out, image_whole, record.report.fallback_reason or "; ".join(
+            f"{s.name}: {s.reason}" for s in plan.streams if not s.sharded) if plan else record.report.fallback_reason)
     return results
 
 

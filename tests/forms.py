@@ -1,8 +1,8 @@
 """Ops written in every form a model may use them in (positional, keyword, method, in place, a size
 used as a value), applied to the image tokens of a small joint-attention model. Each form says
-what the Ulysses rewrite must do with it: "refuse" (it mixes, cuts or writes the sharded tokens),
-"shard" (it does not touch them: refusing would be a needless fallback) or "either" (exact whichever
-it does). Whatever the expectation, the result must equal the eager call."""
+what the Ulysses rewrite must do with it: "refuse" (it mixes, cuts or writes the image tokens: they
+must stay whole, the whole rewrite refused or the image stream kept replicated), "shard" (it does not
+touch them: refusing would be a needless fallback) or "either" (exact whichever it does). Whatever the expectation, the result must equal the eager call."""
 
 from __future__ import annotations
 
@@ -36,6 +36,28 @@ def _masked_fill_(h):
     return h
 
 
+@torch.library.custom_op("npu_dit_forms::positions", mutates_args=())
+def _positions(n: int) -> torch.Tensor:
+    """An op npu-dit has no rule for, building a table from a length (a model's own positional kernel)."""
+    return torch.arange(n, dtype=torch.float32) / 8
+
+
+@_positions.register_fake
+def _(n):
+    return torch.empty(n)
+
+
+@torch.library.custom_op("npu_dit_forms::length_scale", mutates_args=())
+def _length_scale(n: int) -> torch.Tensor:
+    """An op with no rule whose result does not carry the tokens: one number made from a length."""
+    return torch.full((1,), 1 + n / 8)
+
+
+@_length_scale.register_fake
+def _(n):
+    return torch.empty(1)
+
+
 FORMS = {
     # along the tokens (dim 1 of [B, S, D]): must not be sharded
     "roll_positional": ("refuse", lambda h: torch.roll(h, 2, 1)),
@@ -52,6 +74,7 @@ FORMS = {
     "cummax": ("refuse", lambda h: torch.cummax(h, 1)[0]),
     "softmax_positional": ("refuse", lambda h: torch.softmax(h, 1)),
     "sort": ("refuse", lambda h: torch.sort(h, 1)[0]),
+    "repeat_tokens": ("refuse", lambda h: h.repeat(1, 2, 1)[:, h.shape[1] - 1:-1] * 0.5 + h * 0.5),
     "flip_list": ("refuse", lambda h: torch.flip(h, [1])),
     "layer_norm_over_tokens": ("refuse", lambda h: F.layer_norm(h, h.shape[1:])),
     "strided_slice": ("refuse", lambda h: h[:, ::2]),
@@ -67,8 +90,12 @@ FORMS = {
     "size_as_fill": ("either", lambda h: h + torch.full((1,), h.shape[1], dtype=h.dtype)),
     "inplace_whole": ("either", _inplace_whole),
     "masked_fill_inplace": ("either", _masked_fill_),
+    # an op with no rule that takes the stream length: run as in the serial graph (global length), or refused
+    "opaque_table_of_the_length": ("either", lambda h: h + _positions(h.shape[1]).view(1, -1, 1)),
+    "opaque_value_of_the_length": ("either", lambda h: h * _length_scale(h.shape[1])),
     # along the features or elementwise: the tokens stay sharded
     "roll_features": ("shard", lambda h: torch.roll(h, 2, -1)),
+    "repeat_features": ("shard", lambda h: h.unsqueeze(2).repeat(1, 1, 2, 1).sum(2) * 0.5),
     "norm_features": ("shard", lambda h: h / h.norm(2, -1, keepdim=True)),
     "std_features": ("shard", lambda h: h / torch.std(h, -1).unsqueeze(-1)),
     "max_binary": ("shard", lambda h: torch.max(h, h * 0.5)),

@@ -1,5 +1,6 @@
 """Every form of an op gives the same semantics, and through the public call on 2 Gloo ranks every
-form is exact: refused where it touches the sharded tokens, sharded where it does not."""
+form is exact: where it touches the image tokens they stay whole (the pass refuses, or keeps the image
+stream replicated and shards the text), where it does not they are sharded."""
 
 from __future__ import annotations
 
@@ -22,17 +23,17 @@ def test_every_form_is_exact_through_the_public_call(tmp_path):
         with torch.no_grad():
             expected = model(**inputs)[0]
         for rank, record in enumerate(records):
-            out, fell_back, reason = record["result"][form]
+            out, image_whole, reason = record["result"][form]  # image tokens unsharded: refused or replicated
             if out is None:
                 problems.append(f"{form} rank {rank}: raised {reason}")
                 continue
             err = (out - expected).abs().max().item()
             if out.shape != expected.shape or err > 1e-5:
                 problems.append(f"{form} rank {rank}: wrong result (shape {tuple(out.shape)}, err {err:.3g}, "
-                                f"fell back: {fell_back})")
-            elif expect == "refuse" and not fell_back:
-                problems.append(f"{form} rank {rank}: sharded although it touches the sharded tokens")
-            elif expect == "shard" and fell_back:
+                                f"image tokens whole: {image_whole})")
+            elif expect == "refuse" and not image_whole:
+                problems.append(f"{form} rank {rank}: image tokens sharded although the op mixes or cuts them")
+            elif expect == "shard" and image_whole:
                 problems.append(f"{form} rank {rank}: refused needlessly: {reason}")
     assert not problems, "\n".join(problems)
 

@@ -295,10 +295,9 @@ class _Rewriter:
 
     def localize_lengths(self, node: fx.Node, streams: set[int]) -> None:
         """The grid's input enters whole, so lengths the graph reads off it are global: an op on local
-        grid tokens given the token count (SD3 splits its joint output at `residual.shape[1]`) gets
-        this rank's count instead. Any other length made from the grid's input dims is refused."""
-        if _kind(node) == "reshape":
-            return  # gathered first (unpatchify)
+        grid tokens given the token count (SD3 splits its joint output at `residual.shape[1]`, CogView4
+        reshapes its RoPE input to `(*x.shape[:-1], 2, -1)`) gets this rank's count instead; a reshape
+        that takes the grid apart (unpatchify) is not one of those: its tokens are gathered first. Any other length made from the grid's input dims is refused."""
         total = {s: node_value(self.global_len[s]).node.expr for s in streams}
         symbols = frozenset().union(*(e.free_symbols for e in total.values()))
 
@@ -337,8 +336,8 @@ class _Rewriter:
                 parts = []
                 for run, piece in zip(runs, self.split_runs(result, dim, runs, gathered=False)):
                     if run.local and (len(run.streams) != 1 or run.streams[0] not in streams):
-                        raise Refusal(f"{self.where(before)} takes apart or returns a token dim holding patch-grid "
-                                      f"tokens next to other sharded tokens (dim {dim})")
+                        raise Refusal(f"{self.where(before)} takes apart or returns a token dim holding local "
+                                      f"tokens of several streams side by side (dim {dim}) next to others")
                     if run.local:
                         start = self.call(C.gather_seq_start, (piece, dim, self.lengths_of(run.streams), self.world,
                                                                self.ctx.group_name))
@@ -411,6 +410,16 @@ class _Rewriter:
                 else:
                     self.propagate(node)
 
+    def undo(self) -> None:
+        """Put the graph back as `run` found it: inserted nodes erased, original arguments restored."""
+        inserted = [n for n in self.graph.nodes if n not in self.original_args]
+        for node in inserted:
+            node.args, node.kwargs = (), {}
+        for node, (args, kwargs) in self.original_args.items():
+            node.args, node.kwargs = args, kwargs
+        for node in reversed(inserted):
+            self.graph.erase_node(node)
+
     def propagate(self, node: fx.Node) -> None:
         present = self.streams_of(node) & self.sharded
         inputs = self.value_inputs(node)
@@ -420,7 +429,7 @@ class _Rewriter:
         self.check_rules(node)
         self.globalize_values(node)
         lost = carried - present
-        if carried & set(self.grid_rows):
+        if carried & set(self.grid_rows) and not (lost & set(self.grid_rows) and _kind(node) == "reshape"):
             self.localize_lengths(node, carried & set(self.grid_rows))
         if lost and lost <= set(self.grid_rows) and _kind(node) == "reshape":
             # unpatchify: the grid's tokens are split back into rows and columns; gather them first
@@ -429,9 +438,9 @@ class _Rewriter:
             carried -= lost
             lost = set()
         if lost and isinstance(node_value(node), torch.Tensor) and _kind(node) not in SLICING_KINDS:
-            raise Refusal(
+            raise StreamRefusal(
                 f"{self.where(node)} drops the sharded token dim of stream(s) {sorted(lost)}; Ulysses does "
-                f"not insert the all-reduce or gather this would need"
+                f"not insert the all-reduce or gather this would need", frozenset(lost)
             )
         self.check_placeable(node)
         local = present & carried
@@ -470,12 +479,17 @@ class _Rewriter:
     def globalize_values(self, node: fx.Node) -> None:
         """A length of a sharded stream used as a value (`h * h.shape[1]`, a fill value), not as a
         size, means the global length: the argument is recomputed from the global lengths (or the
-        pass refuses). Sizes (a reshape's shape, a slice bound) stay local: they describe local tensors."""
+        pass refuses). Sizes (a reshape's shape, a slice bound) stay local: they describe local tensors.
+        An op with no rule that reads no sharded tokens (`check_rules` refuses the others) is a function
+        of replicated values and lengths: it runs as in the serial graph, every length global, and its
+        result is a full tensor, sliced where it meets local tokens."""
         sem = semantics(node)
-        if sem is None or sem.kind in ("symbolic", "size", "effect"):
+        if sem is None and node not in self.tokens.flow.opaque_set:
+            return
+        if sem is not None and sem.kind in ("symbolic", "size", "effect"):
             return
         symbols = self.sharded_symbols()
-        sizes = sem.size_arguments()
+        sizes = sem.size_arguments() if sem is not None else ()
 
         def is_length_value(arg: Any) -> bool:
             value = node_value(arg) if isinstance(arg, fx.Node) else None
@@ -506,14 +520,15 @@ class _Rewriter:
         path, line = module_path(node), source_line(node)
         return f"{_op_name(node)} ({node.name}{' in ' + path if path else ''}{', at ' + line if line else ''})"
 
-    def holds_local_tokens(self, inp: Any, dim: int) -> bool:
+    def holds_local_tokens(self, inp: Any, dim: int) -> frozenset[int]:
+        """The sharded streams whose local tokens `inp` holds along `dim` (empty: none)."""
         if not isinstance(inp, fx.Node) or not self.local.get(inp):
-            return False
+            return frozenset()
         dims = self.tokens.flow.dims(inp)
         if dims is None or dim >= len(dims) or dims[dim] is None:
-            return False
+            return frozenset()
         segments = {self.segment_of_atom.get(a) for a in self.atoms.normalize(dims[dim])}
-        return any(self.stream_of_segment.get(s) in self.local[inp] for s in segments if s is not None)
+        return frozenset(self.stream_of_segment.get(s) for s in segments if s is not None) & self.local[inp]
 
     def check_rules(self, node: fx.Node) -> None:
         """Refuse whatever the rule table cannot prove exact on sharded tokens: an op with no rule,
@@ -521,7 +536,8 @@ class _Rewriter:
         slice that does not cut at a stream boundary."""
         flow = self.tokens.flow
         if node in flow.opaque_set and any(self.local.get(i) for i in node.all_input_nodes):
-            raise Refusal(f"{self.where(node)} has no sharding rule and reads sharded tokens")
+            raise StreamRefusal(f"{self.where(node)} has no sharding rule and reads sharded tokens",
+                                frozenset().union(*(self.local.get(i, frozenset()) for i in node.all_input_nodes)))
         for written in flow.mutations.get(node, ()):
             chain = self.alias_chain(written)
             touched = [t for t in chain if self.local.get(t) or self.streams_of(t) & self.sharded]
@@ -529,19 +545,25 @@ class _Rewriter:
                     self.streams_of(written) & self.sharded) <= self.local.get(written, frozenset()):
                 continue  # a write of local tokens into their own positions (RoPE on a slice of q)
             if touched:
-                raise Refusal(f"{self.where(node)} writes in place into {touched[-1].name}, which holds tokens of a "
-                              f"sharded stream; Ulysses cannot prove an in-place write exact",
-                              fix="write the model without the in-place update (x = x + y, torch.where)")
+                streams = frozenset().union(*(self.local.get(t, frozenset()) | (self.streams_of(t) & self.sharded)
+                                              for t in touched))
+                raise StreamRefusal(f"{self.where(node)} writes in place into {touched[-1].name}, which holds tokens "
+                                    f"of a sharded stream; Ulysses cannot prove an in-place write exact", streams,
+                                    fix="write the model without the in-place update (x = x + y, torch.where)")
         if node in flow.no_value and any(self.local.get(i) or self.streams_of(i) & self.sharded
                                          for i in node.all_input_nodes):
-            raise Refusal(f"{self.where(node)} returns nothing and reads sharded tokens (an effect Ulysses "
-                          f"cannot see)")
+            streams = frozenset().union(*(self.local.get(i, frozenset()) | (self.streams_of(i) & self.sharded)
+                                          for i in node.all_input_nodes))
+            raise StreamRefusal(f"{self.where(node)} returns nothing and reads sharded tokens (an effect Ulysses "
+                                f"cannot see)", streams)
         for inp, dim in flow.mixing.get(node, ()):
-            if self.holds_local_tokens(inp, dim):
-                raise Refusal(f"{self.where(node)} combines positions along a sharded token dim (dim {dim})")
+            if streams := self.holds_local_tokens(inp, dim):
+                raise StreamRefusal(f"{self.where(node)} combines positions along a sharded token dim (dim {dim})",
+                                    streams)
         for inp, dim in flow.inexact_slices.get(node, ()):
-            if self.holds_local_tokens(inp, dim):
-                raise Refusal(f"{self.where(node)} slices a sharded token dim (dim {dim}) inside a stream")
+            if streams := self.holds_local_tokens(inp, dim):
+                raise StreamRefusal(f"{self.where(node)} slices a sharded token dim (dim {dim}) inside a stream",
+                                    streams)
 
     def globalize_lengths(self, node: fx.Node, streams: set[int]) -> None:
         """A value built at full size for `streams` must use their global lengths: its SymInt
@@ -776,12 +798,17 @@ class _Rewriter:
             local = self.local[gathered[out]] if grids else self.local[out]
             if not local:
                 continue
-            for dim, _ in self.tokens.token_dims_of(out):  # the dims the analysis saw (before any gather)
-                runs = self.runs(out, dim, local)
+            dims = [(dim, self.runs(out, dim, local)) for dim, _ in self.tokens.token_dims_of(out)]
+            if any(any(r.local for r in runs) and not all(r.local for r in runs) for _, runs in dims):
+                # local tokens next to whole ones (a stream kept replicated) on one dim: the executor
+                # gathers whole dims only, so the local runs are gathered here, in the graph
+                source = gathered.get(out, out)
+                gathered[out] = self.gather_tokens(source, set(local), before=output)
+                output.replace_input_with(source, gathered[out])
+                continue
+            for dim, runs in dims:  # the dims the analysis saw (before any gather)
                 if grids and not any(r.local for r in runs):
                     continue  # the gathered grid dim
-                if not all(r.local for r in runs):
-                    raise Refusal(f"output {index} mixes sharded and replicated tokens on dim {dim}")
                 streams = tuple(s for r in runs for s in r.streams)
                 self.plan.outputs.append(OutputGather(index, dim, streams))
 
@@ -848,11 +875,36 @@ def refresh_local_shapes(gm: fx.GraphModule, plan: ShardingPlan, rewriter: "_Rew
     refresh(gm, values, symbols, rename, RULES)
 
 
+class StreamRefusal(Refusal):
+    """A refusal caused by the tokens of some sharded streams (`streams`, ids in the plan): with those
+    streams replicated the rewrite may still be exact for the others."""
+
+    def __init__(self, reason: str, streams: frozenset[int], *, fix: str | None = None) -> None:
+        super().__init__(reason, fix=fix)
+        self.streams = frozenset(s for s in streams if s is not None)
+
+
 def ulysses_pass(gm: fx.GraphModule, *, ctx: ParallelContext) -> PassResult:
+    """Shard every stream the rules allow. A refusal that names streams (a pooled mean over the text,
+    say) is retried with those streams replicated, while another stream is left to shard: the first
+    attempt is undone (its nodes erased, every original node's arguments restored), so the retry sees
+    the graph as it was, and the analyses of it stay valid."""
     tokens = token_dims(gm)
-    plan = plan_streams(gm, tokens, world_size=ctx.world_size, rank=ctx.rank)
-    rewriter = _Rewriter(gm, tokens, plan, ctx)
-    rewriter.run()
+    replicated: dict[tuple[int, ...], str] = {}
+    while True:
+        plan = plan_streams(gm, tokens, world_size=ctx.world_size, rank=ctx.rank, replicated=replicated)
+        sharded = {s.id: s for s in plan.streams if s.sharded}
+        rewriter = _Rewriter(gm, tokens, plan, ctx)
+        try:
+            rewriter.run()
+            break
+        except StreamRefusal as refusal:
+            if (not refusal.streams or not refusal.streams < set(sharded)
+                    or any(sharded[s].grid is not None for s in refusal.streams)):
+                raise  # nothing left to shard, or a patch grid (its tokens belong to no input to keep whole)
+            rewriter.undo()
+            for stream in refusal.streams:
+                replicated[sharded[stream].segments] = f"kept whole: with it sharded, {refusal.reason}"
     gm.meta[SHARDING_META_KEY] = plan
     gm.graph.lint()
     gm.recompile()

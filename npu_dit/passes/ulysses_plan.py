@@ -38,7 +38,11 @@ def _static_table_of_a_grid(tdim, tokens: TokenDims) -> bool:
     return not isinstance(size, torch.SymInt) and all(seg in tokens.grids for seg in tdim.segments)
 
 
-def plan_streams(gm: fx.GraphModule, tokens: TokenDims, *, world_size: int, rank: int) -> ShardingPlan:
+def plan_streams(gm: fx.GraphModule, tokens: TokenDims, *, world_size: int, rank: int,
+                 replicated: dict[tuple[int, ...], str] | None = None) -> ShardingPlan:
+    """`replicated`: streams (by their segments) to keep whole, with the reason (a first attempt
+    refused because of them)."""
+    replicated = replicated or {}
     require_dynamic_token_dims(tokens, f"Ulysses sequence parallelism (ulysses_degree={world_size})")
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     index_of = {n: i for i, n in enumerate(placeholders)}
@@ -77,10 +81,12 @@ def plan_streams(gm: fx.GraphModule, tokens: TokenDims, *, world_size: int, rank
                 stream.reason = "Dynamo specialised its length to a constant"
         else:
             stream.symbols = stream.symbols | {expr}
+        if tdim.segments in replicated:
+            stream.sharded, stream.reason = False, replicated[tdim.segments]
     for segment in tokens.segments:
         grid = tokens.grids.get(segment.id)
-        if segment.id in owner or grid is None:
-            continue
+        if segment.id in owner or grid is None or (segment.id,) in replicated:
+            continue  # (a replicated patch grid: tokens of no stream, whole on every rank)
         # tokens patchified from an input (no input carries them): every rank keeps a contiguous run of
         # whole patch rows, cut where the tokens are made; the input itself stays whole
         stream = Stream(len(streams), (segment.id,), [], True, "patch rows", frozenset(), segment.hint,

@@ -84,6 +84,11 @@ def _expr_eq(a: sympy.Expr, b: sympy.Expr) -> bool:
         return False
 
 
+def _is_one(value: Any) -> bool:
+    """A repeat count known to be 1 (a constant, not a symbol that happens to be 1 here)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value == 1
+
+
 def sizes_equal(a: Size, b: Size) -> bool:
     return _expr_eq(a.expr, b.expr)
 
@@ -455,6 +460,8 @@ class _Flow:
             return (tuple(src) + (self.fresh(node, out, len(out) - 1),)) if src is not None else self.fresh_all(node)
         if kind == "repeat_interleave":
             return self.rule_repeat_interleave(node, sem)
+        if kind == "repeat":
+            return self.rule_repeat(node, sem)
         if kind == "matmul":
             return self.rule_matmul(node, x, sem.call.args.get("other", sem.call.args.get("mat2")))
         if kind == "creation":
@@ -738,6 +745,17 @@ class _Flow:
         if src is None or dim is None:
             return self.fresh_all(node)
         return tuple(self.fresh(node, out, d) if d == dim else src[d] for d in range(len(src)))
+
+    def rule_repeat(self, node: fx.Node, sem: Semantics) -> DimsValue | None:
+        """A dim repeated once is kept; a tiled dim (and a new leading one) holds fresh positions."""
+        src = self.dims(sem.call.args.get("input"))
+        repeats = list(sem.call.args.get("repeats") or ())
+        out = _shape(node)
+        if src is None or len(repeats) != len(out):
+            return self.fresh_all(node)
+        offset = len(out) - len(src)
+        return tuple(src[d - offset] if d >= offset and src[d - offset] is not None and _is_one(repeats[d])
+                     else self.fresh(node, out, d) for d in range(len(out)))
 
     def rule_matmul(self, node: fx.Node, left: Any, right: Any) -> DimsValue | None:
         a, b = self.dims(left), self.dims(right)

@@ -138,6 +138,13 @@ def view_as_real(call: Call) -> Semantics:
     return Semantics("view_as_real", call, aliases=True)
 
 
+@register(torch.Tensor.repeat, torch.ops.aten.repeat.default)
+def repeat(call: Call) -> Semantics:
+    """Tiles: output dim d (aligned right with the input) is input dim d repeated `repeats[d]` times;
+    leading extra repeats add dims."""
+    return Semantics("repeat", call, sizes=("repeats",))
+
+
 @register(torch.repeat_interleave, torch.Tensor.repeat_interleave)
 def repeat_interleave(call: Call) -> Semantics:
     dim = call.args.get("dim")
