@@ -93,7 +93,8 @@ def patch_cases():
     return {"conv-patchify": synthetic(), "reshape-patchify": synthetic(patchify="reshape"),
             "tokens-out": synthetic(patchify="reshape", unpatchify=False),
             "overlapping-conv": synthetic(kernel=3), "sd3": sd3, "pixart": pixart,
-            "three-patch-rows": synthetic(height=6)}  # fewer patch rows than 4 ranks: one rank holds none
+            "three-patch-rows": synthetic(height=6),
+            "mixed-after-patchify": synthetic(patchify="reshape", mix=True)}  # fewer patch rows than 4 ranks: one rank holds none
 
 
 PATCH_OPTIONS = {"sd3": {"async_ulysses": True}}  # beyond ulysses_degree, per case

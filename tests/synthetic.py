@@ -83,12 +83,14 @@ class PatchDiT(torch.nn.Module):
     with kernel = stride = p, or reshape/permute) -> [B, (H/p)(W/p), D], plus a learned positional
     table cropped to the latent's patch grid and a per-sample timestep embedding; one self-attention;
     unpatchify back to [B, C, H, W] (or, with `unpatchify=False`, the tokens [B, (H/p)(W/p), D]).
+    `mix=True` adds a cumulative sum over the tokens right after they are made.
     `kernel > patch` makes the patches overlap."""
 
     def __init__(self, channels: int = 4, patch: int = 2, heads: int = 2, head_dim: int = 8,
                  max_grid: int = 16, patchify: str = "conv", kernel: int | None = None,
-                 unpatchify: bool = True) -> None:
+                 unpatchify: bool = True, mix: bool = False) -> None:
         super().__init__()
+        self.mix = mix  # a cumulative sum over the tokens right where they are made: must not be sharded
         dim = heads * head_dim
         self.patch, self.heads, self.channels, self.patchify = patch, heads, channels, patchify
         self.unpatchify = unpatchify
@@ -112,6 +114,8 @@ class PatchDiT(torch.nn.Module):
         else:
             x = latent.reshape(b, c, h, p, w, p).permute(0, 2, 4, 1, 3, 5).reshape(b, h * w, c * p * p)
             x = self.proj_tokens(x)
+        if self.mix:
+            x = x + torch.cumsum(x, 1) * 0.1
         x = x + self.pos[:, :h, :w].reshape(1, h * w, -1)
         x = x + self.time(timestep[:, None].to(x.dtype))[:, None]
         q, k, v = self.qkv(x).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)

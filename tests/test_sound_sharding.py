@@ -165,14 +165,17 @@ def test_tokens_patchified_inside_the_graph(world_size, tmp_path):
     serial result: a patch-embedding convolution (a synthetic PatchDiT with a learned table cropped to
     the grid and a per-sample timestep embedding), a reshape/permute patchify (also returning the
     tokens without unpatchify), diffusers' SD3 (cropped pos_embed, sharded text stream, async
-    Ulysses) and PixArt at its own sample size (a grid-sized pos_embed buffer, cross-attention). An overlapping patch convolution refuses on every rank and stays exact. 5 patch rows:
+    Ulysses) and PixArt at its own sample size (a grid-sized pos_embed buffer, cross-attention). An
+    overlapping patch convolution, and a cumulative sum over the tokens where a reshape patchify makes
+    them, refuse on every rank and stay exact. 5 patch rows:
     uneven on 2 and 4 ranks. One spawn runs every case; on 4 ranks only the reshape patchify
     returning tokens on Ulysses-4, the conv patchify on Ulysses-2 x TP-2 (the other cases add no
     rule that depends on the world size), and 3 patch rows on 4 ranks (one rank holds no tokens)."""
     from tests.dist_workers_sound import patch_cases, patch_models
 
     sharded = ("conv-patchify", "sd3", "reshape-patchify", "tokens-out", "pixart")
-    names = sharded + ("overlapping-conv",)
+    refused = {"overlapping-conv": "not a patch grid", "mixed-after-patchify": "combines positions"}
+    names = sharded + tuple(refused)
     options = {}
     if world_size == 4:
         sharded = names = ("conv-patchify", "tokens-out", "three-patch-rows")
@@ -187,7 +190,7 @@ def test_tokens_patchified_inside_the_graph(world_size, tmp_path):
             if name in sharded:
                 assert not fell_back, (name, rank, reason)
             else:
-                assert fell_back and "refused" in reason and "not a patch grid" in reason, (name, rank, reason)
+                assert fell_back and "refused" in reason and refused[name] in reason, (name, rank, reason)
             assert out.shape == expected.shape, (name, rank)
             assert (out - expected).abs().max().item() <= 1e-5, (name, rank)
     # which inputs are sharded on which dim (a plan written by hand): the latent's patch grid is cut

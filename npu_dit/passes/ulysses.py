@@ -100,6 +100,7 @@ class _Rewriter:
         self.stream_of_segment = {seg: s.id for s in plan.streams for seg in s.segments}
         self.sharded = {s.id for s in plan.streams if s.sharded}
         self.local: dict[fx.Node, frozenset[int]] = {}
+        self.replaced: dict[fx.Node, fx.Node] = {}  # a node cut to local rows where it was made -> the cut
         self.counts: dict[str, int] = {}
         self.notes: list[str] = []
         self.fake_mode = graph_fake_mode(gm)
@@ -250,6 +251,8 @@ class _Rewriter:
         for user in users:
             user.replace_input_with(node, cut)
         self.local[cut] = self.local[node] | frozenset(streams)
+        self.same_tokens(cut, node)
+        self.replaced[node] = cut  # later rules about `node` (keyed by the analysis) apply to `cut`
 
     def narrow_patch_conv(self, node: fx.Node, dims: list[tuple[int, list[int]]]) -> bool:
         """Tokens made by `flatten(conv(x), d, d + 1)` from a convolution of whole patches along d
@@ -383,7 +386,13 @@ class _Rewriter:
         if len(runs) == 1:
             return [t]
         lengths = [self.run_length(r, gathered=gathered) for r in runs]
-        pieces = self.call(torch.split, (t, lengths, dim))
+        # the pieces' shapes by rule: `t`'s recorded shape may still hold a patch grid's global length
+        # where the tokens are already local (its shapes are refreshed after the rewrite)
+        value = node_value(t)
+        with self.fake_mode, self.fake_mode.shape_env.suppress_guards():
+            val = tuple(torch.empty([node_value(n) if d == dim % value.dim() else size for d, size in enumerate(value.shape)],
+                                    dtype=value.dtype, device=value.device) for n in lengths)
+        pieces = self.call(torch.split, (t, lengths, dim), val=val)
         return [self.call(operator.getitem, (pieces, i)) for i in range(len(runs))]
 
     # -- propagation --------------------------------------------------------------------------
@@ -557,11 +566,11 @@ class _Rewriter:
             raise StreamRefusal(f"{self.where(node)} returns nothing and reads sharded tokens (an effect Ulysses "
                                 f"cannot see)", streams)
         for inp, dim in flow.mixing.get(node, ()):
-            if streams := self.holds_local_tokens(inp, dim):
+            if streams := self.holds_local_tokens(self.replaced.get(inp, inp), dim):
                 raise StreamRefusal(f"{self.where(node)} combines positions along a sharded token dim (dim {dim})",
                                     streams)
         for inp, dim in flow.inexact_slices.get(node, ()):
-            if streams := self.holds_local_tokens(inp, dim):
+            if streams := self.holds_local_tokens(self.replaced.get(inp, inp), dim):
                 raise StreamRefusal(f"{self.where(node)} slices a sharded token dim (dim {dim}) inside a stream",
                                     streams)
 
@@ -569,6 +578,9 @@ class _Rewriter:
         """A value built at full size for `streams` must use their global lengths: its SymInt
         arguments that mention a (now local) stream symbol are recomputed from the global lengths."""
         symbols = frozenset().union(*(s.symbols for s in self.plan.streams if s.id in streams)) if streams else frozenset()
+        for stream in set(streams or ()) & set(self.grid_rows):
+            # a patch grid's lengths are expressions of its whole input's dims (no symbol of their own)
+            symbols |= node_value(self.global_len[stream]).node.expr.free_symbols
         if not symbols:
             return
 
@@ -589,8 +601,23 @@ class _Rewriter:
             return self.cache[key]
         expr = node_value(node).node.expr
         stream = next((s for s in self.plan.streams if s.sharded and expr in s.symbols), None)
+        grid = next((s for s in self.grid_rows if node is self.stream_len.get(s)), None)
+        sem = semantics(node) if node.op != "placeholder" else None
         if stream is not None:
             result = self.global_len[stream.id]
+        elif grid is not None:
+            result = self.global_len[grid]  # this rank's count of a patch grid's tokens -> all of them
+        elif node in self.setup_nodes or node in self.grid_symints:
+            result = node  # computed by this pass from the grid's whole input: global already
+        elif sem is not None and sem.kind == "size" and sem.dim is not None and isinstance(
+                sem.call.args.get("input"), fx.Node):
+            # a size read off a tensor: global unless the tensor holds local tokens on that dim
+            source, dim = sem.call.args["input"], sem.dim
+            runs = self.runs(source, dim, self.local[source]) if self.local.get(source) else []
+            if not any(r.local for r in runs):
+                result = node
+            else:
+                result = self.run_length(_Run(tuple(st for r in runs for st in r.streams), False), gathered=True)
         elif node.op == "call_function" and node.target in _SYM_ARITHMETIC:
             def swap(a: Any) -> Any:
                 value = node_value(a) if isinstance(a, fx.Node) else None
@@ -658,7 +685,14 @@ class _Rewriter:
                 value = fake
                 self.bump("localize")
         self.local[result] = self.local.get(node, frozenset()) | streams
+        self.same_tokens(result, node)
         return result
+
+    def same_tokens(self, new: fx.Node, old: fx.Node) -> None:
+        """An inserted node whose dims hold the tokens `old`'s hold (a cut to local rows): the
+        analysis' answer for `old` is its answer for `new`."""
+        if new is not old and old in self.tokens.flow.values:
+            self.tokens.flow.values[new] = self.tokens.flow.values[old]
 
     # -- attention -----------------------------------------------------------------------------
     def rewrite_attention(self, node: fx.Node) -> None:

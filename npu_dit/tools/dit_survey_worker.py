@@ -15,6 +15,7 @@ import collections
 import json
 import os
 import time
+import traceback
 import warnings
 from typing import Any
 
@@ -99,6 +100,7 @@ def run(name: str, out_dir: str, degree: int) -> dict[str, Any]:
             result["max_err"] = max_abs_error(expected, got)
         except Exception as exc:  # noqa: BLE001 - recorded as a crash
             result["compile_error"] = first_line(exc)
+            result["traceback"] = traceback.format_exc()[-4000:]
     result["compile_s"] = time.perf_counter() - start
     messages = [str(w.message) for w in caught if str(w.message).startswith("npu_dit")]
     result["warnings"] = list(dict.fromkeys(messages))[:8]
