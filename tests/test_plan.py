@@ -36,7 +36,10 @@ def hand_costs(*, heads: int = 24, true_cfg: bool = True) -> dict:
         "ulysses": {"split": {"matmul_flops": _split(1e12, 9.9e13), "attention_flops": _split(0, 2e13),
                               "score_elements": _split(0, 1e9), "memory_bytes": _split(4e8, 3.96e10),
                               "parameter_bytes": _split(2e10, 0), "activation_peak_bytes": _split(2e8, 1.8e9)},
-                    "qkv_bytes_at_2": 3e9, "out_bytes_at_2": 1e9, "collectives_at_2": 114},
+                    "qkv_bytes_at_2": 3e9, "out_bytes_at_2": 1e9, "collectives_at_2": 114,
+                    # 57 sites: Q/K/V each behind a projection's worth of work, the output behind nothing
+                    "async_windows_at_2": [{"bytes": 1e9 / 57, "flops": 5e11, "memory_bytes": 1e8}] * 171
+                    + [{"bytes": 1e9 / 57, "flops": 0.0, "memory_bytes": 0.0}] * 57},
         "tp": {"split": {"matmul_flops": _split(5e12, 9.5e13), "attention_flops": _split(0, 2e13),
                          "score_elements": _split(0, 1e9), "memory_bytes": _split(2e10, 2e10),
                          "parameter_bytes": _split(1e9, 1.9e10), "activation_peak_bytes": _split(1e9, 1e9)},
@@ -131,6 +134,16 @@ def test_more_devices_of_one_kind_never_predicts_slower_compute():
     assert times == sorted(times, reverse=True)
     sent = [model.predict(costs, ATLAS, Config(ulysses_degree=u), steps=28)["bytes_per_step"] for u in (2, 4, 8)]
     assert sent == sorted(sent, reverse=True)  # 4 N h / P per rank
+
+
+def test_async_hides_at_most_the_transfers():
+    costs = hand_costs(true_cfg=False)
+    for u in (2, 4, 8):
+        sync = model.predict(costs, ATLAS, Config(ulysses_degree=u), steps=28)
+        overlapped = model.predict(costs, ATLAS, Config(ulysses_degree=u, async_ulysses=True), steps=28)
+        assert overlapped["predicted_s"] < sync["predicted_s"]
+        # the output all-to-all has an empty window: at least its transfer stays exposed
+        assert overlapped["exposed_collective_s_per_step"] > 0.2 * sync["exposed_collective_s_per_step"]
 
 
 def test_bad_profile_and_devices_are_clear_errors(tmp_path, capsys):

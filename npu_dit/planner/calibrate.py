@@ -1,6 +1,7 @@
 """`npu-dit plan calibrate`: fit a profile's free constants (at most 3) to measured runs.
 
-Measurements come as `npu-dit generate --json` reports (one, or a list), as `npu-dit bench seed --json` output
+Measurements come as `npu-dit generate --json` reports (one, or a list; a report may carry `"label"` and
+`"use": "validate"` to be kept out of the fit and only checked), as `npu-dit bench seed --json` output
 (`seed-tables.json`), or as a plain list of published figures:
 
     {"measurements": [{"model": "flux.1-dev", "size": "full", "height": 1024, "width": 1024, "steps": 28,
@@ -60,7 +61,8 @@ def _from_generate(r: dict[str, Any], default_backend: str) -> Measurement:
                        _config_from_options(options, tep=bool(r.get("text_encoder_parallel")),
                                             vae=bool(options.get("vae_parallel") or r.get("vae_parallel")),
                                             default_backend=default_backend), stages, None,
-                       label=f"{r['model']} {r['world_size']} rank(s)", dtype=r.get("dtype", "float32"))
+                       label=r.get("label") or f"{r['model']} {r['world_size']} rank(s)", dtype=r.get("dtype", "float32"),
+                       use=r.get("use", "calibrate"))
 
 
 def _flags_to_options(flags: list[str]) -> tuple[dict[str, Any], bool, bool]:

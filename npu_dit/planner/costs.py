@@ -135,6 +135,39 @@ def _is_parameter(node: fx.Node) -> bool:
     return "_parameters" in name or "_buffers" in name
 
 
+def overlap_windows(gm: fx.GraphModule) -> list[dict[str, float]]:
+    """For each collective start: the bytes it sends and the work the schedule placed between it and its wait
+    (what async Ulysses can hide the transfer behind; empty windows in a synchronous graph)."""
+    from npu_dit.runtime import collectives as C
+
+    starts, waits = set(C.COLLECTIVE_STARTS), set(C.COLLECTIVE_WAITS)
+    nodes = list(gm.graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    work = [_node_work(n) for n in nodes]
+    windows = []
+    for node in nodes:
+        if node.op != "call_function" or node.target not in starts:
+            continue
+        wait = min((u for u in node.users if u.op == "call_function" and u.target in waits), key=position.get, default=None)
+        if wait is None:
+            continue
+        sent = node.args[:3] if node.target is C.seq_to_heads_qkv_start else node.args[:1]
+        between = work[position[node] + 1:position[wait]]
+        windows.append({"bytes": float(sum(_tensor_bytes(node_value(a)) for a in sent)),
+                        "flops": float(sum(f for f, _ in between)), "memory_bytes": float(sum(b for _, b in between))})
+    return windows
+
+
+def _node_work(node: fx.Node) -> tuple[float, float]:
+    """(FLOPs, memory-bound bytes) of one node, as `graph_cost` counts them."""
+    if node.op == "call_function" and (node.target in LINEAR_TARGETS or is_attention_call(node)):
+        return float(node_flops(node)), 0.0
+    if node.op in ("call_function", "call_method") and not _is_view(node) and not _is_collective(node):
+        inputs = sum(_tensor_bytes(node_value(a)) for a in node.all_input_nodes if not _is_parameter(a))
+        return 0.0, float(inputs + _tensor_bytes(node_value(node)))
+    return 0.0, 0.0
+
+
 def split_by_degree(serial: GraphCost, at_two: GraphCost) -> dict[str, dict[str, float]]:
     """{field: {"kept", "sharded"}} with q(P) = kept + sharded / P, from the serial and degree-2 graphs."""
     out = {}

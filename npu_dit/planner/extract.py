@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
-from npu_dit.planner.costs import GraphCost, graph_cost, module_cost, split_by_degree
+from npu_dit.planner.costs import GraphCost, graph_cost, module_cost, overlap_windows, split_by_degree
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 
 
 def cache_dir() -> Path:
@@ -76,9 +76,12 @@ def _extract(model: str, *, size: str, height: int, width: int, prompt_len: int 
     }
 
     t0 = time.perf_counter()
-    say("Ulysses-2 pass (rank 0)")
+    say("async Ulysses-2 passes (rank 0)")
     ctx = inspection_context(2, rank=0)
-    rewritten, report = run_passes(gm, build_pipeline(CompileConfig.from_options({"ulysses_degree": 2}), ctx, None))
+    # the async schedule: the same nodes and collectives as the synchronous graph, plus the windows between
+    # each collective's start and its wait that the transfers can hide behind
+    options = {"ulysses_degree": 2, "async_ulysses": True}
+    rewritten, report = run_passes(gm, build_pipeline(CompileConfig.from_options(options), ctx, None))
     plan = rewritten.meta.get(SHARDING_META_KEY) if not report.fell_back else None
     if plan is not None:
         comm = collective_report(rewritten, plan, ctx, captured.real_inputs, len(sites), heads * head_dim)
@@ -88,6 +91,7 @@ def _extract(model: str, *, size: str, height: int, width: int, prompt_len: int 
             "qkv_bytes_at_2": sum(v["bytes"] for k, v in kinds.items() if "seq->heads" in k),
             "out_bytes_at_2": sum(v["bytes"] for k, v in kinds.items() if "seq->heads" not in k),
             "collectives_at_2": sum(v["count"] for v in kinds.values()),
+            "async_windows_at_2": overlap_windows(rewritten),
         }
     else:
         result["ulysses_refused"] = report.fallback_reason
@@ -151,7 +155,8 @@ def stage_costs(spec, size: str, *, height: int, width: int, prompt_len: int, dt
             else:
                 lm = build_text_encoder(QWEN25_VL_7B_LM, QWEN25_VL_7B_LM.config("full"), device="meta")
                 encoders = [(lm, prompt_len)]
-            vae = build_vae("flux" if flux else "qwen-image", "full", device="meta", dtype=dtype)
+            # built under the default dtype set above (a .to(dtype) would make diffusers warn)
+            vae = build_vae("flux" if flux else "qwen-image", "full", device="meta")
         else:
             from npu_dit.pipelines.tiny import flux_components, qwen_components
 

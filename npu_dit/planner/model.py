@@ -5,7 +5,8 @@ Per transformer call on one rank:
     compute   = (matmul + attention FLOPs) / (peak x compute efficiency)
               + (memory-bound bytes [+ the score matrix a materialising kernel writes]) / (bandwidth x memory eff.)
     collective = count x latency + bytes on the wire / (link bandwidth x link efficiency), per link class
-    async Ulysses hides the Q/K/V all-to-alls behind the projections: min(their time, the matmul time)
+    async Ulysses: each transfer hides behind the work the schedule placed between its start and its wait
+    (read from the async Ulysses-2 graph): min(transfer, that work), summed over the collectives
 
 each quantity at degree P from the serial and degree-2 graphs (`costs.split_by_degree`). Devices are laid out
 TP innermost, then Ulysses, then CFG: a group of G consecutive ranks talks over the intra-node link when G fits
@@ -128,7 +129,6 @@ def predict(costs: dict[str, Any], hw: Hardware, config: Config, *, steps: int, 
     if hw.attention_kernels[config.attention_backend].get("materializes_scores"):
         memory += at("score_elements") * pad * SCORE_BYTES * SCORE_PASSES
     matmul_s, memory_s = _compute_s(hw, share, matmul, attention, memory)
-    matmul_only_s = matmul / (hw.peak_flops * hw.efficiency["compute"] / share)
 
     sent = 0.0
     comm_s = hidden_s = 0.0
@@ -142,8 +142,14 @@ def predict(costs: dict[str, Any], hw: Hardware, config: Config, *, steps: int, 
         out_s = _collective_s(hw, u * t, out * wire, count - count // 2)
         comm_s += qkv_s + out_s
         sent += qkv + out
-        if config.async_ulysses:
-            hidden_s = min(qkv_s, matmul_only_s)
+        if config.async_ulysses:  # each transfer hides behind the work placed between its start and its wait
+            link = hw.link(u * t)
+            flops = hw.peak_flops * hw.efficiency["compute"] / share
+            bandwidth = hw.memory_bandwidth * hw.efficiency["memory"] / share
+            for w in a2a.get("async_windows_at_2", ()):
+                transfer = w["bytes"] * scale * wire / (link.bandwidth * hw.efficiency["link"])
+                work = (w["flops"] / flops + w["memory_bytes"] / bandwidth) * scale
+                hidden_s += min(transfer, work)
     if t > 1:
         tp = costs["tp"]
         reduce_bytes = tp["all_reduce_bytes"] / u
