@@ -41,6 +41,7 @@ class Measurement:
     label: str = ""
     dtype: str = "bfloat16"
     use: str = "calibrate"  # or "validate": a published figure kept out of the fit
+    input_images: list[tuple[int, int]] | None = None  # None: the pipeline's default
 
 
 def _config_from_options(options: dict[str, Any], *, tep: bool, vae: bool, default_backend: str) -> Config:
@@ -57,12 +58,15 @@ def _from_generate(r: dict[str, Any], default_backend: str) -> Measurement:
     tokens = r.get("transformer_tokens") or []
     stages = {STAGE_KEYS[k]: float(v) for k, v in r["stages_s"].items() if k in STAGE_KEYS}
     options = dict(r.get("options", {}))
+    # an edit pipeline's input image: the image tokens beyond the output's (square: the pipeline keeps ~1024^2)
+    extra = tokens[0][0] - (r["height"] // 16) * (r["width"] // 16) if tokens else 0
+    side = int(round(math.sqrt(extra))) * 16 if extra > 0 else 0
     return Measurement(r["model"], size, r["height"], r["width"], r["steps"], tokens[0][-1] if tokens else None,
                        _config_from_options(options, tep=bool(r.get("text_encoder_parallel")),
                                             vae=bool(options.get("vae_parallel") or r.get("vae_parallel")),
                                             default_backend=default_backend), stages, None,
                        label=r.get("label") or f"{r['model']} {r['world_size']} rank(s)", dtype=r.get("dtype", "float32"),
-                       use=r.get("use", "calibrate"))
+                       use=r.get("use", "calibrate"), input_images=[(side, side)] if side else None)
 
 
 def _flags_to_options(flags: list[str]) -> tuple[dict[str, Any], bool, bool]:
@@ -162,7 +166,10 @@ def calibrate(hw: Hardware, measurements: list[Measurement], costs_for: Callable
     start = hw.constants()
 
     def profile(x: list[float]) -> Hardware:
-        return hw.with_constants(**{k: math.exp(v) for k, v in zip(free, x)})
+        # efficiencies in (0, 1]; a CPU's concurrent devices between 1 and its cores
+        upper = {"concurrent_devices": start.get("concurrent_devices", 1.0)}
+        low = {"concurrent_devices": 1.0}
+        return hw.with_constants(**{k: min(max(math.exp(v), low.get(k, 1e-4)), upper.get(k, 1.0)) for k, v in zip(free, x)})
 
     def loss(x: list[float]) -> float:
         h = profile(x)

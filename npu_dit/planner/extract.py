@@ -17,31 +17,43 @@ import torch
 
 from npu_dit.planner.costs import GraphCost, graph_cost, module_cost, overlap_windows, split_by_degree
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("NPU_DIT_PLAN_CACHE", Path.home() / ".cache" / "npu-dit" / "plan"))
 
 
+# the edit pipelines resize their input image to about 1024x1024 pixels whatever the output size
+# (QwenImageEditPipeline: calculate_dimensions(1024 * 1024, aspect ratio))
+EDIT_INPUT_IMAGE = (1024, 1024)
+
+
 def model_costs(model: str, *, size: str = "full", height: int = 1024, width: int = 1024, prompt_len: int | None = None,
-                dtype: torch.dtype = torch.bfloat16, use_cache: bool = True, log=None) -> dict[str, Any]:
+                input_images: list[tuple[int, int]] | None = None, dtype: torch.dtype = torch.bfloat16,
+                use_cache: bool = True, log=None) -> dict[str, Any]:
     import diffusers
 
-    key = json.dumps([CACHE_VERSION, model, size, height, width, prompt_len, str(dtype), torch.__version__,
-                      diffusers.__version__])
+    from npu_dit.models import get_model
+
+    if input_images is None:
+        input_images = [EDIT_INPUT_IMAGE] if get_model(model).max_input_images else []
+    input_images = [tuple(map(int, hw)) for hw in input_images]
+    key = json.dumps([CACHE_VERSION, model, size, height, width, prompt_len, input_images, str(dtype),
+                      torch.__version__, diffusers.__version__])
     path = cache_dir() / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
     if use_cache and path.is_file():
         return json.loads(path.read_text())
-    costs = _extract(model, size=size, height=height, width=width, prompt_len=prompt_len, dtype=dtype, log=log)
+    costs = _extract(model, size=size, height=height, width=width, prompt_len=prompt_len, input_images=input_images,
+                     dtype=dtype, log=log)
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(costs))
     return costs
 
 
-def _extract(model: str, *, size: str, height: int, width: int, prompt_len: int | None, dtype: torch.dtype,
-             log) -> dict[str, Any]:
+def _extract(model: str, *, size: str, height: int, width: int, prompt_len: int | None,
+             input_images: list[tuple[int, int]], dtype: torch.dtype, log) -> dict[str, Any]:
     from npu_dit.config import CompileConfig
     from npu_dit.models import build_transformer, get_model
     from npu_dit.passes.analysis import attention_sites
@@ -58,7 +70,8 @@ def _extract(model: str, *, size: str, height: int, width: int, prompt_len: int 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     transformer = build_transformer(spec, config, device="meta", dtype=dtype)
-    inputs = spec.example_inputs(config, height=height, width=width, prompt_len=prompt_len, device="meta", dtype=dtype)
+    inputs = spec.example_inputs(config, height=height, width=width, prompt_len=prompt_len, input_images=input_images,
+                                 device="meta", dtype=dtype)
     say(f"capturing {spec.transformer_cls} ({size}) on the meta device")
     captured = capture_graph(transformer, inputs, dynamic=True)
     gm = captured.gm
@@ -70,7 +83,7 @@ def _extract(model: str, *, size: str, height: int, width: int, prompt_len: int 
 
     result: dict[str, Any] = {
         "model": spec.name, "size": size, "height": height, "width": width, "dtype": str(dtype).removeprefix("torch."),
-        "prompt_len": prompt_len or spec.default_prompt_len, "heads": heads, "head_dim": head_dim,
+        "prompt_len": prompt_len or spec.default_prompt_len, "input_images": input_images, "heads": heads, "head_dim": head_dim,
         "default_steps": spec.default_steps, "true_cfg": spec.true_cfg, "transformer": serial.to_dict(),
         "ulysses": None, "tp": None,
     }
@@ -119,7 +132,7 @@ def _extract(model: str, *, size: str, height: int, width: int, prompt_len: int 
 
     t0 = time.perf_counter()
     say("text encoders and VAE on the meta device")
-    result["stages"] = stage_costs(spec, size, height=height, width=width,
+    result["stages"] = stage_costs(spec, size, height=height, width=width, input_images=input_images,
                                    prompt_len=prompt_len or spec.default_prompt_len, dtype=dtype)
     timings["stages_s"] = time.perf_counter() - t0
     result["extract_timings"] = timings
@@ -132,10 +145,11 @@ def dataclasses_replace(cost: GraphCost, **changes: Any) -> GraphCost:
     return dataclasses.replace(cost, **changes)
 
 
-def stage_costs(spec, size: str, *, height: int, width: int, prompt_len: int, dtype: torch.dtype) -> dict[str, Any]:
+def stage_costs(spec, size: str, *, height: int, width: int, input_images: list[tuple[int, int]], prompt_len: int,
+                dtype: torch.dtype) -> dict[str, Any]:
     """{"text_encoders": [cost...], "text_encodes": n, "vae": [cost...]} for one image: each encoder once per
-    prompt (true CFG: a positive and a negative prompt), the VAE's decode (and an edit model's encode of its
-    input image at the output size)."""
+    prompt (true CFG: a positive and a negative prompt), the VAE's decode and an edit model's encode of each
+    input image."""
     flux = spec.transformer_cls == "FluxTransformer2DModel"
     encoders, vae_parts = [], []
     previous = torch.get_default_dtype()
@@ -182,7 +196,7 @@ def stage_costs(spec, size: str, *, height: int, width: int, prompt_len: int, dt
     frame = () if flux else (1,)
     vae_parts.append(module_cost(vae, lambda v: v.decode(
         torch.zeros(1, channels, *frame, height // 8, width // 8, device="meta", dtype=dtype))).to_dict())
-    if spec.max_input_images:
-        vae_parts.append(module_cost(vae, lambda v: v.encode(
-            torch.zeros(1, 3, *frame, height, width, device="meta", dtype=dtype))).to_dict())
+    for image_height, image_width in input_images:
+        vae_parts.append(module_cost(vae, lambda v, h=image_height, w=image_width: v.encode(
+            torch.zeros(1, 3, *frame, h, w, device="meta", dtype=dtype))).to_dict())
     return {"text_encoders": text, "text_encodes": 2 if spec.true_cfg else 1, "vae": vae_parts}

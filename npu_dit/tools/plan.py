@@ -19,6 +19,12 @@ CONFIG_KEYS = ("ulysses_degree", "async_ulysses", "tp_degree", "cfg_degree", "te
                "attention_backend", "predicted_s", "stages_s", "peak_memory_gib", "bytes_per_step", "fits")
 
 
+def _image_size(text: str) -> tuple[int, int]:
+    from npu_dit.tools.cli import _image_size as parse
+
+    return parse(text)
+
+
 def add_parser(sub) -> None:
     from npu_dit.models import DEFAULT_MODEL, MODELS
     from npu_dit.planner.hardware import available
@@ -34,6 +40,9 @@ def add_parser(sub) -> None:
     p.add_argument("--width", type=int, default=1024)
     p.add_argument("--steps", type=int, default=None, help="denoising steps; default: the model's pipeline default")
     p.add_argument("--prompt-len", type=int, default=None, help="text tokens the transformer sees (default: the model's)")
+    p.add_argument("--input-image", type=_image_size, action="append", default=None, metavar="HxW",
+                   help="an edit model's input image; repeat for several (default: one of 1024x1024, as the pipelines "
+                        "resize it)")
     p.add_argument("--size", default="full", help="the model's config: full, or bench / tiny (the offline pipelines)")
     p.add_argument("--dtype", default=None, choices=tuple(DTYPES), help="default bfloat16 (full), float32 (bench, tiny)")
     p.add_argument("--cache-fraction", type=float, default=1.0,
@@ -81,7 +90,7 @@ def _costs(args: argparse.Namespace, model_name: str) -> dict[str, Any]:
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if args.size == "full" else torch.float32)
     log = None if args.quiet or args.json else (lambda m: print(f"plan: {m} ...", file=sys.stderr, flush=True))
     return model_costs(model_name, size=args.size, height=args.height, width=args.width, prompt_len=args.prompt_len,
-                       dtype=dtype, use_cache=not args.no_cache, log=log)
+                       input_images=args.input_image, dtype=dtype, use_cache=not args.no_cache, log=log)
 
 
 def _gib(n: float) -> str:
@@ -166,7 +175,7 @@ def _calibrate(args: argparse.Namespace) -> int:
 
     def costs_for(m):
         return model_costs(m.model, size=m.size, height=m.height, width=m.width, prompt_len=m.prompt_len,
-                           dtype=DTYPES[m.dtype], use_cache=not args.no_cache, log=log)
+                           input_images=m.input_images, dtype=DTYPES[m.dtype], use_cache=not args.no_cache, log=log)
 
     fitted, rows = calibrate.calibrate(hw, fit_on, costs_for)
     names = list(hw.free[:sum(len(m.stages_s) if m.stages_s else 1 for m in fit_on)])
