@@ -1,9 +1,11 @@
 """Hardware profiles: data files (`hardware/NAME.json`) that name their sources.
 
 A profile holds published peaks (matmul FLOP/s, memory bandwidth and size, link bandwidth and latency per
-link class: `intra` inside a node, `inter` between nodes) and three free constants, the efficiencies
-(`compute`, `memory`, `link`): the share of each peak that kernels reach. `npu-dit plan calibrate` fits
-those three to measured runs and writes a new profile; nothing else in a profile is fitted.
+link class: `intra` inside a node, `inter` between nodes), the attention kernels it has (and whether each
+materialises the score matrix), and three efficiencies (`compute`, `memory`, `link`): the share of each peak
+that kernels reach (`link` scales a collective's latency and bandwidth alike). `free` names the constants
+`npu-dit plan calibrate` may fit (at most 3: efficiencies, and for a CPU `concurrent_devices`, the cores its
+ranks actually get); nothing else in a profile is fitted.
 """
 
 from __future__ import annotations

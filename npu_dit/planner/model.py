@@ -4,7 +4,7 @@ Per transformer call on one rank:
 
     compute   = (matmul + attention FLOPs) / (peak x compute efficiency)
               + (memory-bound bytes [+ the score matrix a materialising kernel writes]) / (bandwidth x memory eff.)
-    collective = count x latency + bytes on the wire / (link bandwidth x link efficiency), per link class
+    collective = (count x latency + bytes on the wire / link bandwidth) / link efficiency, per link class
     async Ulysses: each transfer hides behind the work the schedule placed between its start and its wait
     (read from the async Ulysses-2 graph): min(transfer, that work), summed over the collectives
 
@@ -99,8 +99,8 @@ def _scaled(split: dict[str, dict[str, float]] | None, field: str, degree: int) 
 
 
 def _collective_s(hw: Hardware, group: int, wire_bytes: float, count: int) -> float:
-    link = hw.link(group)
-    return count * link.latency_s + wire_bytes / (link.bandwidth * hw.efficiency["link"])
+    link = hw.link(group)  # the link efficiency scales latency and bandwidth alike: (alpha + bytes / beta) / eff
+    return (count * link.latency_s + wire_bytes / link.bandwidth) / hw.efficiency["link"]
 
 
 def _compute_s(hw: Hardware, share: float, matmul: float, attention: float, memory: float) -> tuple[float, float]:
