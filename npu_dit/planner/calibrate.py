@@ -123,7 +123,7 @@ def points(m: Measurement, predicted: dict[str, Any]) -> list[tuple[float, float
     return [(predicted["predicted_s"], m.total_s)]
 
 
-def _nelder_mead(f: Callable[[list[float]], float], x0: list[float], step: float = 0.7, iters: int = 400) -> list[float]:
+def _nelder_mead(f: Callable[[list[float]], float], x0: list[float], step: float = 0.7, iters: int = 1000) -> list[float]:
     n = len(x0)
     simplex = [list(x0)] + [[x + (step if i == j else 0.0) for j, x in enumerate(x0)] for i in range(n)]
     values = [f(x) for x in simplex]
@@ -165,11 +165,20 @@ def calibrate(hw: Hardware, measurements: list[Measurement], costs_for: Callable
     free = list(hw.free[:n_points])
     start = hw.constants()
 
+    # each constant through a smooth map onto its range (efficiencies in (0, 1]; a CPU's concurrent devices
+    # between 1 and its cores), so the search itself is unconstrained
+    low = {k: 1.0 if k == "concurrent_devices" else 0.0 for k in free}
+    high = {k: start[k] if k == "concurrent_devices" else 1.0 for k in free}
+
+    def value(k: str, x: float) -> float:
+        return low[k] + (high[k] - low[k]) / (1.0 + math.exp(-x))
+
+    def inverse(k: str, v: float) -> float:
+        share = min(max((v - low[k]) / (high[k] - low[k]), 0.02), 0.98) if high[k] > low[k] else 0.5
+        return math.log(share / (1.0 - share))
+
     def profile(x: list[float]) -> Hardware:
-        # efficiencies in (0, 1]; a CPU's concurrent devices between 1 and its cores
-        upper = {"concurrent_devices": start.get("concurrent_devices", 1.0)}
-        low = {"concurrent_devices": 1.0}
-        return hw.with_constants(**{k: min(max(math.exp(v), low.get(k, 1e-4)), upper.get(k, 1.0)) for k, v in zip(free, x)})
+        return hw.with_constants(**{k: value(k, v) for k, v in zip(free, x)})
 
     def loss(x: list[float]) -> float:
         h = profile(x)
@@ -179,7 +188,8 @@ def calibrate(hw: Hardware, measurements: list[Measurement], costs_for: Callable
                 total += math.log(p / actual) ** 2
         return total
 
-    x = _nelder_mead(loss, [math.log(start[k]) for k in free])
+    x = _nelder_mead(loss, [inverse(k, start[k]) for k in free])
+    x = _nelder_mead(loss, x, step=0.1)  # a restart from the best point: the simplex may have collapsed early
     fitted = profile(x)
     rows = []
     for m, c in zip(measurements, costs):
