@@ -197,25 +197,32 @@ def _generate(ranks: int, flags: list[str], tmp_path) -> dict:
     out = str(tmp_path / f"r{ranks}.png")
     command = [*generate_launcher(ranks), "flux.1-dev", "--size", "bench", "--height", "256", "--width", "256",
                "--steps", "2", "--warmup", "1", "--json", "--quiet", "--out", out, *flags]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return parse_report(done.stdout)
 
 
 def test_cpu_prediction_against_a_real_two_rank_run(plan_cache, tmp_path):
-    """Calibrate the cpu profile on a 1-rank and a 2-rank Ulysses run of the bench FLUX pipeline; predict
-    the 2-rank TP run within 20 % (one 1-rank and two 2-rank generate launches)."""
+    """The bench FLUX pipeline, 1 rank and Ulysses-2 on 2 real Gloo ranks. The cpu profile's compute
+    efficiency is fitted to the 1-rank run; the 2-rank run's busiest rank must then be predicted within 20 %.
+    Compared in CPU seconds (the work each rank does), which other jobs on this shared machine do not move
+    as they move the wall time; docs/PLANNER.md compares wall times measured back to back."""
+    import torch
+
     from npu_dit.planner.extract import model_costs
 
-    runs = [_generate(1, [], tmp_path), _generate(2, ["--ulysses", "2"], tmp_path),
-            _generate(2, ["--tp", "2"], tmp_path)]
-    (tmp_path / "runs.json").write_text(json.dumps(runs[:2]))
-    measured = [calibrate.load_measurements(r)[0] for r in runs]
+    one, two = _generate(1, [], tmp_path), _generate(2, ["--ulysses", "2"], tmp_path)
+    serial, ulysses = calibrate.load_measurements(one)[0], calibrate.load_measurements(two)[0]
+    assert ulysses.config.ulysses_degree == 2
 
     def costs_for(m):
         return model_costs(m.model, size=m.size, height=m.height, width=m.width, prompt_len=m.prompt_len,
-                           dtype=getattr(__import__("torch"), m.dtype))
+                           input_images=m.input_images, dtype=getattr(torch, m.dtype))
 
-    fitted, _ = calibrate.calibrate(hardware.load("cpu"), measured[:2], costs_for)
-    check = calibrate.check(fitted, measured[2:], costs_for)[0]
-    assert abs(check["error"]) < 0.20, check
+    cpu = hardware.load("cpu")
+    busy_one = one["peak_memory_per_rank"][0]["cpu_s"]
+    fit_on = dataclasses.replace(serial, stages_s=None, total_s=busy_one)  # one point: compute efficiency only
+    fitted, _ = calibrate.calibrate(cpu, [fit_on], costs_for)
+    predicted = model.busy_s(costs_for(ulysses), fitted, ulysses.config, steps=ulysses.steps)
+    measured = max(rank["cpu_s"] for rank in two["peak_memory_per_rank"])
+    assert abs(predicted / measured - 1) < 0.20, (predicted, measured, busy_one)

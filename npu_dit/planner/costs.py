@@ -93,10 +93,9 @@ def graph_cost(gm: fx.GraphModule) -> GraphCost:
     live = 0
     for i, node in enumerate(nodes):
         value = node_value(node)
-        if node.op == "placeholder":
-            if isinstance(value, torch.nn.Parameter) or _is_parameter(node):
-                cost.parameter_bytes += _tensor_bytes(value)
-                continue
+        if node.op == "placeholder" and _is_parameter(node):
+            cost.parameter_bytes += _tensor_bytes(value)
+            continue  # weights are not activations (nothing is registered to free for them)
         if node.op == "output":
             cost.output_bytes = _tensor_bytes(node_value(node.args[0][0]) if isinstance(node.args[0], (list, tuple))
                                               and node.args[0] else None)
@@ -114,12 +113,11 @@ def graph_cost(gm: fx.GraphModule) -> GraphCost:
                          if not _is_parameter(a))
             cost.memory_bytes += inputs + _tensor_bytes(value)
         # live activations: a tensor made here stays until its last user ran (views share their base)
-        if node.op != "placeholder" and _is_view(node):
-            continue
-        size = _tensor_bytes(value)
-        live += size
-        cost.activation_peak_bytes = max(cost.activation_peak_bytes, live)
-        frees.setdefault(last_use[node], []).append(size)
+        if node.op == "placeholder" or not _is_view(node):
+            size = _tensor_bytes(value)
+            live += size
+            cost.activation_peak_bytes = max(cost.activation_peak_bytes, live)
+            frees.setdefault(last_use[node], []).append(size)
         live -= sum(frees.pop(i, ()))
     return cost
 

@@ -205,7 +205,15 @@ def plan(costs: dict[str, Any], hw: Hardware, devices: int, *, steps: int, cache
         raise ValueError(f"--cache-fraction is the expected share of computed steps, in (0, 1]; got {cache_fraction}")
     rows = [predict(costs, hw, cfg, steps=steps, cache_fraction=cache_fraction)
             for cfg in enumerate_configs(costs, hw, devices)]
-    rows.sort(key=lambda r: (not r["fits"], r["predicted_s"]))
+    rows.sort(key=lambda r: (not r["fits"], round(r["predicted_s"], 6), r["peak_memory_gib"]))  # ties: less memory
     for i, row in enumerate(rows):
         row["recommended"] = i == 0 and row["fits"]
     return rows
+
+
+def busy_s(costs: dict[str, Any], hw: Hardware, config: Config, *, steps: int) -> float:
+    """What one rank computes, in seconds, on a compute unit of its own and with free collectives: what a rank's
+    CPU seconds measure on a shared machine, where waits use no CPU and other jobs take cores."""
+    free_links = {k: dataclasses.replace(v, latency_s=0.0, bandwidth=float("inf")) for k, v in hw.links.items()}
+    alone = dataclasses.replace(hw, concurrent_devices=None, links=free_links)
+    return predict(costs, alone, config, steps=steps)["predicted_s"]
