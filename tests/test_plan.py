@@ -188,6 +188,16 @@ def test_json_schema_on_a_captured_tiny_model(plan_cache, capsys):
     times = [r["predicted_s"] for r in report["configs"] if r["fits"]]
     assert times == sorted(times)
     assert [r["recommended"] for r in report["configs"]].count(True) == 1 and report["configs"][0]["recommended"]
+    # the costs behind it (cached by the call above): Ulysses keeps every weight on every rank, TP splits them
+    import torch
+
+    from npu_dit.planner.extract import model_costs
+
+    costs = model_costs("qwen-image-edit", size="tiny", height=128, width=128, dtype=torch.float32)
+    assert costs["ulysses"]["split"]["parameter_bytes"]["sharded"] == 0
+    assert costs["tp"]["split"]["parameter_bytes"]["sharded"] > 0.8 * costs["transformer"]["parameter_bytes"]
+    assert costs["ulysses"]["split"]["matmul_flops"]["sharded"] > 0.9 * costs["transformer"]["matmul_flops"]
+    assert costs["ulysses"]["async_windows_at_2"] and costs["tp"]["all_reduce_bytes"] > 0
 
 
 def _generate(ranks: int, flags: list[str], tmp_path) -> dict:

@@ -127,10 +127,13 @@ def _is_parameter(node: fx.Node) -> bool:
         return False
     if isinstance(node_value(node), torch.nn.Parameter):
         return True
-    source = getattr(node.meta.get("grapharg"), "source", None)
-    name = getattr(source, "name", "")
-    name = name() if callable(name) else name
-    return "_parameters" in name or "_buffers" in name
+    # a rewritten graph (a copy) keeps the input's source name, not the Parameter flag of its fake value
+    name = node.meta.get("npu_dit.input_name") or ""
+    if not name:
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        name = getattr(source, "name", "")
+        name = name() if callable(name) else name
+    return "._parameters[" in name or "._buffers[" in name or "_parameters" in name
 
 
 def overlap_windows(gm: fx.GraphModule) -> list[dict[str, float]]:

@@ -17,7 +17,7 @@ import torch
 
 from npu_dit.planner.costs import GraphCost, graph_cost, module_cost, overlap_windows, split_by_degree
 
-CACHE_VERSION = 4
+CACHE_VERSION = 5
 
 
 def cache_dir() -> Path:
