@@ -11,7 +11,6 @@ import itertools
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 

@@ -6,6 +6,7 @@ a plain dict that `model.py` evaluates for every configuration in milliseconds. 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from npu_dit.planner.costs import GraphCost, graph_cost, module_cost, overlap_windows, split_by_degree
+from npu_dit.planner.costs import graph_cost, module_cost, overlap_windows, split_by_degree
 
 CACHE_VERSION = 5
 
@@ -119,7 +120,7 @@ def _extract(model: str, *, size: str, height: int, width: int, prompt_len: int 
         kinds = tp_collectives(rewritten, tp_plan, captured.real_inputs)
         at_two = graph_cost(rewritten)
         at_two.parameter_bytes = tp_plan.local_parameter_bytes
-        split = split_by_degree(dataclasses_replace(serial, parameter_bytes=tp_plan.parameter_bytes), at_two)
+        split = split_by_degree(dataclasses.replace(serial, parameter_bytes=tp_plan.parameter_bytes), at_two)
         result["tp"] = {
             "split": split,
             "all_reduce_bytes": sum(v["bytes"] for k, v in kinds.items() if "all_reduce" in k),
@@ -139,12 +140,6 @@ def _extract(model: str, *, size: str, height: int, width: int, prompt_len: int 
     return result
 
 
-def dataclasses_replace(cost: GraphCost, **changes: Any) -> GraphCost:
-    import dataclasses
-
-    return dataclasses.replace(cost, **changes)
-
-
 def stage_costs(spec, size: str, *, height: int, width: int, input_images: list[tuple[int, int]], prompt_len: int,
                 dtype: torch.dtype) -> dict[str, Any]:
     """{"text_encoders": [cost...], "text_encodes": n, "vae": [cost...]} for one image: each encoder once per
@@ -156,7 +151,11 @@ def stage_costs(spec, size: str, *, height: int, width: int, input_images: list[
     torch.set_default_dtype(dtype)
     try:
         if size == "full":
-            from npu_dit.models.text_encoders import QWEN25_VL_7B_LM, T5_XXL, build_text_encoder
+            from npu_dit.models.text_encoders import (
+                QWEN25_VL_7B_LM,
+                T5_XXL,
+                build_text_encoder,
+            )
             from npu_dit.models.vae import build_vae
 
             if flux:

@@ -109,7 +109,7 @@ def format_plan(report: dict[str, Any], hw) -> str:
     lines = [f"{report['model']} on {report['devices']} x {hw.name} ({hw.description}), "
              f"{report['height']}x{report['width']}, {report['steps']} steps"
              + (f", cache computes {report['cache_fraction']:.0%} of steps" if report["cache_fraction"] < 1 else ""),
-             f"efficiencies: " + ", ".join(f"{k} {v:.3g}" for k, v in hw.constants().items())
+             "efficiencies: " + ", ".join(f"{k} {v:.3g}" for k, v in hw.constants().items())
              + f"; {len(report['configs'])} configurations, evaluated in {report['plan_s'] * 1000:.0f} ms",
              "",
              f"  {'configuration':<58} {'total':>9} {'text':>7} {'denoise':>9} {'VAE':>7} {'GiB/rank':>9} "
