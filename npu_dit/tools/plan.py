@@ -68,6 +68,10 @@ def main(args: argparse.Namespace) -> int:
     devices = args.devices if args.devices is not None else 2
     if devices < 1:
         raise ValueError(f"--devices must be at least 1, got {devices}")
+    if not 0 < args.cache_fraction <= 1:  # checked before the (slow) capture
+        raise ValueError(f"--cache-fraction is the expected share of computed steps, in (0, 1]; got {args.cache_fraction}")
+    if args.steps is not None and args.steps < 1:
+        raise ValueError(f"--steps must be positive, got {args.steps}")
     steps = args.steps or spec.default_steps
     costs = _costs(args, spec.name)
     start = time.perf_counter()
