@@ -1,4 +1,5 @@
-"""The `npu-dit` command line: `generate` (a whole pipeline), `inspect` (a full-size model offline), `models`, `bench`."""
+"""The `npu-dit` command line: `generate` (a whole pipeline), `inspect` (a full-size model offline), `plan` (predicted
+time, memory and traffic per configuration), `models`, `bench`."""
 
 from __future__ import annotations
 
@@ -89,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
     from npu_dit.tools import generate
 
     generate.add_parser(sub)
+
+    from npu_dit.tools import plan
+
+    plan.add_parser(sub)
 
     b = sub.add_parser("bench", help="benchmarks; results go to docs/BENCHMARKS.md with --write")
     bsub = b.add_subparsers(dest="bench", required=True)
@@ -199,6 +204,10 @@ def main(argv: list[str] | None = None) -> int:
             from npu_dit.tools import generate
 
             return generate.main(args)
+        if args.command == "plan":
+            from npu_dit.tools import plan
+
+            return plan.main(args)
         if args.command == "bench":
             return _bench(args, argv)
     except ValueError as exc:
