@@ -385,6 +385,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "compiled_graphs": _compiled_graphs(),
         "warmup_runs": args.warmup, "warmup_compile_s": warmup_compile_s,
         "text_encoder_parallel": args.text_encoder_parallel,
+        # CFG parallelism: steps whose two branches ran at once (the first step learns the pairing)
+        "cfg_parallel_steps": getattr(getattr(pipe.transformer, "pairing", None), "parallel_steps", None),
     }
 
 
