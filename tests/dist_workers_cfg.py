@@ -23,7 +23,15 @@ def case_kwargs(model: str, *, true_cfg: bool = True, steps: int = STEPS) -> dic
     return kwargs
 
 
-def generate(model: str, *, true_cfg: bool = True, cache: dict | None = None, **options):
+def _change_prompt(pipe, step, timestep, tensors):
+    """A step-end callback that changes the prompt's embeddings after the first step (a public way to
+    change one branch's text inputs mid-run: the learnt pairing no longer fits)."""
+    if step == 0:
+        tensors["prompt_embeds"] = tensors["prompt_embeds"] * 0.5
+    return tensors
+
+
+def generate(model: str, *, true_cfg: bool = True, cache: dict | None = None, change_prompt: bool = False, **options):
     """The image (float32) of one generation, with what CFG parallelism did and the warnings raised."""
     import npu_dit
     from npu_dit.backend import RECORDS
@@ -35,7 +43,9 @@ def generate(model: str, *, true_cfg: bool = True, cache: dict | None = None, **
         npu_dit.parallelize(pipe, cache=cache, **options)
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")
-        image = pipe(**case_kwargs(model, true_cfg=true_cfg)).images
+        extra = ({"callback_on_step_end": _change_prompt, "callback_on_step_end_tensor_inputs": ["latents", "prompt_embeds"]}
+                 if change_prompt else {})
+        image = pipe(**case_kwargs(model, true_cfg=true_cfg), **extra).images
     pairing = getattr(pipe.transformer, "pairing", None)
     result = {
         "image": torch.as_tensor(image).float(),
