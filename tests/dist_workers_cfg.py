@@ -24,9 +24,9 @@ def case_kwargs(model: str, *, true_cfg: bool = True, steps: int = STEPS) -> dic
 
 
 def _change_prompt(pipe, step, timestep, tensors):
-    """A step-end callback that changes the prompt's embeddings after the first step (a public way to
-    change one branch's text inputs mid-run: the learnt pairing no longer fits)."""
-    if step == 0:
+    """A step-end callback that changes the prompt's embeddings after the second step (a public way to
+    change one branch's text inputs mid-run, once the pairing is learnt and used: it no longer fits)."""
+    if step == 1:
         tensors["prompt_embeds"] = tensors["prompt_embeds"] * 0.5
     return tensors
 
