@@ -17,8 +17,8 @@ The pattern is learnt from each generation's first calls (c0, c1, c2), all from 
 
   - c0 runs on branch 0, c1 on branch 1, each broadcast to the other branch (serial);
   - the *text* leaves are those where c1 differs from c0 (by identity and version, else by value);
-    c0 and c1 pair when they have the same structure, share at least one leaf, differ in at least
-    one, and their outputs have the same shapes;
+    c0 and c1 pair when they have the same structure, share at least one tensor, differ in at least
+    one leaf, and their outputs have the same shapes;
   - the pattern is confirmed at c2 when it repeats c0's text leaves and changes a shared one (a new
     step); from c2 on, steps run in parallel.
 
@@ -127,9 +127,9 @@ class CFGPairing:
         if spec != self.spec:
             return self._fall_back("the first two calls take different arguments")
         text = tuple(i for i, x in enumerate(leaves) if not _same(x, self.c0[i]))
-        shared = len(leaves) - len(text)
+        shared = [i for i, x in enumerate(leaves) if i not in text and isinstance(x, torch.Tensor)]
         if not text or not shared:
-            return self._fall_back("the first two calls share no input" if not shared else "the first two calls are equal")
+            return self._fall_back("the first two calls share no input tensor" if not shared else "the first two calls are equal")
         if _describe(out) != self.out_layout:
             return self._fall_back("the two calls' outputs differ in structure or shape")
         self.c1, self.text, self.phase = _snapshot(leaves), text, "confirm"
