@@ -373,6 +373,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     controller = latest() if cache is not None else None
     patterns = ({str(branch): controller.pattern(branch=branch) for branch in controller.summary()["branches"]}
                 if controller is not None else None)
+    if args.cfg_parallel and controller is not None:
+        from npu_dit.runtime import planes
+
+        # each CFG branch's ranks hold that branch's cache (one call per step): the first rank of each
+        # branch reports it, labelled with the branch as one process labels its two
+        per_rank = planes.host_all_gather_object(controller.pattern(branch=0), "cache patterns")
+        patterns = {str(b): per_rank[b * world // 2] for b in range(2)}
     return {
         "model": spec.name, "weights": args.weights or f"{args.size or 'tiny'} random (offline)", "world_size": world,
         "device": str(device), "dtype": str(dtype).replace("torch.", ""),
