@@ -82,8 +82,6 @@ class CFGPairing:
         self.ctx = ctx
         self.module = module
         self.warned = False
-        self.parallel_steps = 0  # steps whose two branches ran at once (tests, bench)
-        self.serial_calls = 0
         self.reset()
 
     def reset(self) -> None:
@@ -95,6 +93,8 @@ class CFGPairing:
         self.text: tuple[int, ...] = ()  # leaf positions where the two branches' inputs differ
         self.out_layout = None
         self.pending: tuple[list, Any] | None = None  # (this step's first call, the second branch's output)
+        self.parallel_steps = 0  # this generation's steps whose two branches ran at once (tests, bench)
+        self.serial_calls = 0
 
     # -- the calls ------------------------------------------------------------------------------
 
