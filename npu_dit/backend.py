@@ -85,7 +85,7 @@ def npu_dit_backend(
     if cfg.spatial_degree > 1:  # the VAE: one group over the world, as Ulysses'
         ctx = ensure_process_group(cfg.spatial_degree, device=device, option="spatial_degree")
     elif cfg.world_degree > 1:
-        ctx, tp_ctx = ensure_parallel(cfg.ulysses_degree, cfg.tp_degree, device=device)
+        ctx, tp_ctx = ensure_parallel(cfg.ulysses_degree, cfg.tp_degree, device=device, cfg_degree=cfg.cfg_degree)
     parallel = ctx or tp_ctx  # the context that names this rank in tags and errors
     if parallel is not None:
         check_same_cache_config(cfg.cache, parallel)
@@ -99,7 +99,7 @@ def npu_dit_backend(
     start = time.perf_counter()
     rewritten, report = run_passes(gm, build_pipeline(cfg, ctx, tp_ctx=tp_ctx), dump_dir=cfg.dump_dir, graph_tag=tag)
     if parallel is not None:
-        rewritten = _agree_across_ranks(gm, rewritten, report, example_inputs)
+        rewritten = _agree_across_ranks(gm, rewritten, report, example_inputs, host=parallel.host_group_name)
     progress.add_time("passes", time.perf_counter() - start)
     if report.fell_back:
         progress.note(f"runs unrewritten ({report.fallback_reason})")
@@ -129,7 +129,8 @@ def npu_dit_backend(
         # the TP ranks hold the same tokens, so the all-reduced sums and counts are both scaled alike
         # and the means stay exact; every rank decides alike
         inner = CacheController(
-            cache_plan, cfg.cache, regions, group=planes.host_group() if parallel is not None else None, label=tag
+            cache_plan, cfg.cache, regions, label=tag,
+            group=planes.host_group(parallel.host_group_name) if parallel is not None else None,
         )
     else:
         inner = compile_inner_lazily(rewritten, cfg.inner_compiler, mode=mode)
@@ -139,6 +140,7 @@ def npu_dit_backend(
         plan=rewritten.meta.get(SHARDING_META_KEY),
         ctx=ctx,
         weights=rewritten.meta.get(TP_META_KEY) if tp_ctx is not None else None,
+        host=parallel.host_group_name if parallel is not None else None,
     )
 
 
@@ -147,7 +149,8 @@ tracing.install()
 
 
 def _agree_across_ranks(
-    captured: fx.GraphModule, rewritten: fx.GraphModule, report: PipelineReport, example_inputs: list[Any]
+    captured: fx.GraphModule, rewritten: fx.GraphModule, report: PipelineReport, example_inputs: list[Any],
+    *, host: str | None = None,
 ) -> fx.GraphModule:
     """Every rank runs the rewrite, or every rank runs the captured graph; different graphs or
     plans raise the same RankMismatchError on every rank (never a hang)."""
@@ -157,7 +160,8 @@ def _agree_across_ranks(
     what = "none"
     if not report.fell_back and (plan is not None or tp_plan is not None):
         what = (plan.fingerprint() if plan is not None else "") + "|" + (tp_plan.fingerprint() if tp_plan else "")
-    records = agreement.exchange(agreement.COMPILE, what, graph=graph, fell_back=report.fell_back)
+    # over the ranks that run this graph: the world, or this rank's CFG branch (`host`)
+    records = agreement.exchange(agreement.COMPILE, what, graph=graph, fell_back=report.fell_back, host=host)
     detail = "fell back" if report.fell_back else f"plan {plan.describe() if plan else 'none'}"
     # a graph that differs between ranks is an error even where some rank fell back
     agreement.check_records(records, agreement.COMPILE, detail, ignore_plans=True)

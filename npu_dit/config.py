@@ -185,6 +185,9 @@ def _check_dump_dir(path: str) -> str:
 class CompileConfig:
     ulysses_degree: int = 1
     tp_degree: int = 1
+    # CFG parallelism: the world is cfg_degree branches of ulysses x tp ranks; this graph's collectives
+    # and decisions stay inside its branch (the pairing of the calls: runtime/cfg_parallel.py)
+    cfg_degree: int = 1
     # tensor parallelism frees the full weights once each rank holds its shards (runtime/weights.py)
     release_weights: bool = True
     spatial_degree: int = 1  # convolutional graphs (the VAE): height bands over this many ranks
@@ -204,6 +207,14 @@ class CompileConfig:
             kw["ulysses_degree"] = _check_int("ulysses_degree", options["ulysses_degree"], minimum=1)
         if "tp_degree" in options:
             kw["tp_degree"] = _check_int("tp_degree", options["tp_degree"], minimum=1)
+        if "cfg_degree" in options:
+            value = _check_int("cfg_degree", options["cfg_degree"], minimum=1)
+            if value > 2:
+                raise ValueError(
+                    f"option 'cfg_degree' must be 1 or 2 (true CFG has two branches: the prompt and the "
+                    f"negative prompt), got {value}"
+                )
+            kw["cfg_degree"] = value
         if "release_weights" in options:
             kw["release_weights"] = _check_bool("release_weights", options["release_weights"])
         if "spatial_degree" in options:
@@ -231,7 +242,8 @@ class CompileConfig:
     def _check_combinations(self) -> None:
         if self.spatial_degree > 1:
             others = [f"{k}={getattr(self, k)!r}" for k, default in
-                      (("ulysses_degree", 1), ("tp_degree", 1), ("cache", None), ("async_ulysses", False))
+                      (("ulysses_degree", 1), ("tp_degree", 1), ("cfg_degree", 1), ("cache", None),
+                       ("async_ulysses", False))
                       if getattr(self, k) != default]
             if others:
                 raise ValueError(
@@ -258,5 +270,5 @@ class CompileConfig:
 
     @property
     def world_degree(self) -> int:
-        """How many ranks the rewritten program expects."""
-        return self.ulysses_degree * self.tp_degree
+        """How many ranks the rewritten program expects (both CFG branches)."""
+        return self.cfg_degree * self.ulysses_degree * self.tp_degree

@@ -63,6 +63,7 @@ def build_options(
     *,
     ulysses_degree: int | None,
     tp_degree: int,
+    cfg_parallel: bool = False,
     async_ulysses: bool,
     attention_backend: str,
     cache: Mapping[str, Any] | None,
@@ -72,9 +73,13 @@ def build_options(
     world_size: int,
 ) -> dict[str, Any]:
     """The backend options for the transformer, validated (ValueError) by CompileConfig."""
-    if ulysses_degree is None:  # the world, less the tensor-parallel axis
+    if not isinstance(cfg_parallel, bool):
+        raise ValueError(f"parallelize: cfg_parallel must be True or False, got {cfg_parallel!r}")
+    cfg_degree = 2 if cfg_parallel else 1
+    if ulysses_degree is None:  # the world, less the tensor-parallel and CFG axes
         tp = tp_degree if isinstance(tp_degree, int) and not isinstance(tp_degree, bool) and tp_degree > 0 else 1
-        ulysses_degree = world_size // tp if world_size % tp == 0 and world_size >= tp else world_size
+        rest = tp * cfg_degree
+        ulysses_degree = max(1, world_size // rest) if world_size % rest == 0 and world_size >= rest else world_size
         if ulysses_degree == 1 and async_ulysses is True:
             # one process (or a world all on the TP axis): no all-to-all to overlap, so the same script
             # runs with `python` and with `torchrun`; an explicit ulysses_degree=1 is still refused
@@ -83,6 +88,8 @@ def build_options(
         "ulysses_degree": ulysses_degree, "tp_degree": tp_degree, "async_ulysses": async_ulysses,
         "attention_backend": attention_backend, "inner_compiler": inner_compiler,
     }
+    if cfg_parallel:
+        options["cfg_degree"] = cfg_degree
     if dump_dir is not None:
         options["dump_dir"] = dump_dir
     if cache is not None:
@@ -100,6 +107,16 @@ def build_options(
             cache["max_warmup_steps"] = short_run_warmup(steps)
         options["cache"] = cache
     cfg = CompileConfig.from_options(options)
+    if cfg.world_degree > 1 and cfg.world_degree != world_size and cfg.cfg_degree > 1:
+        if world_size % (2 * cfg.tp_degree):
+            fix = f"launch an even number of processes, a multiple of 2 x tp_degree = {2 * cfg.tp_degree}"
+        else:
+            fix = f"set ulysses_degree={world_size // (2 * cfg.tp_degree)} (the default: the world / (2 x tp_degree))"
+        raise ValueError(
+            f"parallelize: cfg_parallel (2 branches) x ulysses_degree x tp_degree = 2 x {cfg.ulysses_degree} x "
+            f"{cfg.tp_degree} = {cfg.world_degree} but this run has {world_size} process(es); launch with "
+            f"torchrun --nproc-per-node {cfg.world_degree}, or {fix}"
+        )
     if cfg.world_degree > 1 and cfg.world_degree != world_size:
         if world_size % cfg.tp_degree:
             divisors = ", ".join(str(d) for d in range(1, world_size + 1) if world_size % d == 0)
@@ -128,8 +145,13 @@ def parallelize(
     num_inference_steps: int | None = None,
     dump_dir: str | None = None,
     device: str | torch.device | None = None,
+    cfg_parallel: bool = False,
 ):
     """Compile `pipe.transformer` with the npu_dit backend over the torchrun world; returns `pipe`.
+
+    `cfg_parallel=True` splits the world into two branches (the prompt's and the negative prompt's
+    transformer calls of each true-CFG step run at once, `runtime/cfg_parallel.py`); Ulysses and TP
+    then work inside each branch (ulysses_degree defaults to world / (2 x tp_degree)).
 
     `ulysses_degree` defaults to the world size (1 without torchrun). `num_inference_steps` is only a
     first guess for the cache: each call's own `num_inference_steps` replaces it. `device` (auto, cpu,
@@ -145,7 +167,7 @@ def parallelize(
     if getattr(pipe, _STATE_ATTR, None) is not None:
         raise ValueError("parallelize: this pipeline was already parallelized; build a fresh pipeline to change options")
     settings = dict(
-        ulysses_degree=ulysses_degree, tp_degree=tp_degree, async_ulysses=async_ulysses,
+        ulysses_degree=ulysses_degree, tp_degree=tp_degree, cfg_parallel=cfg_parallel, async_ulysses=async_ulysses,
         attention_backend=attention_backend, cache=cache, inner_compiler=inner_compiler, dump_dir=dump_dir,
         world_size=_world_size(),
     )
@@ -159,13 +181,22 @@ def parallelize(
     original = transformer._orig_mod if hasattr(transformer, "_orig_mod") else transformer
     state = {"original": original, "settings": settings, "steps": steps}
     setattr(pipe, _STATE_ATTR, state)
-    pipe.transformer = torch.compile(original, backend="npu_dit", dynamic=True, options=options)
+    pipe.transformer = _compiled_transformer(original, options)
     if text_encoder_parallel:
         state["text_encoders"] = _parallelize_text_encoders(pipe, settings["world_size"])
     if vae_parallel:
         parallelize_vae(pipe, settings["world_size"], inner_compiler=inner_compiler)
     _wrap_call(pipe)
     return pipe
+
+
+def _compiled_transformer(original: torch.nn.Module, options: dict[str, Any]) -> torch.nn.Module:
+    compiled = torch.compile(original, backend="npu_dit", dynamic=True, options=options)
+    if options.get("cfg_degree", 1) == 1:
+        return compiled
+    from npu_dit.runtime.cfg_parallel import CFGParallel
+
+    return CFGParallel(compiled, ulysses_degree=options["ulysses_degree"], tp_degree=options["tp_degree"])
 
 
 def _parallelize_text_encoders(pipe, world_size: int) -> list[str]:
@@ -221,11 +252,13 @@ def _wrap_call(pipe) -> None:
             steps = kwargs.get("num_inference_steps") or _default_steps(self)
             if steps != state["steps"]:
                 options = build_options(num_inference_steps=steps, **state["settings"])
-                self.transformer = torch.compile(state["original"], backend="npu_dit", dynamic=True, options=options)
+                self.transformer = _compiled_transformer(state["original"], options)
                 state["steps"] = steps
             from npu_dit.runtime.cache import reset_all
 
             reset_all()
+        if hasattr(self.transformer, "reset") and hasattr(self.transformer, "pairing"):
+            self.transformer.reset()  # CFG parallelism learns each generation's pattern from its first calls
         return base.__call__(self, *args, **kwargs)
 
     pipe.__class__ = type(base.__name__, (base,), {"__call__": __call__, "__module__": base.__module__})

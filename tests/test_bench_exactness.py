@@ -58,7 +58,11 @@ def test_every_model_gets_the_seed_columns_and_unknown_names_are_refused():
     flux = [c.key for c in bench_exactness.columns_for("flux.1-dev")]
     qwen = [c.key for c in bench_exactness.columns_for("qwen-image-edit-2509-lightning")]
     assert "ulysses-4-tep" not in flux and {"async-ulysses-2-npu-fia", "tp-2", "vae-parallel-2", "ulysses-2-cache"} <= set(flux)
-    assert set(qwen) == set(BY_KEY)
+    cfg = {k for k, c in BY_KEY.items() if c.true_cfg_only}
+    assert cfg == {"cfg-2", "cfg-2-ulysses-2-tep", "cfg-2-cache"}
+    assert set(qwen) == set(BY_KEY) - cfg  # Lightning: no true CFG, no CFG columns
+    assert set(c.key for c in bench_exactness.columns_for("qwen-image-edit")) == set(BY_KEY)
+    assert not cfg & set(flux)
     with pytest.raises(ValueError, match=r"no column \['ulysses-8'\]"):
         bench_exactness.bench_exactness(["flux.1-dev"], ["ulysses-8"])
     with pytest.raises(Exception, match="sd3"):

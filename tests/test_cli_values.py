@@ -41,6 +41,14 @@ CASES = {
     "tp-3-on-2": (["--tp", "3"], 2, ["--tp 3", "2 (allowed: 1, 2)"]),
     "ulysses-3-on-2": (["--ulysses", "3"], 2, ["--ulysses 3", "--ulysses 2"]),
     "image-missing": (["--image", "nowhere.png"], 1, ["--image nowhere.png"]),
+    # --cfg-parallel on FLUX.1-dev without true CFG: one transformer call per step, nothing to pair
+    "cfg-one-call-per-step": (["--cfg-parallel"], 2, ["--cfg-parallel", "once per step", "no negative prompt"]),
+    "cfg-scale-1": (["--cfg-parallel", "--negative-prompt", "blurry", "--true-cfg-scale", "1"], 2,
+                    ["--cfg-parallel", "once per step", "true_cfg_scale 1 <= 1"]),
+    "cfg-odd-world": (["--cfg-parallel", "--negative-prompt", "blurry", "--true-cfg-scale", "2"], 3,
+                      ["--cfg-parallel", "even number of processes", "--nproc-per-node 4"]),
+    "cfg-tp-2-on-2": (["--cfg-parallel", "--negative-prompt", "blurry", "--true-cfg-scale", "2", "--tp", "2"], 2,
+                      ["--tp 2", "x 2 (--cfg-parallel)", "--nproc-per-node 4"]),
 }
 
 

@@ -13,7 +13,7 @@ def run_cli(capsys, *argv):
 
 def test_inspect_full_size_flux_on_the_meta_device(capsys):
     code, out, err = run_cli(capsys, "inspect", "flux.1-dev", "--height", "1024", "--width", "1024",
-                             "--prompt-len", "512", "--ulysses-degree", "2", "--json")
+                             "--prompt-len", "512", "--ulysses-degree", "2", "--cfg-degree", "2", "--json")
     assert code == 0, err
     report = json.loads(out)
     assert report["parameters"]["count"] > 11.8e9  # FLUX.1-dev: 11.9 B parameters
@@ -37,6 +37,12 @@ def test_inspect_full_size_flux_on_the_meta_device(capsys):
     assert comm["collectives"]["all_to_all (heads->seq)"]["count"] == 57
     n, h, p, bf16 = 4096 + 512, 24 * 128, 2, 2
     assert comm["all_to_all_bytes_per_layer"] == comm["deepspeed_formula_bytes_per_layer"] == 4 * n * h // p * bf16
+    # CFG-2 x Ulysses-2: each rank runs one call per step and exchanges the output [1, 4096, 64] once
+    cfg = report["cfg"]
+    assert cfg["mesh"] == {"cfg": 2, "ulysses": 2, "tp": 1} and cfg["ranks"] == 4
+    assert cfg["exchange_bytes_per_step"] == 4096 * 64 * bf16
+    assert cfg["bytes_per_step"] == comm["bytes_per_step"] + 4096 * 64 * bf16
+    assert cfg["without_cfg_bytes_per_step"] == 2 * comm["bytes_per_step"]
 
 
 def test_inspect_tiny_qwen_edit_2509_text_report(capsys):

@@ -31,11 +31,11 @@ SLOTS = 5
 _KIND = {COMPILE: "compiling a graph", CALL: "calling the compiled model"}
 
 
-def exchange(kind: int, what: str, *, graph: str = "", fell_back: bool = False) -> list[list[int]]:
-    """All-gather this rank's record over the host group; returns every rank's
-    [magic, kind, hash(what), fell_back, hash(graph)]."""
+def exchange(kind: int, what: str, *, graph: str = "", fell_back: bool = False, host: str | None = None) -> list[list[int]]:
+    """All-gather this rank's record over the host group (`host`: a subgroup's name, a CFG branch's
+    ranks; None: the world); returns every rank's [magic, kind, hash(what), fell_back, hash(graph)]."""
     record = torch.tensor([MAGIC, kind, stable_hash(what), int(fell_back), stable_hash(graph)], dtype=torch.int64)
-    slots = planes.host_all_gather(record, "agreement" if kind == CALL else "agreement (compile)")
+    slots = planes.host_all_gather(record, "agreement" if kind == CALL else "agreement (compile)", group=host)
     return [s.tolist() for s in slots]
 
 
@@ -47,7 +47,8 @@ class ShapeAgreement:
     tuple compared with the last agreed one — no string, no hash, no collective in the steady state.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, host: str | None = None) -> None:
+        self.host = host
         self.data_positions: tuple[int, ...] | None = None
         self.agreed: tuple | None = None
         self.exchanges = 0
@@ -59,7 +60,7 @@ class ShapeAgreement:
         if signature == self.agreed:
             return
         text = call_signature([args[i] for i in self.data_positions])
-        check_records(exchange(CALL, text), CALL, f"inputs {text}")
+        check_records(exchange(CALL, text, host=self.host), CALL, f"inputs {text}")
         self.agreed = signature
         self.exchanges += 1
 

@@ -34,6 +34,21 @@ class ParallelContext:
     backend: str  # hccl, nccl or gloo
     timeout_s: float
     timeout_source: str = f"set with {TIMEOUT_ENV}"  # or "the timeout of your process group"
+    # the host subgroup this rank's decisions go over (a CFG branch's ranks); None: the world's
+    host_group_name: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class CFGContext:
+    """This rank's place in CFG parallelism: its branch (the mesh's "cfg" index), the data group of
+    the ranks that hold the same Ulysses/TP position in each branch (the pair the outputs are
+    exchanged over), the host group beside it, and the pair's global ranks (branch order)."""
+
+    branch: int
+    degree: int
+    pair_group: object
+    pair_host_group: object
+    pair_ranks: tuple[int, ...]
 
 
 def group_timeout_s() -> float:
@@ -84,14 +99,19 @@ def ensure_process_group(
 
 
 def ensure_parallel(
-    ulysses_degree: int, tp_degree: int, *, device: torch.device | None = None, option: str = "ulysses_degree"
+    ulysses_degree: int, tp_degree: int, *, device: torch.device | None = None, option: str = "ulysses_degree",
+    cfg_degree: int = 1,
 ) -> tuple[ParallelContext | None, ParallelContext | None]:
     """The Ulysses and tensor-parallel contexts (None where the degree is 1) on a DeviceMesh of shape
-    (ulysses_degree, tp_degree) named ("ulysses", "tp"): TP groups are runs of adjacent ranks, Ulysses
-    groups the ranks with the same TP index. ulysses_degree x tp_degree must be the world size."""
-    degree = ulysses_degree * tp_degree
+    (cfg_degree, ulysses_degree, tp_degree) named ("cfg", "ulysses", "tp"): TP groups are runs of
+    adjacent ranks, Ulysses groups the ranks with the same TP index inside one CFG branch, and each
+    branch is a contiguous half of the world. cfg x ulysses x tp must be the world size. Under CFG
+    parallelism the contexts' host group is their branch's (`ParallelContext.host_group_name`)."""
+    degree = cfg_degree * ulysses_degree * tp_degree
     asked = (f"ulysses_degree={ulysses_degree} x tp_degree={tp_degree}" if tp_degree > 1 and ulysses_degree > 1
              else f"tp_degree={tp_degree}" if tp_degree > 1 else f"{option}={ulysses_degree}")
+    if cfg_degree > 1:
+        asked = f"cfg_degree={cfg_degree} x " + (asked if degree > cfg_degree else f"{option}={ulysses_degree}")
     timeout_s = group_timeout_s()
     source = f"set with {TIMEOUT_ENV}"
     if not dist.is_initialized():
@@ -108,7 +128,9 @@ def ensure_parallel(
             timeout_s, source = user_timeout, "the timeout your init_process_group was given"
     world = dist.get_world_size()
     if world != degree:
-        if tp_degree == 1:
+        if cfg_degree > 1:
+            fix = f"make cfg_degree x ulysses_degree x tp_degree equal {world} or launch {degree} processes"
+        elif tp_degree == 1:
             fix = f"set {option}={world} or launch {degree} processes"
         else:
             fix = f"make ulysses_degree x tp_degree equal {world} or launch {degree} processes"
@@ -116,8 +138,14 @@ def ensure_parallel(
             f"{asked} needs {degree} ranks but the process group has {world}; {fix} "
             f"(torchrun --nproc-per-node {degree})"
         )
-    mesh = _mesh(ulysses_degree, tp_degree, device)
+    mesh = _mesh(ulysses_degree, tp_degree, device, cfg_degree)
     planes.ensure_host_group(timeout_s)  # collectively, on every rank, once per world
+    host_name = None
+    if cfg_degree > 1:  # collectively too: every rank creates every branch's host group
+        branch_size = world // cfg_degree
+        branches = [list(range(b * branch_size, (b + 1) * branch_size)) for b in range(cfg_degree)]
+        mine = [g for g in planes.ensure_host_subgroups(branches, timeout_s) if g is not None]
+        host_name = mine[0].group_name
     kind = mesh.device_type
     declared = torch.device(kind, _device_index(kind)) if kind != "cpu" else planes.CPU
     planes.declare(dist.group.WORLD, declared)
@@ -135,8 +163,28 @@ def ensure_parallel(
             backend=dist.get_backend(group),
             timeout_s=timeout_s,
             timeout_source=source,
+            host_group_name=host_name,
         ))
     return contexts[0], contexts[1]
+
+
+def ensure_cfg(
+    ulysses_degree: int, tp_degree: int, *, device: torch.device | None = None, cfg_degree: int = 2
+) -> CFGContext:
+    """The groups CFG parallelism exchanges over (created with the mesh, collectively, on every rank:
+    call it where every rank calls it, the first transformer call of a generation)."""
+    ensure_parallel(ulysses_degree, tp_degree, device=device, cfg_degree=cfg_degree)
+    mesh = _mesh(ulysses_degree, tp_degree, device, cfg_degree)
+    pair_group = mesh.get_group("cfg")
+    world, rank = dist.get_world_size(), dist.get_rank()
+    branch_size = world // cfg_degree
+    pairs = [[p + b * branch_size for b in range(cfg_degree)] for p in range(branch_size)]
+    hosts = planes.ensure_host_subgroups(pairs, group_timeout_s())
+    mine = rank % branch_size
+    kind = mesh.device_type
+    planes.declare(pair_group, torch.device(kind, _device_index(kind)) if kind != "cpu" else planes.CPU)
+    return CFGContext(branch=rank // branch_size, degree=cfg_degree, pair_group=pair_group,
+                      pair_host_group=hosts[mine], pair_ranks=tuple(pairs[mine]))
 
 
 def _device_index(kind: str) -> int:
@@ -165,11 +213,12 @@ def check_same_cache_config(cache: object, ctx: ParallelContext) -> None:
     # the fixed-size agreement record first (a rank calling while this one compiles meets the same
     # collective and both fail clearly); the settings themselves only once every rank is here.
     # Both on the host plane: CPU tensors and objects over the Gloo group beside the device group
-    records = agreement.exchange(agreement.COMPILE, repr(cache), graph="cache options")
+    host = ctx.host_group_name
+    records = agreement.exchange(agreement.COMPILE, repr(cache), graph="cache options", host=host)
     agreement.check_records(records, agreement.COMPILE, f"cache={cache!r}", ignore_plans=True)
     if len({r[2] for r in records}) == 1:
         return
-    settings = planes.host_all_gather_object(repr(cache), "cache options")
+    settings = planes.host_all_gather_object(repr(cache), "cache options", group=host)
     if len(set(settings)) > 1:
         listing = "; ".join(f"rank {r}: cache={s}" for r, s in enumerate(settings))
         raise UserError(
@@ -207,17 +256,17 @@ def _group_timeout(group: object) -> float | None:
         return None
 
 
-_MESHES: dict[tuple[int, int, str], object] = {}
+_MESHES: dict[tuple[int, int, str, int], object] = {}
 
 
-def _mesh(ulysses_degree: int, tp_degree: int, device: torch.device | None):
-    """A DeviceMesh over the world with the named dims that are > 1 ("ulysses", "tp")."""
+def _mesh(ulysses_degree: int, tp_degree: int, device: torch.device | None, cfg_degree: int = 1):
+    """A DeviceMesh over the world with the named dims that are > 1 ("cfg", "ulysses", "tp")."""
     from torch.distributed.device_mesh import init_device_mesh
 
     kind = {"hccl": "npu", "nccl": "cuda"}.get(device_backend(device), "cpu")
-    key = (ulysses_degree, tp_degree, kind)
+    key = (ulysses_degree, tp_degree, kind, cfg_degree)
     if key not in _MESHES:
-        dims = [(n, s) for n, s in (("ulysses", ulysses_degree), ("tp", tp_degree)) if s > 1] or [("ulysses", 1)]
+        dims = [(n, s) for n, s in (("cfg", cfg_degree), ("ulysses", ulysses_degree), ("tp", tp_degree)) if s > 1] or [("ulysses", 1)]
         _MESHES[key] = init_device_mesh(kind, tuple(s for _, s in dims), mesh_dim_names=tuple(n for n, _ in dims))
     return _MESHES[key]
 

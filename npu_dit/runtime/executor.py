@@ -42,13 +42,14 @@ class GraphExecutor:
         plan: ShardingPlan | None = None,
         ctx: ParallelContext | None = None,
         weights: TensorParallelPlan | None = None,
+        host: str | None = None,
     ) -> None:
         self.compiled = compiled
         self.scalar_inputs = tuple(scalar_inputs)
         self.plan = plan
         self.ctx = ctx
         self.feed_weights = WeightFeeder(weights) if weights is not None and weights.shards else None
-        self.agree = ShapeAgreement()
+        self.agree = ShapeAgreement(host)  # this graph's ranks: the world, or a CFG branch
 
     def __call__(self, *args: Any) -> Any:
         parallel = self.plan is not None or self.feed_weights is not None

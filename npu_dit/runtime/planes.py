@@ -32,6 +32,8 @@ CPU = torch.device("cpu")
 
 _DECLARED: dict[str, torch.device] = {}  # group name -> the device its collectives take
 _HOST_GROUP: dict[int, Any] = {}  # id(world group) -> its host Gloo group
+# group name -> a host Gloo group over part of the world (a CFG branch's ranks: its graphs' decisions)
+_HOST_SUBGROUPS: dict[str, Any] = {}
 # (plane, what, group name, device type) -> calls; a handful of keys, bounded
 CALLS: collections.Counter[tuple[str, str, str, str]] = collections.Counter()
 
@@ -96,8 +98,32 @@ def _alive(group: Any) -> bool:
     return group in _world.pg_map
 
 
-def host_group() -> Any:
-    """The host group of the current world; `ensure_host_group` must have run (ensure_parallel does)."""
+def ensure_host_subgroups(rank_lists: list[list[int]], timeout_s: float) -> list[Any]:
+    """CPU Gloo groups over parts of the world (`dist.new_group` is collective: every rank creates
+    every list, in the same order, once). Under CFG parallelism each branch's ranks decide among
+    themselves (shape agreement, cache decisions) while the other branch runs other calls."""
+    out = []
+    for ranks in rank_lists:
+        key = f"world{id(dist.group.WORLD)}:ranks{tuple(ranks)}"
+        member = dist.get_rank() in ranks
+        if key not in _HOST_SUBGROUPS or (member and not _alive(_HOST_SUBGROUPS[key])):
+            group = dist.new_group(ranks=list(ranks), backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+            _HOST_SUBGROUPS[key] = group if member else None
+            if member:
+                declare(group, CPU)
+                _HOST_SUBGROUPS[group.group_name] = group
+        out.append(_HOST_SUBGROUPS[key])
+    return out
+
+
+def host_group(name: str | None = None) -> Any:
+    """The host group of the current world (`ensure_host_group` must have run: ensure_parallel does),
+    or the host subgroup called `name` (a CFG branch's ranks)."""
+    if name is not None:
+        group = _HOST_SUBGROUPS.get(name)
+        if group is None or not _alive(group):
+            raise RuntimeError(f"npu_dit: no host group {name!r}: call npu_dit.runtime.dist.ensure_parallel first (every rank)")
+        return group
     group = _HOST_GROUP.get(id(dist.group.WORLD))
     if group is None or not _alive(group):
         raise RuntimeError("npu_dit: no host group: call npu_dit.runtime.dist.ensure_parallel first (every rank)")
@@ -107,8 +133,8 @@ def host_group() -> Any:
 # -- host plane -----------------------------------------------------------------------------------
 
 
-def host_all_gather(tensor: torch.Tensor, what: str) -> list[torch.Tensor]:
-    group = host_group()
+def host_all_gather(tensor: torch.Tensor, what: str, *, group: Any = None) -> list[torch.Tensor]:
+    group = group if group is not None and not isinstance(group, str) else host_group(group)
     check_device(group, tensor, what)
     slots = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
     dist.all_gather(slots, tensor, group=group)
@@ -116,20 +142,28 @@ def host_all_gather(tensor: torch.Tensor, what: str) -> list[torch.Tensor]:
     return slots
 
 
-def host_all_reduce(tensor: torch.Tensor, what: str) -> torch.Tensor:
-    group = host_group()
+def host_all_reduce(tensor: torch.Tensor, what: str, *, group: Any = None) -> torch.Tensor:
+    group = group if group is not None and not isinstance(group, str) else host_group(group)
     check_device(group, tensor, what)
     dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     CALLS[(HOST, what, group_name(group), tensor.device.type)] += 1
     return tensor
 
 
-def host_all_gather_object(obj: Any, what: str) -> list[Any]:
-    group = host_group()
+def host_all_gather_object(obj: Any, what: str, *, group: Any = None) -> list[Any]:
+    group = group if group is not None and not isinstance(group, str) else host_group(group)
     out: list[Any] = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, obj, group=group)
     CALLS[(HOST, what, group_name(group), "cpu")] += 1
     return out
+
+
+def host_broadcast_object(obj: Any, src: int, group: Any, what: str) -> Any:
+    """`obj` from global rank `src` to every rank of `group` (a host group)."""
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=group)
+    CALLS[(HOST, what, group_name(group), "cpu")] += 1
+    return box[0]
 
 
 # -- data plane -----------------------------------------------------------------------------------
@@ -142,6 +176,14 @@ def data_all_gather_into_tensor(output: torch.Tensor, tensor: torch.Tensor, grou
     dist.all_gather_into_tensor(output, tensor, group=group)
     CALLS[(DATA, what, group_name(group), tensor.device.type)] += 1
     return output
+
+
+def data_broadcast(tensor: torch.Tensor, src: int, group: Any, what: str) -> torch.Tensor:
+    """`tensor` (in place) from global rank `src` to every rank of `group`."""
+    check_device(group, tensor, what)
+    dist.broadcast(tensor, src=src, group=group)
+    CALLS[(DATA, what, group_name(group), tensor.device.type)] += 1
+    return tensor
 
 
 def record_traced(group: Any, tensor: torch.Tensor, what: str) -> None:

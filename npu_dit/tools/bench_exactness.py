@@ -40,6 +40,7 @@ class Column:
     flags: tuple[str, ...]
     reference: str = "1-rank"
     qwen_only: bool = False  # the seed's Qwen-Image-Edit table (TEP over the Qwen2.5-VL language model)
+    true_cfg_only: bool = False  # CFG parallelism: the models that run true CFG by default
     expects: tuple[str, ...] = ()  # backend counts the column's graphs must show (what it claims to do)
 
 
@@ -59,9 +60,13 @@ COLUMNS: tuple[Column, ...] = (
            qwen_only=True, expects=_TEP),
     Column("tp-2", 2, ("--tp", "2", "--text-encoder-parallel"), expects=("all_reduce",)),
     Column("vae-parallel-2", 2, ("--ulysses", "2", "--vae-parallel"), expects=("all_to_all", "halo_exchange")),
+    Column("cfg-2", 2, ("--cfg-parallel",), true_cfg_only=True),
+    Column("cfg-2-ulysses-2-tep", 4, ("--cfg-parallel", "--ulysses", "2", "--text-encoder-parallel"),
+           true_cfg_only=True, expects=_TEP),
     Column("cache-1-rank", 1, ("--cache", CACHE), reference="cache-1-rank"),  # the cached columns' reference
     Column("ulysses-2-cache", 2, ("--ulysses", "2", "--cache", CACHE), reference="cache-1-rank",
            expects=("all_to_all",)),
+    Column("cfg-2-cache", 2, ("--cfg-parallel", "--cache", CACHE), reference="cache-1-rank", true_cfg_only=True),
 )
 
 
@@ -70,7 +75,7 @@ def columns_for(model: str) -> list[Column]:
 
     spec = get_model(model)
     qwen = spec.transformer_cls != "FluxTransformer2DModel"
-    return [c for c in COLUMNS if qwen or not c.qwen_only]
+    return [c for c in COLUMNS if (qwen or not c.qwen_only) and (spec.true_cfg or not c.true_cfg_only)]
 
 
 def column_command(model: str, column: Column, *, height: int, width: int, steps: int, out_npy: str) -> list[str]:
@@ -86,6 +91,8 @@ def _check(column: Column, report: dict[str, Any]) -> list[str]:
         for key, value in g["counts"].items():
             counts[key] = counts.get(key, 0) + value
     problems += [f"no {key} in any compiled graph" for key in column.expects if not counts.get(key)]
+    if "--cfg-parallel" in column.flags and not report.get("cfg_parallel_steps"):
+        problems.append("no step ran its two CFG branches at once")
     if "--cache" in column.flags:
         patterns = report.get("cache_patterns") or {}
         if not any("0" in p for p in patterns.values()):

@@ -85,6 +85,14 @@ TABLES: dict[str, Table] = {
         Column("async-ulysses-4-tep-npu-fia", "+ NPU attention", 4,
                ("--ulysses", "4", "--text-encoder-parallel", "--async-ulysses", "--attention-backend", "npu_fia"), 64.43,
                f"async Ulysses-4 + TEP, and {_FIA}"),
+        Column("cfg-2", "CFG-2", 2, ("--cfg-parallel",), None,
+               "not in the seed's table: the prompt's and the negative prompt's transformer calls of each step on "
+               "the 2 ranks at once (the first step learns the pairing and runs them one after the other), one "
+               "exchange of the outputs per step"),
+        Column("cfg-2-ulysses-2-tep", "CFG-2 x Ulysses-2 + TEP", 4,
+               ("--cfg-parallel", "--ulysses", "2", "--text-encoder-parallel"), None,
+               "not in the seed's table: CFG-2, each branch's transformer calls Ulysses-2 over its 2 ranks; TEP over "
+               "all 4"),
     )),
 }
 

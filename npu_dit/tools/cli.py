@@ -38,6 +38,8 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ulysses-degree", type=int, default=None, help="Ulysses sequence-parallel degree")
     p.add_argument("--async-ulysses", action="store_true", help="overlap all-to-all with the Q/K/V projections")
     p.add_argument("--tp-degree", type=int, default=None, help="tensor-parallel degree (column/row-sharded linears)")
+    p.add_argument("--cfg-degree", type=int, default=None,
+                   help="CFG parallelism: 2 branches of ulysses x tp ranks (shows the mesh and the bytes per step)")
     p.add_argument("--attention-backend", default=None, help="auto, sdpa, npu_fia, npu_fa, flash, cudnn, ...")
     p.add_argument("--cache", type=_json_dict, default=None, help='cache options as JSON, e.g. \'{"Fn_compute_blocks": 1}\'')
     p.add_argument("--spatial-degree", type=int, default=None,
@@ -53,6 +55,8 @@ def _collect_options(args: argparse.Namespace) -> dict[str, Any]:
         options["async_ulysses"] = True
     if getattr(args, "tp_degree", None) is not None:
         options["tp_degree"] = args.tp_degree
+    if getattr(args, "cfg_degree", None) is not None:
+        options["cfg_degree"] = args.cfg_degree
     if args.attention_backend is not None:
         options["attention_backend"] = args.attention_backend
     if args.cache is not None:

@@ -71,6 +71,9 @@ def add_parser(sub) -> None:
     g.add_argument("--async-ulysses", "--ulysses-async", dest="async_ulysses", action="store_true",
                    help="overlap the all-to-alls with the Q/K/V projections")
     g.add_argument("--tp", "--tp-degree", dest="tp", type=int, default=1, help="tensor parallel degree (Ulysses takes world / tp); the full weights are released")
+    g.add_argument("--cfg-parallel", "--parallel-cfg", dest="cfg_parallel", action="store_true",
+                   help="true CFG: the prompt's and the negative prompt's transformer calls of each step on two halves "
+                        "of the ranks at once (Ulysses / TP inside each half); needs a run with true CFG")
     g.add_argument("--text-encoder-parallel", "--parallel-text-encoder", dest="text_encoder_parallel", action="store_true",
                    help="shard the text encoders over the world (TEP: tensor parallelism of T5 / the Qwen2.5-VL language model)")
     g.add_argument("--vae-parallel", "--parallel-vae", dest="vae_parallel", action="store_true",
@@ -114,12 +117,29 @@ def check_args(args: argparse.Namespace, spec, world: int) -> None:
     for flag, value in (("--true-cfg-scale", args.true_cfg_scale), ("--lora-scale", args.lora_scale)):
         if value is not None and not math.isfinite(value):
             raise ValueError(f"{flag} {value}: must be a finite number")
-    if args.tp < 1 or world % args.tp:
-        raise ValueError(f"--tp {args.tp}: must divide the number of processes, {world} (allowed: {_divisors(world)})"
-                         + (f"; for --tp {args.tp} launch with torchrun --nproc-per-node {args.tp}" if args.tp > 1 else ""))
-    if args.ulysses is not None and (args.ulysses < 1 or args.ulysses * args.tp != world):
-        allowed = world // args.tp
-        raise ValueError(f"--ulysses {args.ulysses}: --ulysses x --tp must equal the number of processes, {world}; "
+    if args.cfg_parallel:
+        negative, scale = true_cfg_settings(args, spec)
+        if negative is None or scale <= 1:
+            why = "no negative prompt" if negative is None else f"true_cfg_scale {scale:g} <= 1"
+            raise ValueError(
+                f"--cfg-parallel: this {spec.name} run calls the transformer once per step ({why}), so there is no "
+                f"second CFG branch to run in parallel; drop --cfg-parallel, or give --negative-prompt TEXT and "
+                f"--true-cfg-scale above 1"
+            )
+        if world % 2:
+            raise ValueError(f"--cfg-parallel: the two CFG branches need an even number of processes, got {world}; "
+                             f"launch with torchrun --nproc-per-node {max(2, world + 1)}")
+    branches = 2 if args.cfg_parallel else 1
+    if args.tp < 1 or world % (args.tp * branches):
+        per = " x 2 (--cfg-parallel)" if branches > 1 else ""
+        raise ValueError(f"--tp {args.tp}: {'--tp' + per + ' ' if per else ''}must divide the number of processes, "
+                         f"{world} (allowed: {_divisors(world // branches)})"
+                         + (f"; for --tp {args.tp} launch with torchrun --nproc-per-node {args.tp * branches}"
+                            if args.tp * branches > world else ""))
+    if args.ulysses is not None and (args.ulysses < 1 or args.ulysses * args.tp * branches != world):
+        allowed = world // (args.tp * branches)
+        per = " x 2 (--cfg-parallel)" if branches > 1 else ""
+        raise ValueError(f"--ulysses {args.ulysses}: --ulysses x --tp{per} must equal the number of processes, {world}; "
                          f"with --tp {args.tp} that is --ulysses {allowed} (the default when --ulysses is left out)")
     out = args.out or f"{spec.name}.png"
     if os.path.splitext(out)[1].lower() not in (".png", ".npy"):
@@ -239,6 +259,14 @@ def _peak_memory_mib(device: torch.device) -> dict[str, float]:
     return peak
 
 
+def true_cfg_settings(args: argparse.Namespace, spec) -> tuple[str | None, float]:
+    """(negative prompt, true_cfg_scale) of the run: the pipelines call the transformer twice per step
+    when both a negative prompt is given and the scale is above 1."""
+    negative = args.negative_prompt if args.negative_prompt is not None else (" " if spec.true_cfg else None)
+    scale = args.true_cfg_scale if args.true_cfg_scale is not None else (4.0 if spec.true_cfg else 1.0)
+    return negative, scale
+
+
 def call_kwargs(args: argparse.Namespace, spec, steps: int) -> dict[str, Any]:
     from PIL import Image
 
@@ -255,8 +283,7 @@ def call_kwargs(args: argparse.Namespace, spec, steps: int) -> dict[str, Any]:
     if spec.max_input_images:
         loaded = [Image.open(p).convert("RGB") for p in images] or [_test_image(0)]
         kwargs["image"] = loaded if spec.max_input_images > 1 else loaded[0]
-    negative = args.negative_prompt if args.negative_prompt is not None else (" " if spec.true_cfg else None)
-    scale = args.true_cfg_scale if args.true_cfg_scale is not None else (4.0 if spec.true_cfg else 1.0)
+    negative, scale = true_cfg_settings(args, spec)
     if spec.transformer_cls != "FluxTransformer2DModel" or negative is not None:
         kwargs["true_cfg_scale"] = scale
     if negative is not None:
@@ -274,7 +301,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     cache = parse_cache(args.cache)
     steps = args.steps or spec.default_steps
-    settings = dict(ulysses_degree=args.ulysses, tp_degree=args.tp, async_ulysses=args.async_ulysses,
+    settings = dict(ulysses_degree=args.ulysses, tp_degree=args.tp, cfg_parallel=args.cfg_parallel,
+                    async_ulysses=args.async_ulysses,
                     attention_backend=args.attention_backend, cache=cache, inner_compiler=args.inner_compiler)
     # every option is checked before the (possibly large) pipeline is loaded
     check_args(args, spec, world)
@@ -345,6 +373,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     controller = latest() if cache is not None else None
     patterns = ({str(branch): controller.pattern(branch=branch) for branch in controller.summary()["branches"]}
                 if controller is not None else None)
+    if args.cfg_parallel and controller is not None:
+        from npu_dit.runtime import planes
+
+        # each CFG branch's ranks hold that branch's cache (one call per step): the first rank of each
+        # branch reports it, labelled with the branch as one process labels its two
+        per_rank = planes.host_all_gather_object(controller.pattern(branch=0), "cache patterns")
+        patterns = {str(b): per_rank[b * world // 2] for b in range(2)}
     return {
         "model": spec.name, "weights": args.weights or f"{args.size or 'tiny'} random (offline)", "world_size": world,
         "device": str(device), "dtype": str(dtype).replace("torch.", ""),
@@ -357,6 +392,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "compiled_graphs": _compiled_graphs(),
         "warmup_runs": args.warmup, "warmup_compile_s": warmup_compile_s,
         "text_encoder_parallel": args.text_encoder_parallel,
+        # CFG parallelism: steps whose two branches ran at once (the first step learns the pairing)
+        "cfg_parallel_steps": getattr(getattr(pipe.transformer, "pairing", None), "parallel_steps", None),
     }
 
 
@@ -380,7 +417,7 @@ def format_report(r: dict[str, Any]) -> str:
     lines = [
         f"{r['model']}  ({r['weights']}), {r['height']}x{r['width']}, {r['steps']} steps, {r['world_size']} process(es)"
         f"{', ' + r['device'] + ' ' + r['dtype'] if 'device' in r else ''}",
-        f"  ulysses_degree={o['ulysses_degree']} tp_degree={o['tp_degree']} text_encoder_parallel={r.get('text_encoder_parallel', False)} async_ulysses={o['async_ulysses']} attention_backend={o['attention_backend']} "
+        f"  {'cfg_degree=' + str(o['cfg_degree']) + ' ' if o.get('cfg_degree', 1) > 1 else ''}ulysses_degree={o['ulysses_degree']} tp_degree={o['tp_degree']} text_encoder_parallel={r.get('text_encoder_parallel', False)} async_ulysses={o['async_ulysses']} attention_backend={o['attention_backend']} "
         f"inner_compiler={o['inner_compiler']} cache={o.get('cache')}",
         *([f"  tokens per transformer call: {format_tokens(r['transformer_tokens'])}"] if r.get("transformer_tokens") else []),
         "",

@@ -151,6 +151,7 @@ def inspect_model(
         site_kinds[key] = site_kinds.get(key, 0) + 1
 
     return {
+        "cfg": _cfg_summary(gm, cfg, communication),
         "model": spec.name,
         "transformer": spec.transformer_cls,
         "config_size": size,
@@ -230,6 +231,26 @@ def _kernel_text(kernel: dict[str, Any]) -> str:
     head = f"{kernel['kernel']} [{kernel['layout']}{', reference op' if kernel['reference'] else ''}]"
     refused = "; ".join(f"{name}: {reason}" for name, reason in kernel["refused"].items())
     return f"{head} ({refused})" if refused else head
+
+
+def _cfg_summary(gm, cfg: CompileConfig, communication: dict[str, Any] | None) -> dict[str, Any] | None:
+    """CFG parallelism's mesh and what a rank sends per denoising step (two transformer calls): its own
+    call's collectives plus one exchange of the output, against both calls on the same Ulysses/TP ranks."""
+    if cfg.cfg_degree == 1:
+        return None
+    out = gm.graph.output_node().args[0]
+    outputs = list(out) if isinstance(out, (tuple, list)) else [out]
+    exchange = 0
+    for node in outputs:
+        value = node.meta.get("val") if isinstance(node, torch.fx.Node) else None
+        if isinstance(value, torch.Tensor):
+            numel = value.numel()
+            numel = numel.node.hint if isinstance(numel, torch.SymInt) else numel
+            exchange += int(numel) * value.element_size()
+    per_call = communication["bytes_per_step"] if communication else 0
+    return {"mesh": {"cfg": cfg.cfg_degree, "ulysses": cfg.ulysses_degree, "tp": cfg.tp_degree},
+            "ranks": cfg.world_degree, "exchange_bytes_per_step": exchange, "per_call_bytes": per_call,
+            "bytes_per_step": per_call + exchange, "without_cfg_bytes_per_step": 2 * per_call}
 
 
 def _nbytes(value: Any) -> int:
@@ -324,6 +345,15 @@ def format_report(r: dict[str, Any]) -> str:
         add(f"    all-to-all per attention layer: {_human_bytes(comm['all_to_all_bytes_per_layer'])} "
             f"(DeepSpeed-Ulysses 4*N*h/P with N={comm['tokens']}, h={comm['hidden']}: "
             f"{_human_bytes(comm['deepspeed_formula_bytes_per_layer'])})")
+    c = r.get("cfg")
+    if c:
+        m = c["mesh"]
+        add(f"  CFG parallelism: mesh cfg {m['cfg']} x ulysses {m['ulysses']} x tp {m['tp']} = {c['ranks']} ranks; "
+            f"per denoising step (two transformer calls, one per branch) rank 0 sends:")
+        add(f"    its call's collectives {_human_bytes(c['per_call_bytes'])} + the output exchange (1 all-gather) "
+            f"{_human_bytes(c['exchange_bytes_per_step'])} = {_human_bytes(c['bytes_per_step'])} "
+            f"(both calls on the same {m['ulysses'] * m['tp']} rank(s) without CFG parallelism: "
+            f"{_human_bytes(c['without_cfg_bytes_per_step'])})")
     tm = r["timings"]
     add(f"  time: build {tm['build_s']:.1f} s, trace {tm['trace_s']:.1f} s, analyses {tm['analysis_s']:.2f} s "
         f"(blocks {tm['analysis_blocks_s']:.2f}, attention {tm['analysis_attention_s']:.2f}, "

@@ -1,0 +1,83 @@
+"""CFG parallelism (`parallelize(cfg_parallel=True)`, `generate --cfg-parallel`): the two true-CFG
+calls of each step on two rank groups at once, every image equal to the one-process image."""
+
+import numpy as np
+import pytest
+
+import npu_dit
+from npu_dit.pipelines import load_pipeline
+from tests.dist_utils import run_ranks
+from tests.dist_workers_cfg import CACHE, STEPS, cfg_cases, generate
+
+TOL = 1e-4
+
+
+def _references(cases):
+    """The one-process image of each case: the plain pipeline (with the cache: parallelize on one process)."""
+    out = {}
+    for name, model, kw in cases:
+        reference = {k: v for k, v in kw.items() if k in ("true_cfg", "cache", "change_prompt")}
+        out[name] = generate(model, **reference)
+    return out
+
+
+def _check(records, references, cases, *, paired_steps):
+    for name, _, kw in cases:
+        want = references[name]
+        for rank, record in enumerate(records):
+            got = record["result"][name]
+            diff = float((got["image"] - want["image"]).abs().max())
+            assert diff <= TOL, (name, rank, diff)
+            if kw.get("change_prompt"):  # learnt at step 0, paired at step 1; step 2 no longer fits: serial, one warning
+                assert got["parallel_steps"] == 1 and len(got["warnings"]) == 1, (name, rank, got)
+                assert "text inputs are not those" in got["warnings"][0]
+            elif kw.get("true_cfg", True):
+                # the first step learns the pattern (serial); every later step ran both branches at once
+                assert got["parallel_steps"] == paired_steps, (name, rank, got)
+                assert not got["warnings"], (name, rank, got["warnings"])
+            else:
+                assert got["parallel_steps"] == 0 and len(got["warnings"]) == 1, (name, rank, got)
+                assert "one after the other" in got["warnings"][0]
+
+
+@pytest.mark.slow
+def test_cfg_2_on_two_ranks_equals_one_process(tmp_path):
+    cases = [
+        ("edit-2509", "qwen-image-edit-2509", {"cfg_parallel": True}),
+        ("flux", "flux.1-dev", {"cfg_parallel": True}),
+        ("edit+cache", "qwen-image-edit", {"cfg_parallel": True, "cache": CACHE}),
+        ("flux, one call per step", "flux.1-dev", {"cfg_parallel": True, "true_cfg": False}),
+        ("flux, prompt changed after step 1", "flux.1-dev", {"cfg_parallel": True, "change_prompt": True}),
+    ]
+    references = _references(cases)
+    records = run_ranks(cfg_cases, 2, tmp_path, timeout=900, group_timeout=300, cases=cases)
+    _check(records, references, cases, paired_steps=STEPS - 1)
+    # the cache under CFG-2: each branch (rank) keeps its own state and caches steps, as one process does
+    cached = [r["result"]["edit+cache"]["cached"] for r in records]
+    assert cached[0] and cached[1] and any(steps for steps in cached[0].values()), cached
+
+
+@pytest.mark.slow
+def test_cfg_2_times_ulysses_2_on_four_ranks_equals_one_process(tmp_path):
+    cases = [
+        ("edit", "qwen-image-edit", {"cfg_parallel": True, "async_ulysses": True}),
+        ("flux", "flux.1-dev", {"cfg_parallel": True}),
+    ]
+    references = _references(cases)
+    records = run_ranks(cfg_cases, 4, tmp_path, timeout=900, group_timeout=300, cases=cases)
+    _check(records, references, cases, paired_steps=STEPS - 1)
+    for rank, record in enumerate(records):  # Ulysses ran inside each branch (no graph fell back)
+        for name, _, _ in cases:
+            rewritten = record["result"][name]["rewritten"]
+            assert rewritten and all(rewritten), (name, rank, rewritten)
+
+
+def test_cfg_parallel_needs_two_processes_per_branch_layout():
+    pipe = load_pipeline("flux.1-dev")
+    with pytest.raises(ValueError, match="torchrun --nproc-per-node 2"):
+        npu_dit.parallelize(pipe, cfg_parallel=True)
+    with pytest.raises(ValueError, match="True or False"):
+        npu_dit.parallelize(pipe, cfg_parallel="yes")
+    with pytest.raises(ValueError, match="cfg_degree"):
+        npu_dit.config.CompileConfig.from_options({"cfg_degree": 3})
+    assert not hasattr(pipe, "_npu_dit_parallel")
