@@ -14,6 +14,7 @@ import torch
 
 from npu_dit.passes.analysis.attention_ops import SDPA_TARGETS
 from npu_dit.runtime import collectives as C
+from npu_dit.runtime import spatial_ops as S
 
 
 def _move_to_front(shape: Sequence[Any], first: int, second: int) -> list[Any]:
@@ -112,4 +113,37 @@ RULES: dict[Any, Any] = {
     # the unpatchify's -1 size is inferred from their exact symbolic output
     C.localize: localize,
     **{target: attention for target in SDPA_TARGETS},
+}
+
+
+# --- spatial parallelism (runtime/spatial_ops.py): the helpers that dominate a VAE's refresh ------
+
+
+def spatial_group_norm(x, num_groups, weight, bias, eps, group_name, world):
+    return list(x.shape), x.dtype, x.device
+
+
+def _conv_size(size, kernel, stride, padding, dilation):
+    reach = dilation * (kernel - 1)
+    if stride == 1:  # no floor division in the shape of a stride-1 convolution
+        return size + 2 * padding - reach
+    return (size + 2 * padding - reach - 1) // stride + 1
+
+
+def spatial_halo_conv(x, received, weight, bias, stride, padding, dilation, groups, dim, rows, rank, world):
+    """A stride-1 convolution of the band with its halo: the rows of the convolution's own padding
+    (the thin-band path, halo attached and no padding along `dim`, gives the same count)."""
+    spatial = [_conv_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i])
+               for i in range(x.dim() - 2)]
+    return [x.shape[0], weight.shape[0], *spatial], x.dtype, x.device
+
+
+def spatial_neighbour_rows(x, dim, top, bottom, rank, world, group_name):
+    count = (top if rank > 0 else 0) + (bottom if rank < world - 1 else 0)
+    rest = [s for d, s in enumerate(x.shape) if d != dim % x.dim()]
+    return [count, *rest], x.dtype, x.device
+
+
+SPATIAL_RULES: dict[Any, Any] = {
+    S.group_norm: spatial_group_norm, S.halo_conv: spatial_halo_conv, S.neighbour_rows: spatial_neighbour_rows,
 }

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import torch
 import torch.fx as fx
-from torch.fx._lazy_graph_module import _make_graph_module
+from torch.fx._lazy_graph_module import _LazyGraphModule, _make_graph_module
 
 from npu_dit.errors import Refusal, UserError, warn_user  # noqa: F401 - re-exported for the passes
 
@@ -89,7 +89,8 @@ def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
     graph.output(output_value)
     for old, new in value_remap.items():
         new.meta = dict(old.meta)
-    clone = _make_graph_module(gm, graph)
+    # lazy: the Python code of a 7,000-node graph is generated when it is first run, not for each copy
+    clone = _make_graph_module(gm, graph, graph_module_cls=_LazyGraphModule)
     clone.meta = dict(getattr(gm, "meta", {}))
     clone.meta.pop(ANALYSIS_CACHE_KEY, None)
     return clone

@@ -45,6 +45,7 @@ Pipeline position: after scalar_inputs; the only sharding pass of a spatial grap
 from __future__ import annotations
 
 import dataclasses
+import os
 import math
 from fractions import Fraction
 from typing import Any
@@ -612,7 +613,7 @@ def refresh_local_shapes(gm: fx.GraphModule, plan: SpatialPlan) -> None:
     """meta["val"] of every node becomes this rank's value for the example input's bands: the height
     symbol gets the band's rows (a fresh symbol whose hint is this rank's row count), the unit inputs
     their example values."""
-    from npu_dit.passes.analysis.fake_prop import SymbolMap, copied_placeholder_values, repropagate
+    from npu_dit.passes.analysis.fake_prop import SymbolMap, copied_placeholder_values, refresh, repropagate
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     source = node_value(placeholders[plan.input_index])
@@ -634,4 +635,11 @@ def refresh_local_shapes(gm: fx.GraphModule, plan: SpatialPlan) -> None:
             return unit_syms[i - first_unit]
         return None
 
-    repropagate(gm, copied_placeholder_values(gm, symbols, override))
+    if os.environ.get("NPU_DIT_FULL_REFRESH") == "1":
+        repropagate(gm, copied_placeholder_values(gm, symbols, override))
+        return
+    # every node runs on fake values except the band helpers, which get their shapes by rule (a
+    # group norm or halo convolution traced op by op is most of a VAE decoder's refresh)
+    from npu_dit.passes.collective_meta import SPATIAL_RULES
+
+    refresh(gm, copied_placeholder_values(gm, symbols, override), symbols, lambda node: None, SPATIAL_RULES)

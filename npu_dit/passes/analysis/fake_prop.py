@@ -48,6 +48,7 @@ class SymbolMap:
         self.mode.cache_enabled = True
         self.symbols: dict[sympy.Symbol, sympy.Expr] = {}
         self.hints: dict[sympy.Symbol, int] = {}  # old symbol -> its value on this rank, where it changes
+        self.statics: dict[tuple, torch.Tensor] = {}
 
     def new_symbol(self, name: str, hint: int) -> sympy.Expr:
         return self.env.create_symbol(hint, ConstantSource(name), dynamic_dim=DimDynamic.DYNAMIC)
@@ -73,10 +74,21 @@ class SymbolMap:
 
     def tensor(self, value: torch.Tensor, sizes: list[Any] | None = None) -> torch.Tensor:
         sizes = sizes if sizes is not None else [self.size(s) for s in value.shape]
+        static = all(isinstance(s, int) for s in sizes) and all(isinstance(s, int) for s in value.stride())
+        # static tensors of one shape (a transformer's ~1,000 parameters come in a few dozen shapes)
+        # share one fake value: nothing writes into a placeholder's fake value
+        key = (tuple(sizes), tuple(value.stride()), value.dtype, value.device) if static else None
+        found = self.statics.get(key) if key is not None else None
+        if found is not None:
+            return found
         with self.mode:
-            if all(isinstance(s, int) for s in sizes) and all(isinstance(s, int) for s in value.stride()):
-                return torch.empty_strided(sizes, value.stride(), dtype=value.dtype, device=value.device)
-            return torch.empty(sizes, dtype=value.dtype, device=value.device)
+            if static:
+                found = torch.empty_strided(sizes, value.stride(), dtype=value.dtype, device=value.device)
+            else:
+                found = torch.empty(sizes, dtype=value.dtype, device=value.device)
+        if key is not None:
+            self.statics[key] = found
+        return found
 
 
 def repropagate(gm: fx.GraphModule, placeholder_values: list[Any]) -> None:

@@ -9,7 +9,8 @@ its arguments already bound to their schema names (`normalize.py`), returning `S
   `stack`, `split`, `unbind`, `getitem`, `narrow`, `select`, `reduce` (`dims`, `keepdim`), `mix`
   (shape kept, positions along `dims` combined: softmax, cumsum, roll, norms), `linear`, `matmul`,
   `attention`, `conv`, `creation` (fresh dims), `like` (the dims of `input`, values fresh),
-  `repeat_interleave`, `size` (a size read off `input` at `dim`), `symbolic` (arithmetic on sizes),
+  `repeat` (tiles: a dim repeated once kept), `repeat_interleave`, `size` (a size read off `input` at
+  `dim`), `symbolic` (arithmetic on sizes),
   `effect` (returns nothing, changes no tensor it reads: asserts, grad mode);
 - `mutates`: the arguments it writes in place (`x.add_(y)`, `x[i] = v`, `inplace=True`);
 - `meta_only`: tensor arguments read only for their dtype / device (`type_as`'s `other`);
