@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from npu_dit.config import COMM_DTYPES
 from npu_dit.tools.help_format import HelpFormatter, show_defaults
 from npu_dit.models import DEFAULT_MODEL, MODELS
 
@@ -38,6 +39,8 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--async-ulysses", action="store_true", help="overlap all-to-all with the Q/K/V projections")
     p.add_argument("--tp-degree", type=int, default=None, help="tensor-parallel degree (column/row-sharded linears)")
     p.add_argument("--attention-backend", default=None, help="auto, sdpa, npu_fia, npu_fa, flash, cudnn, ...")
+    p.add_argument("--comm-dtype", default=None, choices=COMM_DTYPES,
+                   help="Ulysses all-to-alls: Q, V and the attention output in this dtype (default: the compute dtype)")
     p.add_argument("--cache", type=_json_dict, default=None, help='cache options as JSON, e.g. \'{"Fn_compute_blocks": 1}\'')
     p.add_argument("--spatial-degree", type=int, default=None,
                    help="spatial (height-band) parallelism of a convolutional graph: the VAE")
@@ -54,6 +57,8 @@ def _collect_options(args: argparse.Namespace) -> dict[str, Any]:
         options["tp_degree"] = args.tp_degree
     if args.attention_backend is not None:
         options["attention_backend"] = args.attention_backend
+    if getattr(args, "comm_dtype", None) is not None:
+        options["comm_dtype"] = args.comm_dtype
     if args.cache is not None:
         options["cache"] = args.cache
     if getattr(args, "spatial_degree", None) is not None:

@@ -28,6 +28,7 @@ from npu_dit.tools.help_format import HelpFormatter
 
 import torch
 
+from npu_dit.config import COMM_DTYPES
 from npu_dit.runtime.devices import DEVICES
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -70,6 +71,9 @@ def add_parser(sub) -> None:
                    help="Ulysses degree; default: the torchrun world size (1 without torchrun)")
     g.add_argument("--async-ulysses", "--ulysses-async", dest="async_ulysses", action="store_true",
                    help="overlap the all-to-alls with the Q/K/V projections")
+    g.add_argument("--comm-dtype", default=None, choices=COMM_DTYPES,
+                   help="send Q, V and the attention output through Ulysses' all-to-alls in this dtype (K and "
+                        "everything else keep the compute dtype); default: no compression")
     g.add_argument("--tp", "--tp-degree", dest="tp", type=int, default=1, help="tensor parallel degree (Ulysses takes world / tp); the full weights are released")
     g.add_argument("--text-encoder-parallel", "--parallel-text-encoder", dest="text_encoder_parallel", action="store_true",
                    help="shard the text encoders over the world (TEP: tensor parallelism of T5 / the Qwen2.5-VL language model)")
@@ -275,7 +279,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cache = parse_cache(args.cache)
     steps = args.steps or spec.default_steps
     settings = dict(ulysses_degree=args.ulysses, tp_degree=args.tp, async_ulysses=args.async_ulysses,
-                    attention_backend=args.attention_backend, cache=cache, inner_compiler=args.inner_compiler)
+                    attention_backend=args.attention_backend, cache=cache, inner_compiler=args.inner_compiler,
+                    comm_dtype=args.comm_dtype)
     # every option is checked before the (possibly large) pipeline is loaded
     check_args(args, spec, world)
     _check_flags(args.tp, args.text_encoder_parallel, args.vae_parallel)
@@ -381,7 +386,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"{r['model']}  ({r['weights']}), {r['height']}x{r['width']}, {r['steps']} steps, {r['world_size']} process(es)"
         f"{', ' + r['device'] + ' ' + r['dtype'] if 'device' in r else ''}",
         f"  ulysses_degree={o['ulysses_degree']} tp_degree={o['tp_degree']} text_encoder_parallel={r.get('text_encoder_parallel', False)} async_ulysses={o['async_ulysses']} attention_backend={o['attention_backend']} "
-        f"inner_compiler={o['inner_compiler']} cache={o.get('cache')}",
+        f"inner_compiler={o['inner_compiler']} cache={o.get('cache')}"
+        f"{' comm_dtype=' + o['comm_dtype'] if o.get('comm_dtype') else ''}",
         *([f"  tokens per transformer call: {format_tokens(r['transformer_tokens'])}"] if r.get("transformer_tokens") else []),
         "",
         "| stage | seconds | share |",
