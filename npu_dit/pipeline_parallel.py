@@ -80,6 +80,7 @@ def build_options(
             # one process (or a world all on the TP axis): no all-to-all to overlap, so the same script
             # runs with `python` and with `torchrun`; an explicit ulysses_degree=1 is still refused
             async_ulysses = False
+        if ulysses_degree == 1:
             comm_dtype = None  # likewise: no all-to-all to compress
     options: dict[str, Any] = {
         "ulysses_degree": ulysses_degree, "tp_degree": tp_degree, "async_ulysses": async_ulysses,

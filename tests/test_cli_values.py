@@ -41,6 +41,8 @@ CASES = {
     "tp-3-on-2": (["--tp", "3"], 2, ["--tp 3", "2 (allowed: 1, 2)"]),
     "ulysses-3-on-2": (["--ulysses", "3"], 2, ["--ulysses 3", "--ulysses 2"]),
     "image-missing": (["--image", "nowhere.png"], 1, ["--image nowhere.png"]),
+    "comm-dtype-unknown": (["--comm-dtype", "float16"], 2, ["--comm-dtype float16", "float8_e4m3fn"]),
+    "comm-dtype-one-process": (["--comm-dtype", "float8_e4m3fn"], 1, ["--comm-dtype float8_e4m3fn", "Ulysses degree 1"]),
 }
 
 

@@ -71,7 +71,7 @@ def add_parser(sub) -> None:
                    help="Ulysses degree; default: the torchrun world size (1 without torchrun)")
     g.add_argument("--async-ulysses", "--ulysses-async", dest="async_ulysses", action="store_true",
                    help="overlap the all-to-alls with the Q/K/V projections")
-    g.add_argument("--comm-dtype", default=None, choices=COMM_DTYPES,
+    g.add_argument("--comm-dtype", default=None, metavar="|".join(COMM_DTYPES),
                    help="send Q, V and the attention output through Ulysses' all-to-alls in this dtype (K and "
                         "everything else keep the compute dtype); default: no compression")
     g.add_argument("--tp", "--tp-degree", dest="tp", type=int, default=1, help="tensor parallel degree (Ulysses takes world / tp); the full weights are released")
@@ -125,6 +125,12 @@ def check_args(args: argparse.Namespace, spec, world: int) -> None:
         allowed = world // args.tp
         raise ValueError(f"--ulysses {args.ulysses}: --ulysses x --tp must equal the number of processes, {world}; "
                          f"with --tp {args.tp} that is --ulysses {allowed} (the default when --ulysses is left out)")
+    if args.comm_dtype is not None and args.comm_dtype not in COMM_DTYPES:
+        raise ValueError(f"--comm-dtype {args.comm_dtype}: must be one of {', '.join(COMM_DTYPES)} (Q, V and the attention "
+                         f"output in FP8 through the all-to-alls); leave it out for no compression")
+    if args.comm_dtype is not None and (args.ulysses or world // args.tp) < 2:
+        raise ValueError(f"--comm-dtype {args.comm_dtype}: compresses Ulysses' all-to-alls, and this run has none "
+                         f"(Ulysses degree 1); launch with torchrun --nproc-per-node 2 or more, or leave --comm-dtype out")
     out = args.out or f"{spec.name}.png"
     if os.path.splitext(out)[1].lower() not in (".png", ".npy"):
         raise ValueError(f"--out {out}: must end in .png (the image) or .npy (the float32 array)")
