@@ -126,10 +126,11 @@ class CacheController:
         value = args[self.plan.timestep_arg]
         if not isinstance(value, torch.Tensor):
             return float(value)
-        value = value.reshape(-1)[:1]
-        if value.device.type in ("cpu", "meta"):
-            return float(value[0]) if value.device.type == "cpu" else None
-        host = value.to("cpu", non_blocking=True)
+        if value.device.type == "cpu":
+            return float(value.item() if value.numel() == 1 else value.reshape(-1)[0].item())
+        if value.device.type == "meta":
+            return None
+        host = value.reshape(-1)[:1].to("cpu", non_blocking=True)
         event = torch.Event(device=value.device)
         event.record()
         return host, event
@@ -158,19 +159,15 @@ class CacheController:
                 f"generation; call npu_dit.reset_cache() before changing the input shapes"
             )
         have_prev = previous is not None
-        diff_stats = _diff_stats(previous, residual) if have_prev and pre is None else torch.zeros(3, dtype=torch.float64)
+        diff_stats = _diff_stats(previous, residual) if have_prev and pre is None else [0.0, 0.0, 0.0]
         local_diff = _ratio(diff_stats) if have_prev and pre is None else None
         if self.group is None:
             if pre is not None:
                 return pre, None
             return state.policy.by_diff(step, local_diff), local_diff
-        votes = torch.tensor(
-            [pre is not None and pre.compute, pre is not None and not pre.compute, have_prev and pre is None, 1.0],
-            dtype=torch.float64,
-        )
-        total = torch.cat([diff_stats, votes])
-        planes.host_all_reduce(total, "cache decision")
-        compute_votes, cache_votes, diff_votes, world = (float(v) for v in total[3:])
+        votes = [pre is not None and pre.compute, pre is not None and not pre.compute, have_prev and pre is None, 1.0]
+        total = planes.host_all_reduce(torch.tensor([*diff_stats, *votes], dtype=torch.float64), "cache decision").tolist()
+        compute_votes, cache_votes, diff_votes, world = total[3:]
         if compute_votes > 0:
             return (pre if pre is not None and pre.compute else Decision(step, True, "peer")), local_diff
         if cache_votes == world:
@@ -315,17 +312,18 @@ def _picker(inputs: Sequence[tuple[str, int]]) -> Callable[[dict[str, Any]], lis
     return pick
 
 
-def _diff_stats(previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+def _diff_stats(previous: torch.Tensor, current: torch.Tensor) -> list[float]:
     """sum|R_prev - R|, sum|R_prev|, count: summed over ranks they give the exact global means."""
-    # the two sums come to the host in one copy (the step's one sync); the count is known on the host
-    # (a device tensor made from it would be one more host-to-device copy, and float32 rounds it above 2**24)
-    sums = torch.stack([(previous - current).abs().sum(), previous.abs().sum()]).to(device="cpu", dtype=torch.float64)
-    return torch.cat([sums, torch.tensor([float(previous.numel())], dtype=torch.float64)])
+    # the two sums come to the host in one copy (the step's one sync), as Python floats (float64); the
+    # count is known on the host (a device tensor made from it would be one more host-to-device copy,
+    # and float32 rounds it above 2**24)
+    sum_diff, sum_prev = torch.stack([(previous - current).abs().sum(), previous.abs().sum()]).tolist()
+    return [sum_diff, sum_prev, float(previous.numel())]
 
 
-def _ratio(stats: torch.Tensor) -> float:
+def _ratio(stats: Sequence[float]) -> float:
     mean_diff, mean_prev = stats[0] / stats[2], stats[1] / stats[2]
-    return float(mean_diff / mean_prev) if float(mean_prev) > 0 else float("inf")
+    return mean_diff / mean_prev if mean_prev > 0 else float("inf")
 
 
 def controllers() -> list[CacheController]:
