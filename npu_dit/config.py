@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "npu_fia", "npu_fa", "flash", "cudnn", "efficient", "math")
 INNER_COMPILERS = ("eager", "inductor", "npugraph_ex")
+COMM_DTYPES = ("float8_e4m3fn",)  # Ulysses all-to-alls: Q, V and the attention output in this dtype
 STEPS_MASK_PRESETS = ("slow", "medium", "fast", "ultra")
 DUMP_DIR_ENV = "NPU_DIT_DUMP_DIR"
 
@@ -181,6 +182,20 @@ def _check_dump_dir(path: str) -> str:
     return path
 
 
+def _check_comm_dtype(value: Any) -> str:
+    """A name ("float8_e4m3fn") or the torch dtype itself."""
+    import torch
+
+    if isinstance(value, torch.dtype):
+        value = str(value).removeprefix("torch.")
+    if not isinstance(value, str) or value not in COMM_DTYPES:
+        raise ValueError(
+            f"option 'comm_dtype' must be None (all-to-alls in the compute dtype) or one of "
+            f"{', '.join(COMM_DTYPES)} (Q, V and the attention output sent in FP8); got {value!r}"
+        )
+    return value
+
+
 @dataclasses.dataclass(frozen=True)
 class CompileConfig:
     ulysses_degree: int = 1
@@ -196,6 +211,7 @@ class CompileConfig:
     cache: CacheConfig | None = None
     inner_compiler: str = "eager"
     dump_dir: str | None = None
+    comm_dtype: str | None = None  # None: the all-to-alls carry the compute dtype
 
     @staticmethod
     def from_options(options: Mapping[str, Any] | None) -> "CompileConfig":
@@ -229,6 +245,8 @@ class CompileConfig:
             kw["cache"] = CacheConfig.from_options(options["cache"])
         if "inner_compiler" in options:
             kw["inner_compiler"] = _check_choice("inner_compiler", options["inner_compiler"], INNER_COMPILERS)
+        if options.get("comm_dtype") is not None:
+            kw["comm_dtype"] = _check_comm_dtype(options["comm_dtype"])
         dump_dir = options.get("dump_dir", os.environ.get(DUMP_DIR_ENV) or None)
         if dump_dir is not None:
             if not isinstance(dump_dir, (str, os.PathLike)):
@@ -251,6 +269,11 @@ class CompileConfig:
                     f"cannot be combined with {', '.join(others)} (options of the transformer); compile the VAE "
                     f"and the transformer separately, each with its own options"
                 )
+        if self.comm_dtype is not None and self.ulysses_degree == 1:
+            raise ValueError(
+                f"option 'comm_dtype={self.comm_dtype}' compresses Ulysses' all-to-alls and needs 'ulysses_degree' "
+                f"> 1; set ulysses_degree to the number of ranks or drop comm_dtype"
+            )
         if self.async_ulysses and self.ulysses_degree == 1:
             raise ValueError(
                 "option 'async_ulysses=True' needs 'ulysses_degree' > 1 (it overlaps Ulysses' all-to-all "

@@ -71,6 +71,7 @@ def build_options(
     num_inference_steps: int | None,
     dump_dir: str | None,
     world_size: int,
+    comm_dtype: str | None = None,
 ) -> dict[str, Any]:
     """The backend options for the transformer, validated (ValueError) by CompileConfig."""
     if not isinstance(cfg_parallel, bool):
@@ -84,6 +85,8 @@ def build_options(
             # one process (or a world all on the TP axis): no all-to-all to overlap, so the same script
             # runs with `python` and with `torchrun`; an explicit ulysses_degree=1 is still refused
             async_ulysses = False
+        if ulysses_degree == 1:
+            comm_dtype = None  # likewise: no all-to-all to compress
     options: dict[str, Any] = {
         "ulysses_degree": ulysses_degree, "tp_degree": tp_degree, "async_ulysses": async_ulysses,
         "attention_backend": attention_backend, "inner_compiler": inner_compiler,
@@ -92,6 +95,8 @@ def build_options(
         options["cfg_degree"] = cfg_degree
     if dump_dir is not None:
         options["dump_dir"] = dump_dir
+    if comm_dtype is not None:
+        options["comm_dtype"] = comm_dtype
     if cache is not None:
         if not isinstance(cache, Mapping):
             raise ValueError(
@@ -146,6 +151,7 @@ def parallelize(
     dump_dir: str | None = None,
     device: str | torch.device | None = None,
     cfg_parallel: bool = False,
+    comm_dtype: str | None = None,
 ):
     """Compile `pipe.transformer` with the npu_dit backend over the torchrun world; returns `pipe`.
 
@@ -156,6 +162,7 @@ def parallelize(
     `ulysses_degree` defaults to the world size (1 without torchrun). `num_inference_steps` is only a
     first guess for the cache: each call's own `num_inference_steps` replaces it. `device` (auto, cpu,
     cuda, npu) moves the pipeline to this rank's device first; None leaves it where it is.
+    `comm_dtype="float8_e4m3fn"` sends Q, V and the attention output through Ulysses' all-to-alls in FP8.
     """
     transformer = getattr(pipe, "transformer", None)
     if not isinstance(transformer, torch.nn.Module):
@@ -169,7 +176,7 @@ def parallelize(
     settings = dict(
         ulysses_degree=ulysses_degree, tp_degree=tp_degree, cfg_parallel=cfg_parallel, async_ulysses=async_ulysses,
         attention_backend=attention_backend, cache=cache, inner_compiler=inner_compiler, dump_dir=dump_dir,
-        world_size=_world_size(),
+        world_size=_world_size(), comm_dtype=comm_dtype,
     )
     steps = num_inference_steps if num_inference_steps is not None else _default_steps(pipe)
     options = build_options(num_inference_steps=steps, **settings)  # raises before anything compiles

@@ -111,3 +111,26 @@ def fused_under_inductor(rank, world_size):
         out = compiled(**dict(inputs, timestep=torch.tensor([1.0])))[0]
         profiled = _profiled_collectives(lambda: compiled(**dict(inputs, timestep=torch.tensor([1.0]))))
     return {"out": out, "counts": dict(RECORDS[-1].report.counts), "profiled": profiled}
+
+
+def fp8_calls(rank, world_size, modes=((False,),)):
+    """Tiny FLUX with comm_dtype="float8_e4m3fn", sync (Q/K/V packed in one message) and/or async (one
+    message per operand): the output of one call and the bytes each traced collective sent."""
+    from npu_dit.backend import RECORDS
+    from npu_dit.runtime import planes
+    from tests.conftest import tiny_model_and_inputs
+
+    _, model, inputs = tiny_model_and_inputs("flux")
+    results = {}
+    for (async_ulysses,) in modes:
+        compiled = torch.compile(model, backend="npu_dit", dynamic=True, options={
+            "ulysses_degree": world_size, "async_ulysses": async_ulysses, "comm_dtype": "float8_e4m3fn"})
+        with torch.no_grad():
+            compiled(**dict(inputs, timestep=torch.tensor([1.0])))
+            planes.reset_counts()
+            out = compiled(**dict(inputs, timestep=torch.tensor([1.0])))[0]
+        results["async" if async_ulysses else "sync"] = {
+            "out": out, "sent": planes.sent_bytes(), "calls": planes.counts("data"),
+            "counts": dict(RECORDS[-1].report.counts)}
+        torch._dynamo.reset()
+    return results

@@ -45,6 +45,10 @@ def released_weights(rank, world_size):
         "operator": lambda: model.fc2.weight * 2,
         "state_dict": lambda: sum(v.sum() for v in model.state_dict().values()),
         "eager_forward": lambda: model(x),
+        "parameters_values": lambda: [p.sum() for p in model.parameters()],
+        "named_parameters_values": lambda: [p * 2 for _, p in model.fc1.named_parameters()],
+        "to_dtype": lambda: model.to(torch.float64),
+        "half": lambda: model.fc1.half(),
     }
     errors = {}
     for key, use in uses.items():
@@ -70,4 +74,5 @@ def released_weights(rank, world_size):
                                                            (out_longer, expected_longer), (fresh, expected))),
         "storage_bytes": model.fc1._parameters["weight"].untyped_storage().nbytes(),
         "parameters_metadata": [tuple(p.shape) for p in model.parameters()],
+        "dtype_after": str(next(model.parameters()).dtype),
     }

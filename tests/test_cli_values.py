@@ -49,6 +49,8 @@ CASES = {
                       ["--cfg-parallel", "even number of processes", "--nproc-per-node 4"]),
     "cfg-tp-2-on-2": (["--cfg-parallel", "--negative-prompt", "blurry", "--true-cfg-scale", "2", "--tp", "2"], 2,
                       ["--tp 2", "x 2 (--cfg-parallel)", "--nproc-per-node 4"]),
+    "comm-dtype-unknown": (["--comm-dtype", "float16"], 2, ["--comm-dtype float16", "float8_e4m3fn"]),
+    "comm-dtype-one-process": (["--comm-dtype", "float8_e4m3fn"], 1, ["--comm-dtype float8_e4m3fn", "Ulysses degree 1"]),
 }
 
 

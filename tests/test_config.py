@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from npu_dit.config import UNAVAILABLE_FEATURES, CacheConfig, CompileConfig
 
@@ -47,6 +48,10 @@ def test_unknown_key_names_the_key_and_the_allowed_ones():
         ({"cache": {"max_cached_steps": 0}}, r"'cache.max_cached_steps' must be >= 1 or -1"),
         ({"cache": {"steps_mask": "turbo"}}, r"'cache.steps_mask' must be one of slow, medium, fast, ultra"),
         ({"cache": {"steps_mask": [1, 2]}}, r"'cache.steps_mask' must be a preset name"),
+        ({"ulysses_degree": 2, "comm_dtype": "fp8"}, r"'comm_dtype' must be None .* or one of float8_e4m3fn"),
+        ({"ulysses_degree": 2, "comm_dtype": torch.bfloat16}, r"'comm_dtype' must be None .*; got 'bfloat16'"),
+        ({"comm_dtype": "float8_e4m3fn"}, r"'comm_dtype=float8_e4m3fn' compresses Ulysses' all-to-alls and needs "
+                                          r"'ulysses_degree' > 1"),
     ],
 )
 def test_bad_values_are_clear_value_errors(options, pattern):
@@ -81,3 +86,9 @@ def test_tensor_parallel_options_parse():
     assert CompileConfig.from_options({"tp_degree": 2}).release_weights is True
     with pytest.raises(ValueError, match="'release_weights' must be True or False"):
         CompileConfig.from_options({"release_weights": "no"})
+
+
+def test_comm_dtype_parses_a_name_or_the_dtype():
+    assert CompileConfig().comm_dtype is None
+    for value in ("float8_e4m3fn", torch.float8_e4m3fn):
+        assert CompileConfig.from_options({"ulysses_degree": 2, "comm_dtype": value}).comm_dtype == "float8_e4m3fn"

@@ -23,5 +23,6 @@ def test_released_parameters_raise_a_clear_error_and_the_compiled_model_runs(tmp
             assert "'release_weights': False" in message and "fc" in message, (use, message)
         assert result["metadata"] == ((32, 8), "torch.float32")  # shape and dtype stay readable
         assert result["parameters_metadata"] == [(32, 8), (32,), (8, 32), (8,)]
+        assert result["dtype_after"] == "torch.float32"  # .to(float64) raised before casting anything
         assert result["graphs"] == 1  # the stand-ins trigger no recompile
         assert result["err"] <= 1e-5, result

@@ -170,10 +170,12 @@ def test_qwen_text_rope_table_is_built_at_the_global_length_and_sliced():
     assert table_users, "no node reads the global lengths"
 
 
-def test_qwen_mask_key_axis_is_gathered():
+def test_qwen_mask_built_at_the_global_length_needs_no_gather():
+    """`cat([text_mask, ones(B, s_img)])`: the fill reaches only the attention mask, so it is built at
+    the global image length and the mask is whole on every rank (it was gathered at every site)."""
     gm, report = rewrite("qwen-edit-masked")
-    assert report.counts["all_gather"] == 6  # per site: mask image part + text heads
-    assert len(calls(gm, C.gather_seq_start)) == 3
+    assert report.counts["all_gather"] == 3  # per site: the replicated text's heads only
+    assert not calls(gm, C.gather_seq_start) and not calls(gm, C.localize)[6:]  # the 6 RoPE slices, no more
 
 
 def test_all_ranks_issue_the_same_collectives_in_the_same_order():
@@ -181,7 +183,7 @@ def test_all_ranks_issue_the_same_collectives_in_the_same_order():
     for rank in range(3):
         gm, _ = rewrite("qwen-edit-masked", world_size=3, rank=rank, passes=("ulysses", "async"))
         sequences.append([n.target.__name__ for n in gm.graph.nodes if n.op == "call_function" and n.target in C.COLLECTIVE_STARTS])
-    assert sequences[0] == sequences[1] == sequences[2] and len(sequences[0]) == 18
+    assert sequences[0] == sequences[1] == sequences[2] and len(sequences[0]) == 15
 
 
 def test_async_issues_v_then_q_then_k_and_overlaps_projections_and_the_mlp():

@@ -21,6 +21,9 @@ Order matters and is written down here, not left to import side effects:
    fuse_qkv       — (sync Ulysses) Q, K and V of each site in one all-to-all; after the lowering, which
                     treats the unfused exchanges as layout-transparent ops, and before the regions are
                     cut. Async Ulysses keeps one all-to-all per projection (each overlaps compute).
+   comm_compression — (`comm_dtype`) Q, V and the attention output through the all-to-alls in FP8;
+                    after fuse_qkv (it packs the fused message), the async schedule and the lowering
+                    (it replaces each start and wait where they stand), before the regions are cut.
 5. cache_regions  — last: it cuts the final graph (sharded, scheduled, lowered) into front/middle/back
                     regions at block boundaries; it changes no node.
 """
@@ -82,6 +85,11 @@ def build_pipeline(cfg: CompileConfig, ctx: ParallelContext | None = None,
         from npu_dit.passes.fuse_qkv import fuse_qkv_pass
 
         passes.append(PassSpec("fuse_qkv", fuse_qkv_pass))
+    if cfg.ulysses_degree > 1 and cfg.comm_dtype is not None:
+        from npu_dit.passes.comm_compression import comm_compression_pass
+
+        passes.append(PassSpec("comm_compression", functools.partial(comm_compression_pass, comm_dtype=cfg.comm_dtype),
+                               preserves_numerics=False))
     if cfg.cache is not None:
         from npu_dit.passes.cache_regions import cache_regions_pass
 

@@ -459,7 +459,8 @@ class _Rewriter:
             # built at the global length below and sliced where it meets local tokens
             is_source = not any(stream in self.streams_of(i) for i in node.all_input_nodes)
             sem = semantics(node)
-            if is_source and sem is not None and sem.call.target in CONSTANT_FILLS and self._sized_by_local_length(node, stream):
+            if (is_source and sem is not None and sem.call.target in CONSTANT_FILLS
+                    and self._sized_by_local_length(node, stream) and not self.feeds_only_masks(node)):
                 local.add(stream)
         self.local[node] = frozenset(local)
         made = {s for s in present - carried if s in self.grid_rows}
@@ -648,6 +649,30 @@ class _Rewriter:
                         f"{node.name} ({_op_name(node)}) holds sharded tokens next to tokens the token-dim "
                         f"analysis could not place (a length-1 stream?)"
                     )
+
+    def feeds_only_masks(self, fill: fx.Node) -> bool:
+        """Whether a fill's values reach nothing but attention masks without meeting a tensor that
+        holds sharded tokens (`cat([text_mask, ones(B, s_img)])`): built at the global length, such a
+        mask is whole on every rank and needs no gather at each site (local, it would be gathered)."""
+        seen = {fill}
+        stack = [fill]
+        while stack:
+            node = stack.pop()
+            for user in node.users:
+                if is_sdpa(user):
+                    if sdpa_args(user)["attn_mask"] is not node:
+                        return False
+                    continue
+                if user.op not in ("call_function", "call_method"):
+                    return False
+                if any(i not in seen and self.streams_of(i) & self.sharded for i in user.all_input_nodes):
+                    return False
+                if user not in seen:
+                    seen.add(user)
+                    if len(seen) > 32:  # a mask is a few ops; a longer path is treated as reaching tokens
+                        return False
+                    stack.append(user)
+        return True
 
     def _sized_by_local_length(self, node: fx.Node, stream: int) -> bool:
         symbols = next(s.symbols for s in self.plan.streams if s.id == stream)

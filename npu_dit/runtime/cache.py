@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
+import operator
 import threading
 import time
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -81,6 +83,10 @@ class CacheController:
         self.plan = plan
         self.cfg = cfg
         self.front, self.middle, self.back = regions
+        # each region's arguments picked from the call's values with one itemgetter per run of the
+        # same source (a thousand parameters per region: a Python loop over them cost ~0.1 ms a call)
+        self._pick_front, self._pick_middle, self._pick_back = (
+            _picker(plan.front.inputs), _picker(plan.middle.inputs), _picker(plan.back.inputs))
         self.group = group
         self.label = label
         self.records: collections.deque[StepRecord] = collections.deque(maxlen=RECORDS_KEPT)
@@ -111,11 +117,31 @@ class CacheController:
     def generation(self) -> int:
         return self._thread().tracker.generation
 
-    def _timestep(self, args: tuple) -> float | None:
+    def _timestep_start(self, args: tuple) -> Any:
+        """The call's timestep for the step clock, without stalling the device: a CPU tensor or a number
+        is read at once; a device tensor is copied to the host asynchronously and read (`_timestep_done`)
+        once the front region is queued, so the wait is for that copy only, never for the front's work."""
         if self.plan.timestep_arg is None:
             return None
         value = args[self.plan.timestep_arg]
-        return float(value.reshape(-1)[0]) if isinstance(value, torch.Tensor) else float(value)
+        if not isinstance(value, torch.Tensor):
+            return float(value)
+        if value.device.type == "cpu":
+            return float(value.item() if value.numel() == 1 else value.reshape(-1)[0].item())
+        if value.device.type == "meta":
+            return None
+        host = value.reshape(-1)[:1].to("cpu", non_blocking=True)
+        event = torch.Event(device=value.device)
+        event.record()
+        return host, event
+
+    @staticmethod
+    def _timestep_done(pending: Any) -> float | None:
+        if isinstance(pending, tuple):
+            host, event = pending
+            event.synchronize()
+            return float(host[0])
+        return pending
 
     # -- the decision ------------------------------------------------------------------------------
     def _decide(self, state: BranchState, step: int, residual: torch.Tensor) -> tuple[Decision, float | None]:
@@ -133,19 +159,15 @@ class CacheController:
                 f"generation; call npu_dit.reset_cache() before changing the input shapes"
             )
         have_prev = previous is not None
-        diff_stats = _diff_stats(previous, residual) if have_prev and pre is None else torch.zeros(3, dtype=torch.float64)
+        diff_stats = _diff_stats(previous, residual) if have_prev and pre is None else [0.0, 0.0, 0.0]
         local_diff = _ratio(diff_stats) if have_prev and pre is None else None
         if self.group is None:
             if pre is not None:
                 return pre, None
             return state.policy.by_diff(step, local_diff), local_diff
-        votes = torch.tensor(
-            [pre is not None and pre.compute, pre is not None and not pre.compute, have_prev and pre is None, 1.0],
-            dtype=torch.float64,
-        )
-        total = torch.cat([diff_stats, votes])
-        planes.host_all_reduce(total, "cache decision")
-        compute_votes, cache_votes, diff_votes, world = (float(v) for v in total[3:])
+        votes = [pre is not None and pre.compute, pre is not None and not pre.compute, have_prev and pre is None, 1.0]
+        total = planes.host_all_reduce(torch.tensor([*diff_stats, *votes], dtype=torch.float64), "cache decision").tolist()
+        compute_votes, cache_votes, diff_votes, world = total[3:]
         if compute_votes > 0:
             return (pre if pre is not None and pre.compute else Decision(step, True, "peer")), local_diff
         if cache_votes == world:
@@ -159,16 +181,17 @@ class CacheController:
         start = time.perf_counter()
         refuse_grad(args, "the cache replaces the middle blocks' outputs on cached steps")
         thread = self._thread()
-        position = thread.tracker.locate(self._timestep(args))
+        timestep = self._timestep_start(args)
+        values: dict[str, Any] = {"arg": args}
+        t = time.perf_counter()
+        values["front"] = self.front(*self._pick_front(values))  # the same on every step: before the clock
+        inside = time.perf_counter() - t
+        position = thread.tracker.locate(self._timestep_done(timestep))
         if position.new_generation:
             thread.states = {}
         branch, step = position.branch, position.step
         state = thread.state(branch, self.cfg)
-        values: dict[str, Any] = {"arg": args}
-        t = time.perf_counter()
-        values["front"] = self.front(*[values[k][i] for k, i in self.plan.front.inputs])
-        inside = time.perf_counter() - t
-        middle_in = [values[k][i] for k, i in self.plan.middle.inputs]
+        middle_in = self._pick_middle(values)
         residual = values["front"][self.plan.image_fn] - values["front"][self.plan.image_in]
         decision, local_diff = self._decide(state, step, residual)
         state.policy.record(decision)
@@ -199,7 +222,7 @@ class CacheController:
                 outs[out_pos] = middle_in[in_pos] + delta
             values["middle"] = tuple(outs)
         t = time.perf_counter()
-        values["back"] = self.back(*[values[k][i] for k, i in self.plan.back.inputs])
+        values["back"] = self.back(*self._pick_back(values))
         inside += time.perf_counter() - t
         self.records.append(
             StepRecord(position.generation, branch, step, decision.compute, decision.reason, decision.diff, local_diff,
@@ -266,17 +289,41 @@ class CacheController:
         return "".join("1" if step in b["computed"] else "0" for step in range(total))
 
 
-def _diff_stats(previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+def _picker(inputs: Sequence[tuple[str, int]]) -> Callable[[dict[str, Any]], list[Any]]:
+    """`values -> [values[k][i] for k, i in inputs]`, with one `itemgetter` per run of one source."""
+    runs = []
+    for key, group in itertools.groupby(inputs, key=operator.itemgetter(0)):
+        indices = [i for _, i in group]
+        runs.append((key, operator.itemgetter(*indices), len(indices) == 1))
+    single = len(runs) == 1 and not runs[0][2]
+
+    def pick(values: dict[str, Any]) -> list[Any]:
+        if single:
+            key, get, _ = runs[0]
+            return list(get(values[key]))
+        out: list[Any] = []
+        for key, get, one in runs:
+            if one:
+                out.append(get(values[key]))
+            else:
+                out.extend(get(values[key]))
+        return out
+
+    return pick
+
+
+def _diff_stats(previous: torch.Tensor, current: torch.Tensor) -> list[float]:
     """sum|R_prev - R|, sum|R_prev|, count: summed over ranks they give the exact global means."""
-    # the two sums come to the host in one copy (the step's one sync); the count is known on the host
-    # (a device tensor made from it would be one more host-to-device copy, and float32 rounds it above 2**24)
-    sums = torch.stack([(previous - current).abs().sum(), previous.abs().sum()]).to(device="cpu", dtype=torch.float64)
-    return torch.cat([sums, torch.tensor([float(previous.numel())], dtype=torch.float64)])
+    # the two sums come to the host in one copy (the step's one sync), as Python floats (float64); the
+    # count is known on the host (a device tensor made from it would be one more host-to-device copy,
+    # and float32 rounds it above 2**24)
+    sum_diff, sum_prev = torch.stack([(previous - current).abs().sum(), previous.abs().sum()]).tolist()
+    return [sum_diff, sum_prev, float(previous.numel())]
 
 
-def _ratio(stats: torch.Tensor) -> float:
+def _ratio(stats: Sequence[float]) -> float:
     mean_diff, mean_prev = stats[0] / stats[2], stats[1] / stats[2]
-    return float(mean_diff / mean_prev) if float(mean_prev) > 0 else float("inf")
+    return mean_diff / mean_prev if mean_prev > 0 else float("inf")
 
 
 def controllers() -> list[CacheController]:

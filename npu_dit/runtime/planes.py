@@ -21,6 +21,7 @@ plane carried (tests and `npu-dit bench` read it).
 from __future__ import annotations
 
 import collections
+import contextlib
 import datetime
 from typing import Any
 
@@ -36,6 +37,9 @@ _HOST_GROUP: dict[int, Any] = {}  # id(world group) -> its host Gloo group
 _HOST_SUBGROUPS: dict[str, Any] = {}
 # (plane, what, group name, device type) -> calls; a handful of keys, bounded
 CALLS: collections.Counter[tuple[str, str, str, str]] = collections.Counter()
+# what -> bytes the traced collectives sent from this rank (their send buffers), since reset_counts()
+SENT_BYTES: collections.Counter[str] = collections.Counter()
+_TAP: list[list[tuple[str, int]]] = []  # open `tap_sends` records: meta and fake runs included
 
 
 class PlaneError(RuntimeError):
@@ -192,8 +196,24 @@ def record_traced(group: Any, tensor: torch.Tensor, what: str) -> None:
     if torch.compiler.is_compiling():
         return
     check_device(group, tensor, what)
+    nbytes = tensor.numel() * tensor.element_size()
+    if _TAP:
+        _TAP[-1].append((what, nbytes))
     if not (tensor.device.type == "meta" or _is_fake(tensor)):
         CALLS[(DATA, what, group_name(group), tensor.device.type)] += 1
+        SENT_BYTES[what] += nbytes
+
+
+@contextlib.contextmanager
+def tap_sends():
+    """Record (what, bytes) of every traced collective's send buffer while open, shapes-only runs
+    (meta tensors: `inspect`) included."""
+    record: list[tuple[str, int]] = []
+    _TAP.append(record)
+    try:
+        yield record
+    finally:
+        _TAP.pop()
 
 
 def counts(plane: str | None = None) -> dict[str, int]:
@@ -205,5 +225,11 @@ def counts(plane: str | None = None) -> dict[str, int]:
     return dict(out)
 
 
+def sent_bytes() -> dict[str, int]:
+    """Bytes sent per `what` by the traced collectives since the last `reset_counts()`."""
+    return dict(SENT_BYTES)
+
+
 def reset_counts() -> None:
     CALLS.clear()
+    SENT_BYTES.clear()

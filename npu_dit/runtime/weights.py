@@ -15,9 +15,11 @@ check). So the owning module's attribute is shadowed by a `ReleasedParameter` in
 and device, and any use of its values (`.sum()`, `torch.*`, the module's eager forward) raises a
 RuntimeError naming `release_weights=False`; `state_dict()` raises the same. While Dynamo traces a
 frame of an npu_dit-compiled call (a recompile) the stand-ins are taken out, so it sees the
-parameters themselves (`compile_events`). `module.parameters()` still yields the released tensors:
-their metadata is right, their values are gone (reading them, or `module.to(dtype)`, which copies
-them, is not supported: no hook reaches those paths without a recompile).
+parameters themselves (`compile_events`). The paths that reach the parameters without the attribute
+are covered the same way, on the owning modules and every module above them: `named_parameters()`
+(hence `parameters()`) yields the stand-ins, and `_apply` (hence `.to()`, `.half()`, `.cuda()`, ...)
+raises before it copies anything. Only `module._parameters[...]` (private) still holds the emptied
+tensor itself.
 """
 
 from __future__ import annotations
@@ -94,7 +96,7 @@ def held_bytes(module: torch.nn.Module) -> int:
     """Bytes of parameters this process really holds for `module`: live storages plus the shards
     cut from released ones (what a tensor-parallel rank keeps)."""
     total = 0
-    for param in module.parameters():
+    for _, param in type(module).named_parameters(module):  # the tensors themselves, not their stand-ins
         if param in _RELEASED:
             total += sum(t.numel() * t.element_size() for t in _SHARDS.get(param, {}).values())
         else:
@@ -154,14 +156,23 @@ class ReleasedParameter:
 
 # module -> {attribute name: stand-in}, for the modules whose parameters were released
 _SHADOWED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# module -> {method name: override}: `named_parameters` and `_apply` of the owners and their ancestors
+_OVERRIDES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_STAND_INS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # released parameter -> its ReleasedParameter
 
 
 def _shadow(released: dict[int, tuple[torch.Tensor, str]]) -> None:
     """Put a ReleasedParameter in front of each released parameter of every module that owns it (one
-    walk over the live modules: the executor is handed the parameters, not their modules)."""
+    walk over the live modules: the executor is handed the parameters, not their modules), and guard
+    the owners' and their ancestors' `named_parameters` and `_apply`."""
+    parents: dict[int, list[torch.nn.Module]] = {}
+    owners: list[torch.nn.Module] = []
     for obj in gc.get_objects():
         if not issubclass(type(obj), torch.nn.Module) or not isinstance(obj.__dict__.get("_parameters"), dict):
             continue
+        for child in obj.__dict__.get("_modules", {}).values():
+            if child is not None:
+                parents.setdefault(id(child), []).append(obj)
         for attr, param in obj.__dict__["_parameters"].items():
             hit = released.get(id(param))
             if hit is None or hit[0] is not param:
@@ -170,8 +181,39 @@ def _shadow(released: dict[int, tuple[torch.Tensor, str]]) -> None:
             if stand_ins is None:
                 stand_ins = _SHADOWED[obj] = {}
                 obj.register_state_dict_pre_hook(_refuse_state_dict)
-            stand_ins[attr] = ReleasedParameter(param, hit[1])
+                owners.append(obj)
+            stand_ins[attr] = _STAND_INS[param] = ReleasedParameter(param, hit[1])
             obj.__dict__[attr] = stand_ins[attr]
+    seen: set[int] = set()
+    stack = list(owners)
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        if module not in _OVERRIDES:
+            _OVERRIDES[module] = {"named_parameters": _named_parameters(module), "_apply": _refuse_apply(module)}
+            module.__dict__.update(_OVERRIDES[module])
+        stack.extend(parents.get(id(module), ()))
+
+
+def _named_parameters(module: torch.nn.Module):
+    original = type(module).named_parameters
+
+    def named_parameters(*args: Any, **kwargs: Any):
+        for name, param in original(module, *args, **kwargs):
+            yield name, _STAND_INS.get(param, param)
+
+    return named_parameters
+
+
+def _refuse_apply(module: torch.nn.Module):
+    def _apply(*args: Any, **kwargs: Any) -> Any:
+        stand_in = next(p for _, p in module.named_parameters() if isinstance(p, ReleasedParameter))
+        raise RuntimeError(_released_message(stand_in._name, stand_in._param,
+                                             "move or cast the module (.to(), .half(), .cuda(), ...)"))
+
+    return _apply
 
 
 def _refuse_state_dict(module: torch.nn.Module, prefix: str, keep_vars: bool) -> None:
@@ -182,15 +224,17 @@ def _refuse_state_dict(module: torch.nn.Module, prefix: str, keep_vars: bool) ->
 
 
 def _hide_stand_ins(args: Any) -> None:
-    """Dynamo is about to trace: it must see the parameters, not their stand-ins."""
-    for module, stand_ins in list(_SHADOWED.items()):
-        for attr in stand_ins:
-            module.__dict__.pop(attr, None)
+    """Dynamo is about to trace: it must see the parameters and the modules' own methods."""
+    for table in (_SHADOWED, _OVERRIDES):
+        for module, stand_ins in list(table.items()):
+            for attr in stand_ins:
+                module.__dict__.pop(attr, None)
 
 
 def _restore_stand_ins(args: Any) -> None:
-    for module, stand_ins in list(_SHADOWED.items()):
-        module.__dict__.update(stand_ins)
+    for table in (_SHADOWED, _OVERRIDES):
+        for module, stand_ins in list(table.items()):
+            module.__dict__.update(stand_ins)
 
 
 compile_events.subscribe(_hide_stand_ins, _restore_stand_ins)

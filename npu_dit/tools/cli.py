@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from npu_dit.config import COMM_DTYPES
 from npu_dit.tools.help_format import HelpFormatter, show_defaults
 from npu_dit.models import DEFAULT_MODEL, MODELS
 
@@ -41,6 +42,8 @@ def _add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cfg-degree", type=int, default=None,
                    help="CFG parallelism: 2 branches of ulysses x tp ranks (shows the mesh and the bytes per step)")
     p.add_argument("--attention-backend", default=None, help="auto, sdpa, npu_fia, npu_fa, flash, cudnn, ...")
+    p.add_argument("--comm-dtype", default=None, choices=COMM_DTYPES,
+                   help="Ulysses all-to-alls: Q, V and the attention output in this dtype (default: the compute dtype)")
     p.add_argument("--cache", type=_json_dict, default=None, help='cache options as JSON, e.g. \'{"Fn_compute_blocks": 1}\'')
     p.add_argument("--spatial-degree", type=int, default=None,
                    help="spatial (height-band) parallelism of a convolutional graph: the VAE")
@@ -59,6 +62,8 @@ def _collect_options(args: argparse.Namespace) -> dict[str, Any]:
         options["cfg_degree"] = args.cfg_degree
     if args.attention_backend is not None:
         options["attention_backend"] = args.attention_backend
+    if getattr(args, "comm_dtype", None) is not None:
+        options["comm_dtype"] = args.comm_dtype
     if args.cache is not None:
         options["cache"] = args.cache
     if getattr(args, "spatial_degree", None) is not None:

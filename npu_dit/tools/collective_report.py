@@ -14,6 +14,8 @@ import torch.fx as fx
 
 from npu_dit.passes.ulysses_plan import ShardingPlan
 from npu_dit.runtime import collectives as C
+from npu_dit.runtime import fp8_comm as P
+from npu_dit.runtime.planes import tap_sends
 from npu_dit.runtime.dist import ParallelContext
 from npu_dit.runtime.executor import GraphExecutor
 
@@ -25,6 +27,8 @@ _KINDS = {
     C.gather_seq_start: "all_gather (seq, as all_to_all)",
     C.tp_all_reduce: "all_reduce (TP, row-sharded linears)",
     C.tp_all_gather_last: "all_gather (TP, column + gather)",
+    P.seq_to_heads_packed_start: "all_to_all (seq->heads, FP8 packed)",
+    P.heads_to_seq_fp8_start: "all_to_all (heads->seq, FP8)",
 }
 
 
@@ -38,10 +42,15 @@ class _MetaRun(fx.Interpreter):
 
     def call_function(self, target: Any, args: Any, kwargs: Any) -> Any:
         if target in _KINDS:
-            x = torch.stack(args[:3], 0) if target is C.seq_to_heads_qkv_start else args[0]
             from npu_dit.passes.analysis.module_paths import module_path
 
-            self.sent.append((_KINDS[target], module_path(self.current_node), x.numel() * x.element_size(), tuple(x.shape)))
+            with tap_sends() as sends:  # the send buffer as the helper builds it (FP8 packing, scales included)
+                out = super().call_function(target, args, kwargs)
+            x = torch.stack(args[:3], 0) if target is C.seq_to_heads_qkv_start else args[0]
+            x = x[0] if isinstance(x, (list, tuple)) else x
+            nbytes = sum(n for _, n in sends) if sends else x.numel() * x.element_size()
+            self.sent.append((_KINDS[target], module_path(self.current_node), nbytes, tuple(x.shape)))
+            return out
         return super().call_function(target, args, kwargs)
 
     def run_node(self, n: fx.Node) -> Any:
@@ -88,7 +97,7 @@ def collective_report(gm: fx.GraphModule, plan: ShardingPlan, ctx: ParallelConte
         entry = per_kind.setdefault(kind, {"count": 0, "bytes": 0})
         entry["count"] += 1
         entry["bytes"] += nbytes
-    a2a_bytes = sum(b for kind, _, b, _ in runner.sent if kind.startswith("all_to_all (seq->heads") or kind.startswith("all_to_all (heads->seq)"))
+    a2a_bytes = sum(b for kind, _, b, _ in runner.sent if kind.startswith("all_to_all (seq->heads") or kind.startswith("all_to_all (heads->seq"))
     tokens = sum(global_lengths.values()) + sum(  # + replicated and patch-grid streams (no input carries a grid)
         s.example_length or 0 for s in plan.streams if not s.sharded or s.grid is not None
     )

@@ -28,6 +28,7 @@ from npu_dit.tools.help_format import HelpFormatter
 
 import torch
 
+from npu_dit.config import COMM_DTYPES
 from npu_dit.runtime.devices import DEVICES
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -70,6 +71,9 @@ def add_parser(sub) -> None:
                    help="Ulysses degree; default: the torchrun world size (1 without torchrun)")
     g.add_argument("--async-ulysses", "--ulysses-async", dest="async_ulysses", action="store_true",
                    help="overlap the all-to-alls with the Q/K/V projections")
+    g.add_argument("--comm-dtype", default=None, metavar="|".join(COMM_DTYPES),
+                   help="send Q, V and the attention output through Ulysses' all-to-alls in this dtype (K and "
+                        "everything else keep the compute dtype); default: no compression")
     g.add_argument("--tp", "--tp-degree", dest="tp", type=int, default=1, help="tensor parallel degree (Ulysses takes world / tp); the full weights are released")
     g.add_argument("--cfg-parallel", "--parallel-cfg", dest="cfg_parallel", action="store_true",
                    help="true CFG: the prompt's and the negative prompt's transformer calls of each step on two halves "
@@ -141,6 +145,12 @@ def check_args(args: argparse.Namespace, spec, world: int) -> None:
         per = " x 2 (--cfg-parallel)" if branches > 1 else ""
         raise ValueError(f"--ulysses {args.ulysses}: --ulysses x --tp{per} must equal the number of processes, {world}; "
                          f"with --tp {args.tp} that is --ulysses {allowed} (the default when --ulysses is left out)")
+    if args.comm_dtype is not None and args.comm_dtype not in COMM_DTYPES:
+        raise ValueError(f"--comm-dtype {args.comm_dtype}: must be one of {', '.join(COMM_DTYPES)} (Q, V and the attention "
+                         f"output in FP8 through the all-to-alls); leave it out for no compression")
+    if args.comm_dtype is not None and (args.ulysses or world // (args.tp * branches)) < 2:
+        raise ValueError(f"--comm-dtype {args.comm_dtype}: compresses Ulysses' all-to-alls, and this run has none "
+                         f"(Ulysses degree 1); launch with torchrun --nproc-per-node 2 or more, or leave --comm-dtype out")
     out = args.out or f"{spec.name}.png"
     if os.path.splitext(out)[1].lower() not in (".png", ".npy"):
         raise ValueError(f"--out {out}: must end in .png (the image) or .npy (the float32 array)")
@@ -303,7 +313,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     steps = args.steps or spec.default_steps
     settings = dict(ulysses_degree=args.ulysses, tp_degree=args.tp, cfg_parallel=args.cfg_parallel,
                     async_ulysses=args.async_ulysses,
-                    attention_backend=args.attention_backend, cache=cache, inner_compiler=args.inner_compiler)
+                    attention_backend=args.attention_backend, cache=cache, inner_compiler=args.inner_compiler,
+                    comm_dtype=args.comm_dtype)
     # every option is checked before the (possibly large) pipeline is loaded
     check_args(args, spec, world)
     _check_flags(args.tp, args.text_encoder_parallel, args.vae_parallel)
@@ -418,7 +429,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"{r['model']}  ({r['weights']}), {r['height']}x{r['width']}, {r['steps']} steps, {r['world_size']} process(es)"
         f"{', ' + r['device'] + ' ' + r['dtype'] if 'device' in r else ''}",
         f"  {'cfg_degree=' + str(o['cfg_degree']) + ' ' if o.get('cfg_degree', 1) > 1 else ''}ulysses_degree={o['ulysses_degree']} tp_degree={o['tp_degree']} text_encoder_parallel={r.get('text_encoder_parallel', False)} async_ulysses={o['async_ulysses']} attention_backend={o['attention_backend']} "
-        f"inner_compiler={o['inner_compiler']} cache={o.get('cache')}",
+        f"inner_compiler={o['inner_compiler']} cache={o.get('cache')}"
+        f"{' comm_dtype=' + o['comm_dtype'] if o.get('comm_dtype') else ''}",
         *([f"  tokens per transformer call: {format_tokens(r['transformer_tokens'])}"] if r.get("transformer_tokens") else []),
         "",
         "| stage | seconds | share |",
