@@ -40,6 +40,7 @@ def public_cases(rank, world_size, cases):
 
 def token_mixing(rank, world_size, kinds):
     from npu_dit.backend import RECORDS
+    from npu_dit.plans import SHARDING_META_KEY
     from tests.synthetic import JointAttention, TokenMixing
 
     results = {}
@@ -51,8 +52,13 @@ def token_mixing(rank, world_size, kinds):
         compiled = torch.compile(model, backend="npu_dit", dynamic=True, options={"ulysses_degree": world_size})
         with torch.no_grad():
             out = compiled(**inputs)[0]
-        report = RECORDS[-1].report
-        results[kind] = (out, report.fell_back, report.fallback_reason or "")
+        record = RECORDS[-1]
+        plan = None if record.report.fell_back else record.graph.meta.get(SHARDING_META_KEY)
+        # the image tokens stay whole if the pass refused, or kept their stream replicated (with the reason)
+        image = [s for s in plan.streams if "image" in s.name] if plan is not None else []
+        image_whole = plan is None or not any(s.sharded for s in image)
+        reason = record.report.fallback_reason or "; ".join(s.reason for s in image if not s.sharded)
+        results[kind] = (out, record.report.fell_back, image_whole, reason)
     return results
 
 

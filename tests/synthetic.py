@@ -51,7 +51,8 @@ class JointAttention(torch.nn.Module):
 class TokenMixing(JointAttention):
     """JointAttention followed by one op that mixes positions along the image tokens (or, for
     `kind="matmul_attention"`, attention written as matmul + softmax instead of SDPA). Sharding the
-    image tokens through any of these would be wrong; the Ulysses pass must refuse them."""
+    image tokens through any of these would be wrong: the Ulysses pass must refuse, or keep the image stream
+    whole and shard only the text."""
 
     KINDS = ("first_token", "cumsum", "flip", "matmul_attention", "token_mean", "no_rule")
 

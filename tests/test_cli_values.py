@@ -1,4 +1,4 @@
-"""`npu-dit generate`: every flag's value is checked before anything is built. A bad value is one line
+"""`npu-dit generate` (and `inspect`, `bench`): every flag's value is checked before anything is built. A bad value is one line
 naming the flag, the value and what is allowed, exit status 2, no traceback."""
 
 import os
@@ -83,3 +83,35 @@ def test_bad_value_from_the_command_line_has_no_traceback(tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stdout + proc.stderr
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "--height 7" in proc.stderr
+
+
+# inspect and bench: each flag's value is checked by the parser, before any model is built or traced
+OTHER_COMMANDS = {
+    "inspect-height-zero": (["inspect", "flux.1-dev", "--height", "0"], ["--height", "got 0", ">= 1"]),
+    "inspect-batch-zero": (["inspect", "flux.1-dev", "--batch", "0"], ["--batch", "got 0"]),
+    "inspect-prompt-len-zero": (["inspect", "flux.1-dev", "--prompt-len", "0"], ["--prompt-len", "got 0"]),
+    "inspect-ulysses-word": (["inspect", "flux.1-dev", "--ulysses-degree", "two"], ["--ulysses-degree", "'two'"]),
+    "bench-dits-timeout": (["bench", "dits", "--timeout", "0"], ["--timeout", "seconds > 0"]),
+    "bench-dits-world": (["bench", "dits", "--world", "0"], ["--world", "got 0"]),
+    "bench-seed-warmup": (["bench", "seed", "--warmup", "-1"], ["--warmup", ">= 0"]),
+    "bench-exactness-steps": (["bench", "exactness", "--steps", "0"], ["--steps", "got 0"]),
+}
+
+
+@pytest.mark.parametrize("case", list(OTHER_COMMANDS))
+def test_inspect_and_bench_values_are_one_line_errors(case, capsys, monkeypatch):
+    import npu_dit.tools.inspect_model
+
+    argv, expected = OTHER_COMMANDS[case]
+
+    def build(*args, **kwargs):
+        raise AssertionError("a model was built before the flags were checked")
+
+    monkeypatch.setattr(npu_dit.tools.inspect_model, "inspect_model", build)
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    for text in expected:
+        assert text in err, (text, err)

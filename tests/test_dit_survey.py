@@ -160,8 +160,9 @@ def test_a_model_over_its_time_limit_is_killed_and_recorded():
 # issue names on 2 and 4 ranks (SD3 and PixArt: patch grids made in the graph; CogView4: RoPE written
 # into a slice of q; Wan: a video patch grid and `type_as`), and on 2 ranks the ones that crashed or were
 # refused before (LTX-Video: a per-head cross-attention mask; LuminaNextDiT: a pooled mean over the
-# caption, so the caption stays whole and the image is sharded; AuraFlow: register tokens next to a grid).
-DITS_BY_WORLD = {2: ["SD3", "PixArt", "CogView4", "Wan", "LTXVideo", "LuminaNextDiT", "AuraFlow"],
+# caption, so the caption stays whole and the image is sharded; AuraFlow: register tokens next to a grid;
+# HunyuanVideo: a mask of ones over the video grid and the text, made in the graph).
+DITS_BY_WORLD = {2: ["SD3", "PixArt", "CogView4", "Wan", "LTXVideo", "LuminaNextDiT", "AuraFlow", "HunyuanVideo"],
                  4: ["SD3", "PixArt", "CogView4", "Wan"]}
 
 

@@ -70,6 +70,10 @@ def test_spatial_structure(kind, fn):
     gm = _capture(getattr(vae, fn), x)
     out, report = _rewrite(gm, 3, 1)
     assert not report.fell_back, report.fallback_reason
+    # strict mode: the shapes the refresh gave (band helpers by rule) equal a full fake propagation
+    from npu_dit.passes.analysis.fake_prop import meta_mismatches
+
+    assert meta_mismatches(out) == []
     tall_convs, group_norms = _expected_sites(vae, "decoder" if fn == "decode" else "encoder")
     conv_targets = {torch.conv2d, torch.conv3d, torch.nn.functional.conv2d, torch.nn.functional.conv3d}
     convs = [n for n in out.graph.nodes if n.target in conv_targets]

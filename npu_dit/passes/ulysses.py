@@ -243,8 +243,10 @@ class _Rewriter:
         cut = node
         with self.graph.inserting_before(node.next):
             for dim, segs in dims:
-                if len(segs) != 1:
-                    raise Refusal(f"{self.where(node)} holds patch-grid tokens next to other tokens on dim {dim}")
+                if len(segs) != 1:  # the grid's tokens next to others (ones(B, image + text)): cut its run
+                    cut = self.localize_runs(cut, dim, self.runs(node, dim, self.local.get(node, frozenset())),
+                                             frozenset(streams))
+                    continue
                 rows, cols = self.grid_rows[self.stream_of_segment[segs[0]]]
                 cut = self.call(C.localize_rows, (cut, dim, rows, cols, self.world, self.rank))
                 self.bump("localize")
@@ -692,12 +694,8 @@ class _Rewriter:
                     continue
                 grids = {st for r, sharded in pieces if sharded for st in r.streams} & set(self.grid_rows)
                 if grids:  # a table the size of a patch grid (PixArt's pos_embed): this rank's whole rows
-                    if len(runs) != 1 or len(runs[0].streams) != 1:
-                        raise Refusal(f"{self.where(node)} holds patch-grid tokens next to other tokens on dim {dim}")
-                    rows, cols = self.grid_rows[runs[0].streams[0]]
-                    result = self.call(C.localize_rows, (result, dim, rows, cols, self.world, self.rank))
+                    result = self.localize_runs(result, dim, runs, streams)
                     value = node_value(result)
-                    self.bump("localize")
                     continue
                 lengths = [self.run_length(r, gathered=True) for r in runs]
                 local_lengths = [self.run_length(_Run(r.streams, sharded), gathered=False) for r, sharded in pieces]
@@ -712,6 +710,32 @@ class _Rewriter:
         self.local[result] = self.local.get(node, frozenset()) | streams
         self.same_tokens(result, node)
         return result
+
+    def localize_runs(self, t: fx.Node, dim: int, runs: list[_Run], streams: frozenset[int]) -> fx.Node:
+        """Along `dim`, each whole run of `streams` cut to this rank's part: a patch grid's run to its
+        whole rows, another stream's to its `tensor_split` chunk; local runs and other streams kept.
+        (A mask of ones over the grid's tokens and the text, say.)"""
+        pieces = []
+        for run, piece in zip(runs, self.split_runs(t, dim, runs, gathered=False)):
+            if run.local or not set(run.streams) & streams:
+                pieces.append(piece)
+                continue
+            if len(run.streams) != 1:
+                raise Refusal(f"{self.where(t)} holds whole tokens of several streams side by side on dim {dim}")
+            stream = run.streams[0]
+            if stream in self.grid_rows:
+                rows, cols = self.grid_rows[stream]
+                pieces.append(self.call(C.localize_rows, (piece, dim, rows, cols, self.world, self.rank)))
+            else:
+                value = node_value(piece)
+                shape = list(value.shape)
+                shape[dim] = node_value(self.stream_len[stream])
+                with self.fake_mode:
+                    fake = torch.empty(shape, dtype=value.dtype, device=value.device)
+                pieces.append(self.call(C.localize, (piece, dim, [self.global_len[stream]], [True], self.world,
+                                                     self.rank), val=fake))
+            self.bump("localize")
+        return pieces[0] if len(pieces) == 1 else self.call(torch.cat, (pieces, dim))
 
     def same_tokens(self, new: fx.Node, old: fx.Node) -> None:
         """An inserted node whose dims hold the tokens `old`'s hold (a cut to local rows): the

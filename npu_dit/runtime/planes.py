@@ -196,10 +196,13 @@ def record_traced(group: Any, tensor: torch.Tensor, what: str) -> None:
     if torch.compiler.is_compiling():
         return
     check_device(group, tensor, what)
+    if any(isinstance(size, torch.SymInt) for size in tensor.shape):
+        return  # traced by make_fx (Inductor's AOT trace): symbolic sizes, nothing is sent
+    shapes_only = tensor.device.type == "meta" or _is_fake(tensor)
     nbytes = tensor.numel() * tensor.element_size()
     if _TAP:
         _TAP[-1].append((what, nbytes))
-    if not (tensor.device.type == "meta" or _is_fake(tensor)):
+    if not shapes_only:
         CALLS[(DATA, what, group_name(group), tensor.device.type)] += 1
         SENT_BYTES[what] += nbytes
 

@@ -25,6 +25,37 @@ def _image_size(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH in pixels, e.g. 1024x1024; got {text!r}") from None
 
 
+def _at_least(minimum: int, what: str = "an integer"):
+    """An argparse type: an int >= `minimum` (a count of pixels, tokens, ranks, steps...)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what} >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be {what} >= {minimum}, got {value}")
+        return value
+    parse.__name__ = f"int >= {minimum}"
+    return parse
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected seconds > 0, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """Bad flag values end in one line naming the flag and what it takes, exit status 2 (no usage dump)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _json_dict(text: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
@@ -36,16 +67,16 @@ def _json_dict(text: str) -> dict[str, Any]:
 
 
 def _add_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ulysses-degree", type=int, default=None, help="Ulysses sequence-parallel degree")
+    p.add_argument("--ulysses-degree", type=_at_least(1), default=None, help="Ulysses sequence-parallel degree")
     p.add_argument("--async-ulysses", action="store_true", help="overlap all-to-all with the Q/K/V projections")
-    p.add_argument("--tp-degree", type=int, default=None, help="tensor-parallel degree (column/row-sharded linears)")
-    p.add_argument("--cfg-degree", type=int, default=None,
+    p.add_argument("--tp-degree", type=_at_least(1), default=None, help="tensor-parallel degree (column/row-sharded linears)")
+    p.add_argument("--cfg-degree", type=_at_least(1), default=None,
                    help="CFG parallelism: 2 branches of ulysses x tp ranks (shows the mesh and the bytes per step)")
     p.add_argument("--attention-backend", default=None, help="auto, sdpa, npu_fia, npu_fa, flash, cudnn, ...")
     p.add_argument("--comm-dtype", default=None, choices=COMM_DTYPES,
                    help="Ulysses all-to-alls: Q, V and the attention output in this dtype (default: the compute dtype)")
     p.add_argument("--cache", type=_json_dict, default=None, help='cache options as JSON, e.g. \'{"Fn_compute_blocks": 1}\'')
-    p.add_argument("--spatial-degree", type=int, default=None,
+    p.add_argument("--spatial-degree", type=_at_least(1), default=None,
                    help="spatial (height-band) parallelism of a convolutional graph: the VAE")
     p.add_argument("--options", type=_json_dict, default=None, help="any backend options as a JSON object")
 
@@ -72,7 +103,7 @@ def _collect_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="npu-dit", description=__doc__)
+    parser = _Parser(prog="npu-dit", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("inspect", help="trace a full-size model on the meta device and show what the passes do",
@@ -80,12 +111,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
                    help=f"one of: {', '.join(MODELS)}, or a text encoder: t5-v1.1-xxl, qwen2.5-vl-7b-lm (default {DEFAULT_MODEL})")
     p.add_argument("--size", default="full", help="which config of the model: full, tiny or bench (flux.1-dev also: bench-deep)")
-    p.add_argument("--height", type=int, default=1024, help="image height in pixels")
-    p.add_argument("--width", type=int, default=1024, help="image width in pixels")
-    p.add_argument("--prompt-len", type=int, default=None, help="text tokens (default: the model's pipeline default)")
+    p.add_argument("--height", type=_at_least(1), default=1024, help="image height in pixels")
+    p.add_argument("--width", type=_at_least(1), default=1024, help="image width in pixels")
+    p.add_argument("--prompt-len", type=_at_least(1), default=None, help="text tokens (default: the model's pipeline default)")
     p.add_argument("--input-image", type=_image_size, action="append", default=None, metavar="HxW",
                    help="an edit model's input image size in pixels; repeat for several (Edit-2509: up to 3)")
-    p.add_argument("--batch", type=int, default=1, help="batch size of the example call")
+    p.add_argument("--batch", type=_at_least(1), default=1, help="batch size of the example call")
     p.add_argument("--dtype", default="bfloat16", choices=tuple(DTYPES))
     p.add_argument("--vae", choices=("decode", "encode"), default=None,
                    help="inspect the model's VAE call instead of the transformer (default with --spatial-degree: decode)")
@@ -108,13 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = b.add_subparsers(dest="bench", required=True)
     u = bsub.add_parser("ulysses", help="serial vs Ulysses vs Async Ulysses (bench-size FLUX, Gloo on CPU)",
                         formatter_class=HelpFormatter)
-    u.add_argument("--degree", type=int, default=2)
-    u.add_argument("--height", type=int, default=512)
-    u.add_argument("--width", type=int, default=512)
-    u.add_argument("--prompt-len", type=int, default=128)
-    u.add_argument("--warmup", type=int, default=2)
-    u.add_argument("--iters", type=int, default=5, help="timed calls per run")
-    u.add_argument("--runs", type=int, default=1,
+    u.add_argument("--degree", type=_at_least(1), default=2)
+    u.add_argument("--height", type=_at_least(1), default=512)
+    u.add_argument("--width", type=_at_least(1), default=512)
+    u.add_argument("--prompt-len", type=_at_least(1), default=128)
+    u.add_argument("--warmup", type=_at_least(0), default=2)
+    u.add_argument("--iters", type=_at_least(1), default=5, help="timed calls per run")
+    u.add_argument("--runs", type=_at_least(1), default=1,
                    help="fresh-process runs per configuration, interleaved; the spread is over their medians")
     u.add_argument("--inner-compiler", default="eager", choices=("eager", "inductor"))
     u.add_argument("--profile", metavar="DIR", default=None, help="also write a Chrome trace per rank here")
@@ -129,13 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--json", action="store_true")
     v = bsub.add_parser("vae", help="full-size FLUX VAE decode: one process vs spatial_degree over Gloo processes",
                         formatter_class=HelpFormatter)
-    v.add_argument("--degree", type=int, default=2)
-    v.add_argument("--height", type=int, default=1024)
-    v.add_argument("--width", type=int, default=1024)
+    v.add_argument("--degree", type=_at_least(1), default=2)
+    v.add_argument("--height", type=_at_least(1), default=1024)
+    v.add_argument("--width", type=_at_least(1), default=1024)
     v.add_argument("--vae", default="flux", choices=("flux", "qwen-image"))
     v.add_argument("--size", default="full", choices=("full", "tiny"))
-    v.add_argument("--warmup", type=int, default=1)
-    v.add_argument("--iters", type=int, default=1)
+    v.add_argument("--warmup", type=_at_least(0), default=1)
+    v.add_argument("--iters", type=_at_least(1), default=1)
     v.add_argument("--float64-reference", action="store_true",
                    help="also decode in float64 and report both float32 decodes' error against it")
     v.add_argument("--write", metavar="FILE", nargs="?", const="docs/BENCHMARKS.md", default=None)
@@ -152,13 +183,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", default="bench", choices=("bench", "tiny"), help="the offline pipelines' size")
     s.add_argument("--flux-resolution", type=_image_size, default=None, metavar="HxW",
                    help=f"default {flux.height}x{flux.width}")
-    s.add_argument("--flux-steps", type=int, default=None, help=f"default {flux.steps}")
+    s.add_argument("--flux-steps", type=_at_least(1), default=None, help=f"default {flux.steps}")
     s.add_argument("--qwen-resolution", type=_image_size, default=None, metavar="HxW",
                    help=f"Qwen-Image-Edit's output, default {qwen.height}x{qwen.width} (the pipeline always encodes "
                         f"its input image at 1024x1024)")
-    s.add_argument("--qwen-steps", type=int, default=None,
+    s.add_argument("--qwen-steps", type=_at_least(1), default=None,
                    help=f"default {qwen.steps} (true CFG: two transformer calls per step)")
-    s.add_argument("--warmup", type=int, default=1, help="untimed generations before the timed one (they compile)")
+    s.add_argument("--warmup", type=_at_least(0), default=1, help="untimed generations before the timed one (they compile)")
     s.add_argument("--out", metavar="DIR", default="bench-seed",
                    help="write DIR/seed-tables.md, DIR/seed-tables.json and DIR/seed-TABLE.png here")
     s.add_argument("--write", metavar="FILE", nargs="?", const="docs/BENCHMARKS.md", default=None,
@@ -174,24 +205,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--models", default="all", metavar="NAME,...", help="comma-separated seed models; default: all six")
     e.add_argument("--columns", default=None, metavar="KEY,...",
                    help="only these columns (their references run too); default: all. " + ", ".join(c.key for c in COLUMNS))
-    e.add_argument("--height", type=int, default=128)
-    e.add_argument("--width", type=int, default=128)
-    e.add_argument("--steps", type=int, default=4, help="denoising steps (the cached columns cache the steps after the warm-up)")
+    e.add_argument("--height", type=_at_least(1), default=128)
+    e.add_argument("--width", type=_at_least(1), default=128)
+    e.add_argument("--steps", type=_at_least(1), default=4, help="denoising steps (the cached columns cache the steps after the warm-up)")
     e.add_argument("--write", metavar="FILE", nargs="?", const="docs/BENCHMARKS.md", default=None)
     e.add_argument("--json", action="store_true")
     d = bsub.add_parser("dits", help="every diffusers DiT at its test's tiny config: does Ulysses shard it, and is it "
                                      "exact against eager (one fresh Gloo run per model)", formatter_class=HelpFormatter)
     d.add_argument("--models", default="all", metavar="NAME,...",
                    help="comma-separated short or class names (Flux, WanTransformer3DModel); default: all")
-    d.add_argument("--world", type=int, default=2, help="ranks = ulysses_degree")
-    d.add_argument("--timeout", type=float, default=240.0, help="seconds per model before it is killed and recorded")
+    d.add_argument("--world", type=_at_least(1), default=2, help="ranks = ulysses_degree")
+    d.add_argument("--timeout", type=_positive_seconds, default=240.0, help="seconds per model before it is killed and recorded")
     d.add_argument("--from-json", metavar="FILE", default=None, help="print (and --write) a saved --json run instead of running")
     d.add_argument("--write", metavar="FILE", nargs="?", const="docs/BENCHMARKS.md", default=None)
     d.add_argument("--json", action="store_true", help="print the records as JSON instead of the table")
     c = bsub.add_parser("cache", help="28-step denoising with DBCache/TaylorSeer/steps-mask configs vs no cache",
                         formatter_class=HelpFormatter)
     c.add_argument("--sizes", default="tiny,bench-deep", help="FLUX configs to run, comma-separated")
-    c.add_argument("--steps", type=int, default=28)
+    c.add_argument("--steps", type=_at_least(1), default=28)
     c.add_argument("--threshold-f1", type=float, default=0.42, help="residual_diff_threshold of the F1B0 configs")
     c.add_argument("--threshold-f8", type=float, default=0.5, help="residual_diff_threshold of the F8B0 configs")
     c.add_argument("--compiles", default="bench-deep", metavar="SIZE",
