@@ -100,6 +100,7 @@ class _Rewriter:
         self.stream_of_segment = {seg: s.id for s in plan.streams for seg in s.segments}
         self.sharded = {s.id for s in plan.streams if s.sharded}
         self.local: dict[fx.Node, frozenset[int]] = {}
+        self.dead: list[fx.Node] = []  # original attention calls replaced by their rewrite
         self.replaced: dict[fx.Node, fx.Node] = {}  # a node cut to local rows where it was made -> the cut
         self.counts: dict[str, int] = {}
         self.notes: list[str] = []
@@ -420,6 +421,8 @@ class _Rewriter:
                     self.rewrite_attention(node)
                 else:
                     self.propagate(node)
+        for node in self.dead:
+            self.graph.erase_node(node)
 
     def undo(self) -> None:
         """Put the graph back as `run` found it: inserted nodes erased, original arguments restored."""
@@ -781,7 +784,7 @@ class _Rewriter:
             attention.meta.update({k_: v_ for k_, v_ in node.meta.items() if k_ not in ("val", "example_value")})
             out = self.from_heads(attention, q_runs, seq_dim, head_dim, int(num_heads), node_value(node))
         node.replace_all_uses_with(out)
-        self.graph.erase_node(node)
+        self.dead.append(node)  # erased once the whole walk succeeds: `undo` needs it back otherwise
         self.local[out] = self.local.get(q, frozenset())
         self.bump("attention_sites")
 
