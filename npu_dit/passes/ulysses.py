@@ -545,6 +545,10 @@ class _Rewriter:
         segments = {self.segment_of_atom.get(a) for a in self.atoms.normalize(dims[dim])}
         return frozenset(self.stream_of_segment.get(s) for s in segments if s is not None) & self.local[inp]
 
+    def sharded_streams_in(self, nodes: Any) -> frozenset[int]:
+        """The sharded streams `nodes` hold, locally or whole."""
+        return frozenset().union(*(self.local.get(n, frozenset()) | (self.streams_of(n) & self.sharded) for n in nodes))
+
     def check_rules(self, node: fx.Node) -> None:
         """Refuse whatever the rule table cannot prove exact on sharded tokens: an op with no rule,
         mixing positions along a sharded dim (softmax, cumsum, flip, a reduction, a contraction), or a
@@ -560,17 +564,14 @@ class _Rewriter:
                     self.streams_of(written) & self.sharded) <= self.local.get(written, frozenset()):
                 continue  # a write of local tokens into their own positions (RoPE on a slice of q)
             if touched:
-                streams = frozenset().union(*(self.local.get(t, frozenset()) | (self.streams_of(t) & self.sharded)
-                                              for t in touched))
                 raise StreamRefusal(f"{self.where(node)} writes in place into {touched[-1].name}, which holds tokens "
-                                    f"of a sharded stream; Ulysses cannot prove an in-place write exact", streams,
+                                    f"of a sharded stream; Ulysses cannot prove an in-place write exact",
+                                    self.sharded_streams_in(touched),
                                     fix="write the model without the in-place update (x = x + y, torch.where)")
         if node in flow.no_value and any(self.local.get(i) or self.streams_of(i) & self.sharded
                                          for i in node.all_input_nodes):
-            streams = frozenset().union(*(self.local.get(i, frozenset()) | (self.streams_of(i) & self.sharded)
-                                          for i in node.all_input_nodes))
             raise StreamRefusal(f"{self.where(node)} returns nothing and reads sharded tokens (an effect Ulysses "
-                                f"cannot see)", streams)
+                                f"cannot see)", self.sharded_streams_in(node.all_input_nodes))
         for inp, dim in flow.mixing.get(node, ()):
             if streams := self.holds_local_tokens(self.replaced.get(inp, inp), dim):
                 raise StreamRefusal(f"{self.where(node)} combines positions along a sharded token dim (dim {dim})",
