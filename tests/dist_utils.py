@@ -53,6 +53,7 @@ PRELOAD = [
     "diffusers.models.autoencoders.autoencoder_kl", "diffusers.models.autoencoders.autoencoder_kl_qwenimage",
     "transformers.models.t5.modeling_t5", "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl",
     "npu_dit.backend", "tests.conftest",
+    "tests.rank_warmup",  # last: one eager compile per tiny model family, then Dynamo is reset
 ]  # a name that fails to import is skipped by the fork server (the rank imports it itself)
 _CONTEXT = None
 
