@@ -1,4 +1,7 @@
+import inspect
 import os
+import re
+import sys
 import warnings
 
 import pytest
@@ -45,3 +48,40 @@ def tiny_capture():
         return _CAPTURES[key]
 
     return get
+
+
+# ---------------------------------------------------------------------------------------------
+# `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`). The tests that
+# start processes (Gloo ranks, torchrun, the CLI) already keep both cores busy, so they all run on
+# one worker, one after the other, in the "processes" group; the single-process tests (one Dynamo
+# trace at a time, one core) run on the other worker beside them. Which tests start processes is
+# read from their source: a call of `run_ranks` or `subprocess`, in the test or in a
+# function of the tests package it calls.
+
+_STARTS_PROCESSES = re.compile(r"\brun_ranks\s*\(|\bsubprocess\.|\bPopen\s*\(")
+_CALLED = re.compile(r"\b([A-Za-z_]\w*)\s*\(")
+
+
+def _starts_processes(fn, seen: set) -> bool:
+    try:
+        source = inspect.getsource(fn)
+    except (OSError, TypeError):
+        return False
+    if _STARTS_PROCESSES.search(source):
+        return True
+    module = sys.modules.get(getattr(fn, "__module__", ""), None)
+    for name in _CALLED.findall(source):
+        callee = getattr(module, name, None)
+        if (inspect.isfunction(callee) and callee not in seen
+                and (callee.__module__ or "").split(".")[0] == "tests"):
+            seen.add(callee)
+            if _starts_processes(callee, seen):
+                return True
+    return False
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        fn = getattr(item, "function", None)
+        if fn is not None and _starts_processes(fn, set()):
+            item.add_marker(pytest.mark.xdist_group("processes"))
