@@ -80,8 +80,14 @@ def _starts_processes(fn, seen: set) -> bool:
     return False
 
 
+def _one_process(item) -> bool:
+    """A parametrized launch of a single process (the README's `python script.py` blocks)."""
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return any(params.get(name) == 1 for name in ("world", "world_size"))
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         fn = getattr(item, "function", None)
-        if fn is not None and _starts_processes(fn, set()):
+        if fn is not None and _starts_processes(fn, set()) and not _one_process(item):
             item.add_marker(pytest.mark.xdist_group("processes"))
