@@ -9,6 +9,9 @@ Measurements come as `npu-dit generate --json` reports (one, or a list; a report
                        "text_encoder_parallel": false, "vae_parallel": false, "attention_backend": "sdpa",
                        "measured_s": 11.45}]}
 
+(`prompt_len`: the text tokens the transformer sees; `input_images`: an edit pipeline's images as [height, width]
+after its own resize; both default to the model's.)
+
 A run with stage times contributes one point per stage (text encoding, denoising, VAE), a total only one.
 The fit minimises the squared log ratio predicted / measured over all points (Nelder-Mead in log space),
 fitting no more constants than there are points.
@@ -81,6 +84,8 @@ def _flags_to_options(flags: list[str]) -> tuple[dict[str, Any], bool, bool]:
             options["async_ulysses"] = True
         elif flag == "--attention-backend":
             options["attention_backend"] = next(it)
+        elif flag in ("--cfg-parallel", "--parallel-cfg"):
+            options["cfg_degree"] = 2
     return options, "--text-encoder-parallel" in flags, "--vae-parallel" in flags
 
 
@@ -95,9 +100,11 @@ def load_measurements(data: Any, default_backend: str = "sdpa") -> list[Measurem
         for m in data["measurements"]:
             fields = {f.name for f in dataclasses.fields(Config)}
             config = Config(**{k: v for k, v in m.items() if k in fields})
+            images = m.get("input_images")
             out.append(Measurement(m["model"], m.get("size", "full"), m["height"], m["width"], m["steps"],
                                    m.get("prompt_len"), config, None, float(m["measured_s"]), m.get("label", ""),
-                                   m.get("dtype", "bfloat16"), m.get("use", "calibrate")))
+                                   m.get("dtype", "bfloat16"), m.get("use", "calibrate"),
+                                   [tuple(map(int, hw)) for hw in images] if images is not None else None))
         return out
     if "tables" in data:  # bench seed
         out = []
@@ -204,7 +211,9 @@ def calibrate(hw: Hardware, measurements: list[Measurement], costs_for: Callable
 def profile_json(fitted: Hardware, source: str, fitted_names: list[str]) -> str:
     d = fitted.to_dict()
     d["sources"] = [*d["sources"], f"{', '.join(fitted_names)} fitted by `npu-dit plan calibrate` to {source}"]
-    d["links"] = {k: {"bandwidth": v["bandwidth"], "latency_s": v["latency_s"]} for k, v in d["links"].items()}
+    d["links"] = {k: {"bandwidth": v["bandwidth"], "latency_s": v["latency_s"],
+                      **({"links_per_device": v["links_per_device"]} if v["links_per_device"] != 1 else {})}
+                  for k, v in d["links"].items()}
     return json.dumps(d, indent=1)
 
 

@@ -1,7 +1,7 @@
 """Hardware profiles: data files (`hardware/NAME.json`) that name their sources.
 
 A profile holds published peaks (matmul FLOP/s, memory bandwidth and size, link bandwidth and latency per
-link class: `intra` inside a node, `inter` between nodes), the attention kernels it has (and whether each
+link class: `intra` inside a node, `inter` between nodes; in a full mesh, `links_per_device` peers at once), the attention kernels it has (and whether each
 materialises the score matrix), and three efficiencies (`compute`, `memory`, `link`): the share of each peak
 that kernels reach (`link` scales a collective's latency and bandwidth alike). `free` names the constants
 `npu-dit plan calibrate` may fit (at most 3: efficiencies, and for a CPU `concurrent_devices`, the cores its
@@ -22,8 +22,16 @@ FREE_CONSTANTS = (*EFFICIENCIES, "concurrent_devices")
 
 @dataclasses.dataclass(frozen=True)
 class Link:
-    bandwidth: float  # bytes per second, one direction, per device
+    bandwidth: float  # bytes per second, one direction, per device and link
     latency_s: float
+    # peers a device reaches at once over links of their own: a full mesh's links per chip (each peer of an
+    # all-to-all or all-reduce over its own link); 1 behind a switch or a shared port, where `bandwidth` is the
+    # device's whole share
+    links_per_device: int = 1
+
+    def bandwidth_for(self, peers: int) -> float:
+        """A device's bandwidth towards `peers` other ranks of one collective."""
+        return self.bandwidth * max(1, min(peers, self.links_per_device))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +86,8 @@ def from_dict(d: dict[str, Any]) -> Hardware:
         name=d["name"], description=d.get("description", ""), peak_flops=float(d["peak_flops"]),
         memory_bandwidth=float(d["memory_bandwidth"]), memory_bytes=int(d["memory_bytes"]),
         devices_per_node=int(d.get("devices_per_node", 8)), concurrent_devices=d.get("concurrent_devices"),
-        links={k: Link(float(v["bandwidth"]), float(v["latency_s"])) for k, v in d["links"].items()},
+        links={k: Link(float(v["bandwidth"]), float(v["latency_s"]), int(v.get("links_per_device", 1)))
+               for k, v in d["links"].items()},
         attention_kernels=dict(d.get("attention_kernels") or {"sdpa": {"materializes_scores": False}}),
         efficiency={k: float(v) for k, v in d["efficiency"].items()}, sources=tuple(d.get("sources", ())),
         free=_free(d),
