@@ -152,6 +152,23 @@ def test_full_mesh_links_carry_each_peer_on_its_own_link():
     assert four[0] - latency == pytest.approx((four[1] - latency) / 3, rel=1e-9)
 
 
+def test_convolutions_run_at_their_kernel_class_factor():
+    """A profile's `kernels` factor slows the VAE's convolution FLOPs of that kind (measured on the CPU by
+    `conv_bench`), leaves the rest, and VAE parallel divides the slower work too."""
+    costs = hand_costs(true_cfg=False)
+    costs["stages"]["vae"][0]["conv_flops"] = {"conv3d": 1.5e12, "conv2d": 5e11}
+    base = dataclasses.replace(ATLAS, kernels={})
+    slow = dataclasses.replace(ATLAS, kernels={"conv3d": 0.25})
+    flops = ATLAS.peak_flops * ATLAS.efficiency["compute"]
+    for config in (Config(), Config(ulysses_degree=4, vae_parallel=True)):
+        a, b = (model.predict(costs, h, config, steps=28) for h in (base, slow))
+        degree = config.devices if config.vae_parallel else 1
+        assert b["stages_s"]["vae"] - a["stages_s"]["vae"] == pytest.approx(1.5e12 * 3 / flops / degree, rel=1e-9)
+        assert (b["stages_s"]["denoising"], b["stages_s"]["text_encoding"]) == (a["stages_s"]["denoising"],
+                                                                               a["stages_s"]["text_encoding"])
+    assert hardware.load("cpu").kernels["conv3d"] < 1  # the CPU profile carries its measured factors
+
+
 def _faster(hw: hardware.Hardware, factor: float, what: str) -> hardware.Hardware:
     if what == "link":
         return dataclasses.replace(hw, links={k: dataclasses.replace(v, bandwidth=v.bandwidth * factor)

@@ -49,6 +49,9 @@ class GraphCost:
     activation_peak_bytes: float = 0.0
     output_bytes: float = 0.0
     attention_calls: int = 0
+    # the convolutions' share of matmul_flops by kind ("conv2d", "conv3d": kernel classes of their own, see
+    # `Hardware.kernels`)
+    conv_flops: dict[str, float] = dataclasses.field(default_factory=dict)
 
     FIELDS = ("matmul_flops", "attention_flops", "score_elements", "memory_bytes", "parameter_bytes",
               "activation_peak_bytes")
@@ -203,6 +206,9 @@ class _CountOps(TorchDispatchMode):
                 self.cost.attention_calls += 1
             else:
                 self.cost.matmul_flops += flops
+                if "convolution" in name:
+                    kind = f"conv{args[0].dim() - 2}d"
+                    self.cost.conv_flops[kind] = self.cost.conv_flops.get(kind, 0.0) + flops
         elif not func.is_view and packet not in (torch.ops.aten.detach, torch.ops.aten._to_copy, torch.ops.aten.lift_fresh):
             self.cost.memory_bytes += sum(_tensor_bytes(a) for a in tensors_in) + _tensor_bytes(
                 [o for o in torch.utils._pytree.tree_leaves(out) if isinstance(o, torch.Tensor)])

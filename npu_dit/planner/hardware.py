@@ -2,7 +2,8 @@
 
 A profile holds published peaks (matmul FLOP/s, memory bandwidth and size, link bandwidth and latency per
 link class: `intra` inside a node, `inter` between nodes; in a full mesh, `links_per_device` peers at once), the attention kernels it has (and whether each
-materialises the score matrix), and three efficiencies (`compute`, `memory`, `link`): the share of each peak
+materialises the score matrix; `kernels`: a measured factor on the compute efficiency for a kernel class
+such as 2-D or 3-D convolutions), and three efficiencies (`compute`, `memory`, `link`): the share of each peak
 that kernels reach (`link` scales a collective's latency and bandwidth alike). `free` names the constants
 `npu-dit plan calibrate` may fit (at most 3: efficiencies, and for a CPU `concurrent_devices`, the cores its
 ranks actually get); nothing else in a profile is fitted.
@@ -48,6 +49,9 @@ class Hardware:
     efficiency: dict[str, float]
     sources: tuple[str, ...]
     free: tuple[str, ...] = ("compute", "memory", "link")  # what `plan calibrate` fits (at most 3)
+    # kernel classes slower or faster than the matmuls, as a factor on the compute efficiency (measured or
+    # published, never fitted): {"conv2d": 0.5, "conv3d": 0.2}; absent: 1
+    kernels: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def constants(self) -> dict[str, float]:
         out = dict(self.efficiency)
@@ -91,6 +95,7 @@ def from_dict(d: dict[str, Any]) -> Hardware:
         attention_kernels=dict(d.get("attention_kernels") or {"sdpa": {"materializes_scores": False}}),
         efficiency={k: float(v) for k, v in d["efficiency"].items()}, sources=tuple(d.get("sources", ())),
         free=_free(d),
+        kernels={k: float(v) for k, v in (d.get("kernels") or {}).items()},
     )
 
 

@@ -2,7 +2,8 @@
 
 Per transformer call on one rank:
 
-    compute   = (matmul + attention FLOPs) / (peak x compute efficiency)
+    compute   = (matmul + attention FLOPs) / (peak x compute efficiency), convolutions (VAE) x the profile's
+                factor for that kernel class
               + (memory-bound bytes [+ the score matrix a materialising kernel writes]) / (bandwidth x memory eff.)
     collective = (count x latency + bytes on the wire / link bandwidth) / link efficiency, per link class
                  (a full mesh reaches min(peers, links per device) peers at once, each over its own link)
@@ -107,11 +108,14 @@ def _collective_s(hw: Hardware, span: int, peers: int, wire_bytes: float, count:
     return (count * link.latency_s + wire_bytes / link.bandwidth_for(peers)) / hw.efficiency["link"]
 
 
-def _compute_s(hw: Hardware, share: float, matmul: float, attention: float, memory: float) -> tuple[float, float]:
-    """(matmul + attention time, memory-bound time) on one rank."""
+def _compute_s(hw: Hardware, share: float, matmul: float, attention: float, memory: float,
+               conv: dict[str, float] | None = None, divide: float = 1.0) -> tuple[float, float]:
+    """(matmul + attention time, memory-bound time) on one rank; `conv`: the convolution FLOPs among `matmul`
+    by kind (`conv2d`, `conv3d`; divided by `divide` too), at the profile's factor for that kernel class."""
     flops = hw.peak_flops * hw.efficiency["compute"] / share
     bandwidth = hw.memory_bandwidth * hw.efficiency["memory"] / share
-    return (matmul + attention) / flops, memory / bandwidth
+    slower = sum(f / divide * (1.0 / hw.kernels.get(kind, 1.0) - 1.0) for kind, f in (conv or {}).items())
+    return (matmul + attention + slower) / flops, memory / bandwidth
 
 
 def predict(costs: dict[str, Any], hw: Hardware, config: Config, *, steps: int, cache_fraction: float = 1.0) -> dict[str, Any]:
@@ -184,7 +188,7 @@ def predict(costs: dict[str, Any], hw: Hardware, config: Config, *, steps: int, 
     vae_s = 0.0
     for part in st["vae"]:
         mm, mem = _compute_s(hw, share, part["matmul_flops"] / vae_deg, part["attention_flops"] / vae_deg,
-                             part["memory_bytes"] / vae_deg)
+                             part["memory_bytes"] / vae_deg, part.get("conv_flops"), vae_deg)
         vae_s += mm + mem
     weights = at("parameter_bytes") + sum(e["parameter_bytes"] / tep for e in st["text_encoders"]) \
         + max((p["parameter_bytes"] for p in st["vae"]), default=0)
