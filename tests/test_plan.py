@@ -267,6 +267,17 @@ def test_json_schema_on_a_captured_tiny_model(plan_cache, capsys):
     assert costs["tp"]["split"]["parameter_bytes"]["sharded"] > 0.8 * costs["transformer"]["parameter_bytes"]
     assert costs["ulysses"]["split"]["matmul_flops"]["sharded"] > 0.9 * costs["transformer"]["matmul_flops"]
     assert costs["ulysses"]["async_windows_at_2"] and costs["tp"]["all_reduce_bytes"] > 0
+    # an entry cached before a change to the stage costs (no `stages_version`) gets its stages counted again,
+    # its transformer costs kept (no new capture)
+    from npu_dit.planner.extract import STAGES_VERSION
+
+    [path] = [p for p in plan_cache.iterdir() if json.loads(p.read_text())["model"] == "qwen-image-edit"]
+    stale = {**costs, "stages": {"text_encoders": [], "text_encodes": 0, "vae": []}, "transformer": {**costs["transformer"], "marker": 1}}
+    stale.pop("stages_version")
+    path.write_text(json.dumps(stale))
+    refreshed = model_costs("qwen-image-edit", size="tiny", height=128, width=128, dtype=torch.float32)
+    assert refreshed["stages"] == costs["stages"] and refreshed["transformer"]["marker"] == 1
+    assert json.loads(path.read_text())["stages_version"] == STAGES_VERSION
 
 
 def _generate(ranks: int, flags: list[str], tmp_path) -> dict:
