@@ -21,7 +21,7 @@ from npu_dit.planner.costs import graph_cost, module_cost, overlap_windows, spli
 CACHE_VERSION = 5
 # the text encoders' and VAE's costs: cheap to count again (meta-device module runs), so a change to them
 # refreshes a cached entry's stages without capturing the transformer again
-STAGES_VERSION = 2
+STAGES_VERSION = 3
 
 
 def cache_dir() -> Path:
