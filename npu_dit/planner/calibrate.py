@@ -9,6 +9,9 @@ Measurements come as `npu-dit generate --json` reports (one, or a list; a report
                        "text_encoder_parallel": false, "vae_parallel": false, "attention_backend": "sdpa",
                        "measured_s": 11.45}]}
 
+(`prompt_len`: the text tokens the transformer sees; `input_images`: an edit pipeline's images as [height, width]
+after its own resize; both default to the model's.)
+
 A run with stage times contributes one point per stage (text encoding, denoising, VAE), a total only one.
 The fit minimises the squared log ratio predicted / measured over all points (Nelder-Mead in log space),
 fitting no more constants than there are points.
@@ -22,7 +25,7 @@ import math
 from typing import Any, Callable
 
 from npu_dit.planner.hardware import Hardware
-from npu_dit.planner.model import Config, predict
+from npu_dit.planner.model import Config, busy_s, predict
 
 STAGE_KEYS = {"text encoding": "text_encoding", "denoising": "denoising", "VAE": "vae"}
 
@@ -42,6 +45,7 @@ class Measurement:
     dtype: str = "bfloat16"
     use: str = "calibrate"  # or "validate": a published figure kept out of the fit
     input_images: list[tuple[int, int]] | None = None  # None: the pipeline's default
+    busy_s: float | None = None  # the busiest rank's CPU seconds (`generate --json`: peak_memory_per_rank[].cpu_s)
 
 
 def _config_from_options(options: dict[str, Any], *, tep: bool, vae: bool, default_backend: str) -> Config:
@@ -66,7 +70,9 @@ def _from_generate(r: dict[str, Any], default_backend: str) -> Measurement:
                                             vae=bool(options.get("vae_parallel") or r.get("vae_parallel")),
                                             default_backend=default_backend), stages, None,
                        label=r.get("label") or f"{r['model']} {r['world_size']} rank(s)", dtype=r.get("dtype", "float32"),
-                       use=r.get("use", "calibrate"), input_images=[(side, side)] if side else None)
+                       use=r.get("use", "calibrate"), input_images=[(side, side)] if side else None,
+                       busy_s=max((float(p["cpu_s"]) for p in r.get("peak_memory_per_rank") or () if "cpu_s" in p),
+                                  default=None))
 
 
 def _flags_to_options(flags: list[str]) -> tuple[dict[str, Any], bool, bool]:
@@ -81,6 +87,8 @@ def _flags_to_options(flags: list[str]) -> tuple[dict[str, Any], bool, bool]:
             options["async_ulysses"] = True
         elif flag == "--attention-backend":
             options["attention_backend"] = next(it)
+        elif flag in ("--cfg-parallel", "--parallel-cfg"):
+            options["cfg_degree"] = 2
     return options, "--text-encoder-parallel" in flags, "--vae-parallel" in flags
 
 
@@ -95,9 +103,11 @@ def load_measurements(data: Any, default_backend: str = "sdpa") -> list[Measurem
         for m in data["measurements"]:
             fields = {f.name for f in dataclasses.fields(Config)}
             config = Config(**{k: v for k, v in m.items() if k in fields})
+            images = m.get("input_images")
             out.append(Measurement(m["model"], m.get("size", "full"), m["height"], m["width"], m["steps"],
                                    m.get("prompt_len"), config, None, float(m["measured_s"]), m.get("label", ""),
-                                   m.get("dtype", "bfloat16"), m.get("use", "calibrate")))
+                                   m.get("dtype", "bfloat16"), m.get("use", "calibrate"),
+                                   [tuple(map(int, hw)) for hw in images] if images is not None else None))
         return out
     if "tables" in data:  # bench seed
         out = []
@@ -116,8 +126,10 @@ def load_measurements(data: Any, default_backend: str = "sdpa") -> list[Measurem
     raise ValueError("measurements: not a generate --json report, bench seed --json output or {\"measurements\": [...]}")
 
 
-def points(m: Measurement, predicted: dict[str, Any]) -> list[tuple[float, float]]:
-    """(predicted, measured) pairs of one run."""
+def points(m: Measurement, predicted: dict[str, Any], *, cpu_seconds: bool = False) -> list[tuple[float, float]]:
+    """(predicted, measured) pairs of one run (`cpu_seconds`: `predicted` is `model.busy_s`'s)."""
+    if cpu_seconds:
+        return [(predicted["predicted_s"], m.busy_s)]
     if m.stages_s:
         return [(predicted["stages_s"][k], v) for k, v in m.stages_s.items() if v > 0]
     return [(predicted["predicted_s"], m.total_s)]
@@ -154,15 +166,39 @@ def _nelder_mead(f: Callable[[list[float]], float], x0: list[float], step: float
     return simplex[min(range(n + 1), key=values.__getitem__)]
 
 
-def calibrate(hw: Hardware, measurements: list[Measurement], costs_for: Callable[[Measurement], dict[str, Any]]
-              ) -> tuple[Hardware, list[dict[str, Any]]]:
+def _predict(costs: dict[str, Any], hw: Hardware, m: Measurement, cpu_seconds: bool) -> dict[str, Any]:
+    if not cpu_seconds:
+        return predict(costs, hw, m.config, steps=m.steps)
+    busy = busy_s(costs, hw, m.config, steps=m.steps)
+    return {"predicted_s": busy, "stages_s": None}
+
+
+def check_cpu_seconds(measurements: list[Measurement]) -> None:
+    lacking = [m.label or m.config.label() for m in measurements if m.busy_s is None]
+    if lacking:
+        raise ValueError(f"--cpu-seconds: {', '.join(lacking)} carries no CPU seconds; only `npu-dit generate --json` "
+                         f"reports do (peak_memory_per_rank[].cpu_s): drop --cpu-seconds or give those reports")
+
+
+def fitted_names(hw: Hardware, measurements: list[Measurement], *, cpu_seconds: bool = False) -> list[str]:
+    """The constants a fit moves: the profile's `free` ones in order, no more than there are points; with
+    `cpu_seconds` only those that change what a rank computes (compute, memory: links and shared cores do not)."""
+    if cpu_seconds:
+        return [k for k in hw.free if k in ("compute", "memory")][:len(measurements)]
+    return list(hw.free[:sum(len(m.stages_s) if m.stages_s else 1 for m in measurements)])
+
+
+def calibrate(hw: Hardware, measurements: list[Measurement], costs_for: Callable[[Measurement], dict[str, Any]],
+              *, cpu_seconds: bool = False) -> tuple[Hardware, list[dict[str, Any]]]:
     """Fit `hw.free` (as many as there are points, in the profile's order) to `measurements`; return the
-    fitted profile and a row per measurement (predicted before and after, measured)."""
+    fitted profile and a row per measurement (predicted before and after, measured). `cpu_seconds`: fit the
+    busiest rank's CPU seconds (`model.busy_s`) instead of the wall times, for a machine shared with other jobs."""
     if not measurements:
         raise ValueError("no measurements to calibrate on")
+    if cpu_seconds:
+        check_cpu_seconds(measurements)
     costs = [costs_for(m) for m in measurements]
-    n_points = sum(len(m.stages_s) if m.stages_s else 1 for m in measurements)
-    free = list(hw.free[:n_points])
+    free = fitted_names(hw, measurements, cpu_seconds=cpu_seconds)
     start = hw.constants()
 
     # each constant through a smooth map onto its range (efficiencies in (0, 1]; a CPU's concurrent devices
@@ -184,39 +220,45 @@ def calibrate(hw: Hardware, measurements: list[Measurement], costs_for: Callable
         h = profile(x)
         total = 0.0
         for m, c in zip(measurements, costs):
-            for p, actual in points(m, predict(c, h, m.config, steps=m.steps)):
+            for p, actual in points(m, _predict(c, h, m, cpu_seconds), cpu_seconds=cpu_seconds):
                 total += math.log(p / actual) ** 2
         return total
 
-    x = _nelder_mead(loss, [inverse(k, start[k]) for k in free])
-    x = _nelder_mead(loss, x, step=0.1)  # a restart from the best point: the simplex may have collapsed early
-    fitted = profile(x)
+    fitted = hw
+    if free:
+        x = _nelder_mead(loss, [inverse(k, start[k]) for k in free])
+        x = _nelder_mead(loss, x, step=0.1)  # a restart from the best point: the simplex may have collapsed early
+        fitted = profile(x)
     rows = []
     for m, c in zip(measurements, costs):
-        before, after = predict(c, hw, m.config, steps=m.steps), predict(c, fitted, m.config, steps=m.steps)
-        measured_total = sum(m.stages_s.values()) if m.stages_s else m.total_s
+        before, after = _predict(c, hw, m, cpu_seconds), _predict(c, fitted, m, cpu_seconds)
+        measured_total = m.busy_s if cpu_seconds else sum(m.stages_s.values()) if m.stages_s else m.total_s
         rows.append({"label": m.label or m.config.label(), "measured_s": measured_total,
                      "before_s": before["predicted_s"], "after_s": after["predicted_s"],
-                     "stages_measured": m.stages_s, "stages_after": after["stages_s"]})
+                     "stages_measured": None if cpu_seconds else m.stages_s, "stages_after": after["stages_s"]})
     return fitted, rows
 
 
 def profile_json(fitted: Hardware, source: str, fitted_names: list[str]) -> str:
     d = fitted.to_dict()
     d["sources"] = [*d["sources"], f"{', '.join(fitted_names)} fitted by `npu-dit plan calibrate` to {source}"]
-    d["links"] = {k: {"bandwidth": v["bandwidth"], "latency_s": v["latency_s"]} for k, v in d["links"].items()}
+    d["links"] = {k: {"bandwidth": v["bandwidth"], "latency_s": v["latency_s"],
+                      **({"links_per_device": v["links_per_device"]} if v["links_per_device"] != 1 else {})}
+                  for k, v in d["links"].items()}
     return json.dumps(d, indent=1)
 
 
-def check(hw: Hardware, measurements: list[Measurement], costs_for: Callable[[Measurement], dict[str, Any]]
-          ) -> list[dict[str, Any]]:
-    """Predicted against measured for runs kept out of the fit."""
+def check(hw: Hardware, measurements: list[Measurement], costs_for: Callable[[Measurement], dict[str, Any]],
+          *, cpu_seconds: bool = False) -> list[dict[str, Any]]:
+    """Predicted against measured for runs kept out of the fit (`cpu_seconds`: the busiest rank's CPU seconds)."""
+    if cpu_seconds:
+        check_cpu_seconds(measurements)
     rows = []
     for m in measurements:
-        p = predict(costs_for(m), hw, m.config, steps=m.steps)
-        measured = sum(m.stages_s.values()) if m.stages_s else m.total_s
+        p = _predict(costs_for(m), hw, m, cpu_seconds)
+        measured = m.busy_s if cpu_seconds else sum(m.stages_s.values()) if m.stages_s else m.total_s
         rows.append({"label": m.label or m.config.label(), "measured_s": measured, "after_s": p["predicted_s"],
-                     "error": p["predicted_s"] / measured - 1, "stages_measured": m.stages_s,
+                     "error": p["predicted_s"] / measured - 1, "stages_measured": None if cpu_seconds else m.stages_s,
                      "stages_after": p["stages_s"]})
     return rows
 

@@ -19,6 +19,9 @@ import torch
 from npu_dit.planner.costs import graph_cost, module_cost, overlap_windows, split_by_degree
 
 CACHE_VERSION = 5
+# the text encoders' and VAE's costs: cheap to count again (meta-device module runs), so a change to them
+# refreshes a cached entry's stages without capturing the transformer again
+STAGES_VERSION = 3
 
 
 def cache_dir() -> Path:
@@ -44,7 +47,14 @@ def model_costs(model: str, *, size: str = "full", height: int = 1024, width: in
                       torch.__version__, diffusers.__version__])
     path = cache_dir() / f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.json"
     if use_cache and path.is_file():
-        return json.loads(path.read_text())
+        costs = json.loads(path.read_text())
+        if costs.get("stages_version") != STAGES_VERSION:
+            spec = get_model(model)
+            costs["stages"] = stage_costs(spec, size, height=height, width=width, input_images=input_images,
+                                          prompt_len=prompt_len or spec.default_prompt_len, dtype=dtype)
+            costs["stages_version"] = STAGES_VERSION
+            path.write_text(json.dumps(costs))
+        return costs
     costs = _extract(model, size=size, height=height, width=width, prompt_len=prompt_len, input_images=input_images,
                      dtype=dtype, log=log)
     if use_cache:
@@ -135,6 +145,7 @@ def _extract(model: str, *, size: str, height: int, width: int, prompt_len: int 
     say("text encoders and VAE on the meta device")
     result["stages"] = stage_costs(spec, size, height=height, width=width, input_images=input_images,
                                    prompt_len=prompt_len or spec.default_prompt_len, dtype=dtype)
+    result["stages_version"] = STAGES_VERSION
     timings["stages_s"] = time.perf_counter() - t0
     result["extract_timings"] = timings
     return result

@@ -1,8 +1,9 @@
 """Hardware profiles: data files (`hardware/NAME.json`) that name their sources.
 
 A profile holds published peaks (matmul FLOP/s, memory bandwidth and size, link bandwidth and latency per
-link class: `intra` inside a node, `inter` between nodes), the attention kernels it has (and whether each
-materialises the score matrix), and three efficiencies (`compute`, `memory`, `link`): the share of each peak
+link class: `intra` inside a node, `inter` between nodes; in a full mesh, `links_per_device` peers at once), the attention kernels it has (and whether each
+materialises the score matrix; `kernels`: a measured factor on the compute efficiency for a kernel class
+such as 2-D or 3-D convolutions), and three efficiencies (`compute`, `memory`, `link`): the share of each peak
 that kernels reach (`link` scales a collective's latency and bandwidth alike). `free` names the constants
 `npu-dit plan calibrate` may fit (at most 3: efficiencies, and for a CPU `concurrent_devices`, the cores its
 ranks actually get); nothing else in a profile is fitted.
@@ -22,8 +23,16 @@ FREE_CONSTANTS = (*EFFICIENCIES, "concurrent_devices")
 
 @dataclasses.dataclass(frozen=True)
 class Link:
-    bandwidth: float  # bytes per second, one direction, per device
+    bandwidth: float  # bytes per second, one direction, per device and link
     latency_s: float
+    # peers a device reaches at once over links of their own: a full mesh's links per chip (each peer of an
+    # all-to-all or all-reduce over its own link); 1 behind a switch or a shared port, where `bandwidth` is the
+    # device's whole share
+    links_per_device: int = 1
+
+    def bandwidth_for(self, peers: int) -> float:
+        """A device's bandwidth towards `peers` other ranks of one collective."""
+        return self.bandwidth * max(1, min(peers, self.links_per_device))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +49,9 @@ class Hardware:
     efficiency: dict[str, float]
     sources: tuple[str, ...]
     free: tuple[str, ...] = ("compute", "memory", "link")  # what `plan calibrate` fits (at most 3)
+    # kernel classes slower or faster than the matmuls, as a factor on the compute efficiency (measured or
+    # published, never fitted): {"conv2d": 0.5, "conv3d": 0.2}; absent: 1
+    kernels: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def constants(self) -> dict[str, float]:
         out = dict(self.efficiency)
@@ -78,10 +90,12 @@ def from_dict(d: dict[str, Any]) -> Hardware:
         name=d["name"], description=d.get("description", ""), peak_flops=float(d["peak_flops"]),
         memory_bandwidth=float(d["memory_bandwidth"]), memory_bytes=int(d["memory_bytes"]),
         devices_per_node=int(d.get("devices_per_node", 8)), concurrent_devices=d.get("concurrent_devices"),
-        links={k: Link(float(v["bandwidth"]), float(v["latency_s"])) for k, v in d["links"].items()},
+        links={k: Link(float(v["bandwidth"]), float(v["latency_s"]), int(v.get("links_per_device", 1)))
+               for k, v in d["links"].items()},
         attention_kernels=dict(d.get("attention_kernels") or {"sdpa": {"materializes_scores": False}}),
         efficiency={k: float(v) for k, v in d["efficiency"].items()}, sources=tuple(d.get("sources", ())),
         free=_free(d),
+        kernels={k: float(v) for k, v in (d.get("kernels") or {}).items()},
     )
 
 

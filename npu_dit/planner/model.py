@@ -2,9 +2,11 @@
 
 Per transformer call on one rank:
 
-    compute   = (matmul + attention FLOPs) / (peak x compute efficiency)
+    compute   = (matmul + attention FLOPs) / (peak x compute efficiency), convolutions (VAE) x the profile's
+                factor for that kernel class
               + (memory-bound bytes [+ the score matrix a materialising kernel writes]) / (bandwidth x memory eff.)
     collective = (count x latency + bytes on the wire / link bandwidth) / link efficiency, per link class
+                 (a full mesh reaches min(peers, links per device) peers at once, each over its own link)
     async Ulysses: each transfer hides behind the work the schedule placed between its start and its wait
     (read from the async Ulysses-2 graph): min(transfer, that work), summed over the collectives
 
@@ -98,16 +100,22 @@ def _scaled(split: dict[str, dict[str, float]] | None, field: str, degree: int) 
     return (entry["kept"] + entry["sharded"] / degree) / total if total else 1.0
 
 
-def _collective_s(hw: Hardware, group: int, wire_bytes: float, count: int) -> float:
-    link = hw.link(group)  # the link efficiency scales latency and bandwidth alike: (alpha + bytes / beta) / eff
-    return (count * link.latency_s + wire_bytes / link.bandwidth) / hw.efficiency["link"]
+def _collective_s(hw: Hardware, span: int, peers: int, wire_bytes: float, count: int) -> float:
+    """`count` collectives among `peers` + 1 ranks whose layout spans `span` consecutive ranks (the link class),
+    each rank putting `wire_bytes` on the wire in all; the link efficiency scales latency and bandwidth alike:
+    (alpha + bytes / beta) / eff. In a full mesh each peer is reached over its own link."""
+    link = hw.link(span)
+    return (count * link.latency_s + wire_bytes / link.bandwidth_for(peers)) / hw.efficiency["link"]
 
 
-def _compute_s(hw: Hardware, share: float, matmul: float, attention: float, memory: float) -> tuple[float, float]:
-    """(matmul + attention time, memory-bound time) on one rank."""
+def _compute_s(hw: Hardware, share: float, matmul: float, attention: float, memory: float,
+               conv: dict[str, float] | None = None, divide: float = 1.0) -> tuple[float, float]:
+    """(matmul + attention time, memory-bound time) on one rank; `conv`: the convolution FLOPs among `matmul`
+    by kind (`conv2d`, `conv3d`; divided by `divide` too), at the profile's factor for that kernel class."""
     flops = hw.peak_flops * hw.efficiency["compute"] / share
     bandwidth = hw.memory_bandwidth * hw.efficiency["memory"] / share
-    return (matmul + attention) / flops, memory / bandwidth
+    slower = sum(f / divide * (1.0 / hw.kernels.get(kind, 1.0) - 1.0) for kind, f in (conv or {}).items())
+    return (matmul + attention + slower) / flops, memory / bandwidth
 
 
 def predict(costs: dict[str, Any], hw: Hardware, config: Config, *, steps: int, cache_fraction: float = 1.0) -> dict[str, Any]:
@@ -138,23 +146,23 @@ def predict(costs: dict[str, Any], hw: Hardware, config: Config, *, steps: int, 
         qkv, out = a2a["qkv_bytes_at_2"] * scale, a2a["out_bytes_at_2"] * scale
         count = a2a["collectives_at_2"]
         wire = (u - 1) / u
-        qkv_s = _collective_s(hw, u * t, qkv * wire, count // 2)
-        out_s = _collective_s(hw, u * t, out * wire, count - count // 2)
+        qkv_s = _collective_s(hw, u * t, u - 1, qkv * wire, count // 2)
+        out_s = _collective_s(hw, u * t, u - 1, out * wire, count - count // 2)
         comm_s += qkv_s + out_s
         sent += qkv + out
         if config.async_ulysses:  # each transfer hides behind the work placed between its start and its wait
-            link = hw.link(u * t)
+            bandwidth_link = hw.link(u * t).bandwidth_for(u - 1)
             flops = hw.peak_flops * hw.efficiency["compute"] / share
             bandwidth = hw.memory_bandwidth * hw.efficiency["memory"] / share
             for w in a2a.get("async_windows_at_2", ()):
-                transfer = w["bytes"] * scale * wire / (link.bandwidth * hw.efficiency["link"])
+                transfer = w["bytes"] * scale * wire / (bandwidth_link * hw.efficiency["link"])
                 work = (w["flops"] / flops + w["memory_bytes"] / bandwidth) * scale
                 hidden_s += min(transfer, work)
     if t > 1:
         tp = costs["tp"]
         reduce_bytes = tp["all_reduce_bytes"] / u
         gather_bytes = tp["all_gather_bytes_at_2"] * 2 / t / u
-        comm_s += _collective_s(hw, t, 2 * (t - 1) / t * reduce_bytes + (t - 1) * gather_bytes, tp["collectives"])
+        comm_s += _collective_s(hw, t, t - 1, 2 * (t - 1) / t * reduce_bytes + (t - 1) * gather_bytes, tp["collectives"])
         sent += 2 * (t - 1) / t * reduce_bytes + (t - 1) * gather_bytes
     call_s = matmul_s + memory_s + comm_s - hidden_s
     calls_per_step = (2 if costs["true_cfg"] else 1) / c
@@ -162,7 +170,7 @@ def predict(costs: dict[str, Any], hw: Hardware, config: Config, *, steps: int, 
     step_sent = sent * calls_per_step
     if c > 1:  # one exchange of the branch outputs per step
         exchange = tr["output_bytes"] * (c - 1) / c
-        step_s += _collective_s(hw, n, exchange, 1)
+        step_s += _collective_s(hw, n, c - 1, exchange, 1)
         step_sent += exchange
     denoise_s = steps * step_s * cache_fraction
 
@@ -174,13 +182,13 @@ def predict(costs: dict[str, Any], hw: Hardware, config: Config, *, steps: int, 
         text_s += mm + mem
         if tep > 1:  # two all-reduces of the hidden states per layer
             layers, hidden_bytes = enc.get("layers", 0), enc.get("hidden_bytes", 0)
-            text_s += _collective_s(hw, tep, 2 * layers * 2 * (tep - 1) / tep * hidden_bytes, 2 * layers)
+            text_s += _collective_s(hw, tep, tep - 1, 2 * layers * 2 * (tep - 1) / tep * hidden_bytes, 2 * layers)
     text_s *= st["text_encodes"]
     vae_deg = n if config.vae_parallel else 1
     vae_s = 0.0
     for part in st["vae"]:
         mm, mem = _compute_s(hw, share, part["matmul_flops"] / vae_deg, part["attention_flops"] / vae_deg,
-                             part["memory_bytes"] / vae_deg)
+                             part["memory_bytes"] / vae_deg, part.get("conv_flops"), vae_deg)
         vae_s += mm + mem
     weights = at("parameter_bytes") + sum(e["parameter_bytes"] / tep for e in st["text_encoders"]) \
         + max((p["parameter_bytes"] for p in st["vae"]), default=0)

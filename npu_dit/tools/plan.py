@@ -54,6 +54,9 @@ def add_parser(sub) -> None:
     p.add_argument("--from", dest="from_file", metavar="RESULTS.json", default=None,
                    help="calibrate: measured runs (generate --json, bench seed --json, or {\"measurements\": [...]})")
     p.add_argument("--out", metavar="PROFILE.json", default=None, help="calibrate: write the fitted profile here")
+    p.add_argument("--cpu-seconds", action="store_true",
+                   help="calibrate: fit and check each run's busiest rank's CPU seconds (generate --json reports) instead "
+                        "of its wall times: on a machine other jobs share, the wall time follows their load")
     p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
 
 
@@ -181,14 +184,18 @@ def _calibrate(args: argparse.Namespace) -> int:
         return model_costs(m.model, size=m.size, height=m.height, width=m.width, prompt_len=m.prompt_len,
                            input_images=m.input_images, dtype=DTYPES[m.dtype], use_cache=not args.no_cache, log=log)
 
-    fitted, rows = calibrate.calibrate(hw, fit_on, costs_for)
-    names = list(hw.free[:sum(len(m.stages_s) if m.stages_s else 1 for m in fit_on)])
-    checks = calibrate.check(fitted, held_out, costs_for)
+    if args.cpu_seconds:  # checked before the (slow) captures
+        calibrate.check_cpu_seconds(measurements)
+    fitted, rows = calibrate.calibrate(hw, fit_on, costs_for, cpu_seconds=args.cpu_seconds)
+    names = calibrate.fitted_names(hw, fit_on, cpu_seconds=args.cpu_seconds)
+    checks = calibrate.check(fitted, held_out, costs_for, cpu_seconds=args.cpu_seconds)
     result = {"hardware": hw.name, "fitted": {k: fitted.constants()[k] for k in names},
               "before": {k: hw.constants()[k] for k in names}, "calibration": rows, "validation": checks}
     if args.json:
         print(json.dumps(result, indent=1))
     else:
+        if args.cpu_seconds:
+            print("compared: the busiest rank's CPU seconds")
         print(f"{hw.name}: fitted " + ", ".join(f"{k} {result['before'][k]:.3g} -> {v:.3g}" for k, v in result["fitted"].items()))
         print(calibrate.format_rows("fitted on", rows))
         if checks:
