@@ -131,6 +131,7 @@ def npu_dit_backend(
         inner = CacheController(
             cache_plan, cfg.cache, regions, label=tag,
             group=planes.host_group(parallel.host_group_name) if parallel is not None else None,
+            scalar_inputs=rewritten.meta.get(SCALAR_INPUTS_KEY, ()),
         )
     else:
         inner = compile_inner_lazily(rewritten, cfg.inner_compiler, mode=mode)
@@ -141,6 +142,7 @@ def npu_dit_backend(
         ctx=ctx,
         weights=rewritten.meta.get(TP_META_KEY) if tp_ctx is not None else None,
         host=parallel.host_group_name if parallel is not None else None,
+        inner_reads_scalars=cache_plan is not None,
     )
 
 
