@@ -81,3 +81,22 @@ def test_cfg_parallel_needs_two_processes_per_branch_layout():
     with pytest.raises(ValueError, match="cfg_degree"):
         npu_dit.config.CompileConfig.from_options({"cfg_degree": 3})
     assert not hasattr(pipe, "_npu_dit_parallel")
+
+
+def test_cfg_degree_alone_is_an_error_naming_parallelize():
+    # a backend sees graphs, not the model's calls: the compile option alone cannot pair the two
+    # calls of a step (every rank would compute every call), so it names the public path that does
+    import torch
+
+    from tests.conftest import tiny_model_and_inputs
+    from tests.test_backend import _root_cause
+
+    _, model, inputs = tiny_model_and_inputs("flux")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="npu_dit", dynamic=True, options={"cfg_degree": 2, "ulysses_degree": 2})
+    with pytest.raises(Exception) as info, torch.no_grad():
+        compiled(**inputs)
+    message = str(_root_cause(info.value))
+    assert isinstance(_root_cause(info.value), ValueError), message
+    assert "npu_dit.parallelize(pipe, cfg_parallel=True, ulysses_degree=2)" in message, message
+    assert "--cfg-parallel" in message and "drop cfg_degree" in message
