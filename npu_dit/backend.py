@@ -160,12 +160,14 @@ def _check_calls_paired(cfg: CompileConfig) -> None:
     from npu_dit.runtime.cfg_parallel import pairing_calls
 
     if not pairing_calls():
-        other = ", ".join(f"{k}={v}" for k, v in (("ulysses_degree", cfg.ulysses_degree), ("tp_degree", cfg.tp_degree)) if v > 1)
+        degrees = (("ulysses_degree", cfg.ulysses_degree), ("tp_degree", cfg.tp_degree))
+        other = ", ".join(f"{k}={v}" for k, v in degrees if v > 1)
         raise UserError(
             f"option cfg_degree={cfg.cfg_degree} needs the two true-CFG calls of each step paired, which the "
             f"compiled graph alone cannot do (a torch.compile backend sees graphs, not the model's calls); use "
             f"npu_dit.parallelize(pipe, cfg_parallel=True{', ' + other if other else ''}) (or `npu-dit generate "
-            f"--cfg-parallel`), which compiles the transformer with cfg_degree=2 and pairs its calls, or drop cfg_degree"
+            f"--cfg-parallel`), which compiles the transformer with cfg_degree=2 and pairs its calls, or drop "
+            f"cfg_degree"
         )
 
 

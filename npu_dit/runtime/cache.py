@@ -91,7 +91,7 @@ class CacheController:
         # cached step reads only the front's and the back's, not the middle's
         scalars = frozenset(scalar_inputs)
         self._pick_front, self._pick_middle, self._pick_back = (
-            _picker(plan.front.inputs, scalars), _picker(plan.middle.inputs, scalars), _picker(plan.back.inputs, scalars))
+            _picker(region.inputs, scalars) for region in (plan.front, plan.middle, plan.back))
         # a cached step needs, of the middle's inputs, only the streams its residuals are added to
         self._pick_residual_inputs = _picker([plan.middle.inputs[i] for _, i, _ in plan.residual_pairs], scalars)
         self._scalar_outputs = [i for i, (kind, index) in enumerate(plan.outputs) if kind == "arg" and index in scalars]
@@ -241,7 +241,7 @@ class CacheController:
             StepRecord(position.generation, branch, step, decision.compute, decision.reason, decision.diff, local_diff,
                        thread=threading.get_ident())
         )
-        if self._scalar_outputs:  # a scalar input handed straight back: the number, as the executor gave it before
+        if self._scalar_outputs:  # a scalar input handed straight back: the number, as the executor gave it
             values["arg"] = _read_scalars(list(args), self._scalar_outputs, self.plan.outputs)
         result = self._rebuild_outputs(values)
         self._seconds[0] += 1
@@ -304,7 +304,9 @@ class CacheController:
         return "".join("1" if step in b["computed"] else "0" for step in range(total))
 
 
-def _picker(inputs: Sequence[tuple[str, int]], scalars: frozenset[int] = frozenset()) -> Callable[[dict[str, Any]], list[Any]]:
+def _picker(
+    inputs: Sequence[tuple[str, int]], scalars: frozenset[int] = frozenset()
+) -> Callable[[dict[str, Any]], list[Any]]:
     """`values -> [values[k][i] for k, i in inputs]`, with one `itemgetter` per run of one source; the
     graph arguments in `scalars` (0-d tensors the regions take as numbers) are read with `.item()`."""
     runs = []

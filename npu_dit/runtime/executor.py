@@ -2,8 +2,8 @@
 
 It turns the 0-d scalar inputs the graph now takes as numbers into numbers (`scalar_inputs` pass;
 with the cache the controller does it per region, so a cached step reads only the scalars of the
-regions it runs), and, under Ulysses, shards each input along its inferred token dim (`tensor_split` chunk `rank`),
-refreshes the SymInt inputs that are local lengths, appends the global stream lengths the rewritten
+regions it runs), and, under Ulysses, shards each input along its inferred token dim (`tensor_split`
+chunk `rank`), refreshes the SymInt inputs that are local lengths, appends the global stream lengths the rewritten
 graph asks for, runs the compiled graph, and gathers the outputs along their token dims: one
 all-gather per output into a preallocated buffer (every stream's chunk padded to that stream's
 longest, packed side by side; Gloo cannot all-gather uneven tensors), then trimmed.
