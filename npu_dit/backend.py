@@ -80,6 +80,8 @@ def npu_dit_backend(
             f"torch.compile(mode={mode!r}) only applies to inner_compiler='inductor'; "
             f"drop mode or set options={{'inner_compiler': 'inductor'}}"
         )
+    if cfg.cfg_degree > 1:
+        _check_calls_paired(cfg)
     ctx = tp_ctx = None
     device = _graph_device(example_inputs)  # the group's backend follows the model, not the machine
     if cfg.spatial_degree > 1:  # the VAE: one group over the world, as Ulysses'
@@ -131,6 +133,7 @@ def npu_dit_backend(
         inner = CacheController(
             cache_plan, cfg.cache, regions, label=tag,
             group=planes.host_group(parallel.host_group_name) if parallel is not None else None,
+            scalar_inputs=rewritten.meta.get(SCALAR_INPUTS_KEY, ()),
         )
     else:
         inner = compile_inner_lazily(rewritten, cfg.inner_compiler, mode=mode)
@@ -141,11 +144,31 @@ def npu_dit_backend(
         ctx=ctx,
         weights=rewritten.meta.get(TP_META_KEY) if tp_ctx is not None else None,
         host=parallel.host_group_name if parallel is not None else None,
+        inner_reads_scalars=cache_plan is not None,
     )
 
 
 npu_dit_backend.backend_ctx_ctor = tracing.backend_tracing_context  # type: ignore[attr-defined]
 tracing.install()
+
+
+def _check_calls_paired(cfg: CompileConfig) -> None:
+    """`cfg_degree=2` only under `CFGParallel`: a backend sees captured graphs, never the model's calls,
+    so it cannot pair the prompt's and the negative prompt's calls of a step (they may even be two
+    graphs: Qwen-Image's text length is a constant of the graph, and the two prompts differ in
+    length). Alone, every rank would compute every call: no speed-up, so it is an error."""
+    from npu_dit.runtime.cfg_parallel import pairing_calls
+
+    if not pairing_calls():
+        degrees = (("ulysses_degree", cfg.ulysses_degree), ("tp_degree", cfg.tp_degree))
+        other = ", ".join(f"{k}={v}" for k, v in degrees if v > 1)
+        raise UserError(
+            f"option cfg_degree={cfg.cfg_degree} needs the two true-CFG calls of each step paired, which the "
+            f"compiled graph alone cannot do (a torch.compile backend sees graphs, not the model's calls); use "
+            f"npu_dit.parallelize(pipe, cfg_parallel=True{', ' + other if other else ''}) (or `npu-dit generate "
+            f"--cfg-parallel`), which compiles the transformer with cfg_degree=2 and pairs its calls, or drop "
+            f"cfg_degree"
+        )
 
 
 def _agree_across_ranks(

@@ -12,7 +12,9 @@ it around every call; `fingerprint()` is what the ranks compare before the first
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+from typing import Callable
 
 import torch.fx as fx
 from torch.utils._pytree import tree_unflatten
@@ -115,6 +117,21 @@ class CachePlan:
 def rebuild_outputs(plan: CachePlan, values: dict[str, tuple]) -> object:
     flat = [values[kind][index] if kind != "const" else index for kind, index in plan.outputs]
     return tree_unflatten(flat, plan.output_spec)
+
+
+def output_builder(plan: CachePlan) -> Callable[[dict[str, tuple]], object]:
+    """`rebuild_outputs` for one plan, decided once: a graph's output is nearly always a flat tuple of
+    tensors, which needs no pytree walk per call."""
+    spec = plan.output_spec
+    flat_tuple = spec.type is tuple and all(child.is_leaf() for child in spec.children())
+    if not flat_tuple:
+        return functools.partial(rebuild_outputs, plan)
+    sources = list(plan.outputs)
+
+    def build(values: dict[str, tuple]) -> object:
+        return tuple([values[kind][index] if kind != "const" else index for kind, index in sources])
+
+    return build
 
 
 # --- tensor parallelism ---------------------------------------------------------------------------

@@ -31,8 +31,32 @@ def _change_prompt(pipe, step, timestep, tensors):
     return tensors
 
 
-def generate(model: str, *, true_cfg: bool = True, cache: dict | None = None, change_prompt: bool = False, **options):
-    """The image (float32) of one generation, with what CFG parallelism did and the warnings raised."""
+def _own_loop(pipe, model: str, *, change_at: int) -> torch.Tensor:
+    """A user's own true-CFG sampler on the pipeline's transformer: per step the prompt's call, then the
+    negative prompt's (other text, same latents and timestep); at step `change_at` the latents change
+    between the two calls, so that second call is not the one CFG parallelism predicted. Every output."""
+    from npu_dit.models import get_model
+
+    spec = get_model(model)
+    config = dict(pipe.transformer.config)
+    prompt = spec.example_inputs(config, height=64, width=64, prompt_len=8, seed=0)
+    negative = spec.example_inputs(config, height=64, width=64, prompt_len=8, seed=1)
+    negative = {k: v for k, v in negative.items() if k in ("encoder_hidden_states", "pooled_projections")}
+    latents, outs = prompt["hidden_states"], []
+    for step in range(STEPS):
+        t = torch.tensor([1.0 - step / STEPS])
+        cond = pipe.transformer(**dict(prompt, hidden_states=latents, timestep=t))[0]
+        moved = latents + 0.1 if step == change_at else latents
+        uncond = pipe.transformer(**dict(prompt, **negative, hidden_states=moved, timestep=t))[0]
+        outs += [cond, uncond]
+        latents = latents - 0.1 * (uncond + 2.0 * (cond - uncond))
+    return torch.stack(outs)
+
+
+def generate(model: str, *, true_cfg: bool = True, cache: dict | None = None, change_prompt: bool = False,
+             own_loop_change_at: int | None = None, **options):
+    """The image (float32) of one generation, with what CFG parallelism did and the warnings raised;
+    with `own_loop_change_at`, every output of `_own_loop` in place of the image."""
     import npu_dit
     from npu_dit.backend import RECORDS
     from npu_dit.pipelines import load_pipeline
@@ -41,11 +65,16 @@ def generate(model: str, *, true_cfg: bool = True, cache: dict | None = None, ch
     pipe = load_pipeline(model)
     if options or cache is not None:
         npu_dit.parallelize(pipe, cache=cache, **options)
-    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
-        warnings.simplefilter("always")
-        extra = ({"callback_on_step_end": _change_prompt, "callback_on_step_end_tensor_inputs": ["latents", "prompt_embeds"]}
-                 if change_prompt else {})
-        image = pipe(**case_kwargs(model, true_cfg=true_cfg), **extra).images
+    if own_loop_change_at is not None:
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            image = _own_loop(pipe, model, change_at=own_loop_change_at)
+    else:
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+            warnings.simplefilter("always")
+            extra = ({"callback_on_step_end": _change_prompt, "callback_on_step_end_tensor_inputs": ["latents", "prompt_embeds"]}
+                     if change_prompt else {})
+            image = pipe(**case_kwargs(model, true_cfg=true_cfg), **extra).images
     pairing = getattr(pipe.transformer, "pairing", None)
     result = {
         "image": torch.as_tensor(image).float(),

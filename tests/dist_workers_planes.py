@@ -113,24 +113,41 @@ def fused_under_inductor(rank, world_size):
     return {"out": out, "counts": dict(RECORDS[-1].report.counts), "profiled": profiled}
 
 
-def fp8_calls(rank, world_size, modes=((False,),)):
+def _inner_compiles() -> int:
+    """How many times a graph compiler compiled the live rewritten graphs (0 under eager)."""
+    import gc
+    import warnings
+
+    from npu_dit.runtime.executor import GraphExecutor
+
+    with warnings.catch_warnings():  # gc.get_objects() touches deprecated module attributes
+        warnings.simplefilter("ignore")
+        executors = [o for o in gc.get_objects() if isinstance(o, GraphExecutor)]
+    return sum(getattr(e.compiled, "compiles", 0) for e in executors)
+
+
+def fp8_calls(rank, world_size, modes=((False, "eager"),)):
     """Tiny FLUX with comm_dtype="float8_e4m3fn", sync (Q/K/V packed in one message) and/or async (one
-    message per operand): the output of one call and the bytes each traced collective sent."""
+    message per operand), each mode `(async_ulysses, inner_compiler)`: the output of one call and the
+    bytes each traced collective sent (counted where the helpers run: every call under eager, the
+    trace under Inductor)."""
     from npu_dit.backend import RECORDS
     from npu_dit.runtime import planes
     from tests.conftest import tiny_model_and_inputs
 
     _, model, inputs = tiny_model_and_inputs("flux")
     results = {}
-    for (async_ulysses,) in modes:
+    for async_ulysses, inner in modes:
         compiled = torch.compile(model, backend="npu_dit", dynamic=True, options={
-            "ulysses_degree": world_size, "async_ulysses": async_ulysses, "comm_dtype": "float8_e4m3fn"})
+            "ulysses_degree": world_size, "async_ulysses": async_ulysses, "comm_dtype": "float8_e4m3fn",
+            "inner_compiler": inner})
         with torch.no_grad():
             compiled(**dict(inputs, timestep=torch.tensor([1.0])))
             planes.reset_counts()
             out = compiled(**dict(inputs, timestep=torch.tensor([1.0])))[0]
-        results["async" if async_ulysses else "sync"] = {
+        name = ("async" if async_ulysses else "sync") + ("" if inner == "eager" else f"+{inner}")
+        results[name] = {
             "out": out, "sent": planes.sent_bytes(), "calls": planes.counts("data"),
-            "counts": dict(RECORDS[-1].report.counts)}
+            "counts": dict(RECORDS[-1].report.counts), "inner_compiles": _inner_compiles()}
         torch._dynamo.reset()
     return results

@@ -16,7 +16,7 @@ def _references(cases):
     """The one-process image of each case: the plain pipeline (with the cache: parallelize on one process)."""
     out = {}
     for name, model, kw in cases:
-        reference = {k: v for k, v in kw.items() if k in ("true_cfg", "cache", "change_prompt")}
+        reference = {k: v for k, v in kw.items() if k in ("true_cfg", "cache", "change_prompt", "own_loop_change_at")}
         out[name] = generate(model, **reference)
     return out
 
@@ -31,6 +31,11 @@ def _check(records, references, cases, *, paired_steps):
             if kw.get("change_prompt"):  # learnt at step 0, paired at step 1; step 2 no longer fits: serial, one warning
                 assert got["parallel_steps"] == 1 and len(got["warnings"]) == 1, (name, rank, got)
                 assert "text inputs are not those" in got["warnings"][0]
+            elif kw.get("own_loop_change_at") is not None:
+                # paired from step 1 on; the second call of the changed step was not the predicted one:
+                # computed by the negative branch after the first, one warning, every output exact
+                assert got["parallel_steps"] == paired_steps and len(got["warnings"]) == 1, (name, rank, got)
+                assert "second call of a step was not the predicted one" in got["warnings"][0]
             elif kw.get("true_cfg", True):
                 # the first step learns the pattern (serial); every later step ran both branches at once
                 assert got["parallel_steps"] == paired_steps, (name, rank, got)
@@ -48,6 +53,8 @@ def test_cfg_2_on_two_ranks_equals_one_process(tmp_path):
         ("edit+cache", "qwen-image-edit", {"cfg_parallel": True, "cache": CACHE}),
         ("flux, one call per step", "flux.1-dev", {"cfg_parallel": True, "true_cfg": False}),
         ("flux, prompt changed after step 1", "flux.1-dev", {"cfg_parallel": True, "change_prompt": True}),
+        ("flux, own loop, latents changed between the calls of step 2", "flux.1-dev",
+         {"cfg_parallel": True, "own_loop_change_at": 2}),
     ]
     references = _references(cases)
     records = run_ranks(cfg_cases, 2, tmp_path, timeout=900, group_timeout=300, cases=cases)
@@ -58,10 +65,11 @@ def test_cfg_2_on_two_ranks_equals_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_cfg_2_times_ulysses_2_on_four_ranks_equals_one_process(tmp_path):
+def test_cfg_2_times_ulysses_2_or_tp_2_on_four_ranks_equals_one_process(tmp_path):
     cases = [
         ("edit", "qwen-image-edit", {"cfg_parallel": True, "async_ulysses": True}),
         ("flux", "flux.1-dev", {"cfg_parallel": True}),
+        ("edit, TP-2", "qwen-image-edit", {"cfg_parallel": True, "tp_degree": 2}),  # CFG-2 x TP-2
     ]
     references = _references(cases)
     records = run_ranks(cfg_cases, 4, tmp_path, timeout=900, group_timeout=300, cases=cases)
@@ -81,3 +89,22 @@ def test_cfg_parallel_needs_two_processes_per_branch_layout():
     with pytest.raises(ValueError, match="cfg_degree"):
         npu_dit.config.CompileConfig.from_options({"cfg_degree": 3})
     assert not hasattr(pipe, "_npu_dit_parallel")
+
+
+def test_cfg_degree_alone_is_an_error_naming_parallelize():
+    # a backend sees graphs, not the model's calls: the compile option alone cannot pair the two
+    # calls of a step (every rank would compute every call), so it names the public path that does
+    import torch
+
+    from tests.conftest import tiny_model_and_inputs
+    from tests.test_backend import _root_cause
+
+    _, model, inputs = tiny_model_and_inputs("flux")
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="npu_dit", dynamic=True, options={"cfg_degree": 2, "ulysses_degree": 2})
+    with pytest.raises(Exception) as info, torch.no_grad():
+        compiled(**inputs)
+    message = str(_root_cause(info.value))
+    assert isinstance(_root_cause(info.value), ValueError), message
+    assert "npu_dit.parallelize(pipe, cfg_parallel=True, ulysses_degree=2)" in message, message
+    assert "--cfg-parallel" in message and "drop cfg_degree" in message

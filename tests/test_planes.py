@@ -88,6 +88,10 @@ def test_shape_agreement_exchanges_only_for_new_signatures(monkeypatch):
     agree([weight, torch.ones(2, 6), 6, 0.5])
     agree([weight, torch.ones(2, 6), 6, 0.5])
     assert len(sent) == 2 and agree.exchanges == 2
+    # the executor's scalar inputs (0-d tensors Dynamo makes of float attributes) are numbers, no shape
+    scalars = agreement.ShapeAgreement(exclude=(1,))
+    scalars([x, torch.tensor(1e-6, dtype=torch.float64), 5])
+    assert scalars.data_positions == (0, 2) and "float64" not in sent[-1], (scalars.data_positions, sent[-1])
 
 
 def test_a_tensor_on_another_device_than_its_group_is_an_error():

@@ -5,6 +5,8 @@ public call; after one real generation the compiled graph (or, with the cache, e
 regions) is replaced by a no-op that returns the outputs it returned then, so what is left to time is
 the plumbing around it: Dynamo's guard check and frame, the executor (scalar inputs, shape agreement
 on a new signature only) and the cache controller (step tracking, the decision, residual bookkeeping).
+The executor and controller layers are also timed per computed and per cached step, and in this
+thread's CPU time (less moved than the wall time by other jobs on a shared machine).
 
     PYTHONPATH=. python tools/bench_host_overhead.py [--steps 28] [--generations 20]
 """
@@ -87,17 +89,30 @@ def measure(cache: bool, steps: int, generations: int) -> dict[str, float]:
         generation()
         executor.__class__, executor.compiled = Recording.__mro__[1], inner
         layers = {"executor": (executor, executor_args), "controller": (inner, controller_args)}
+        pattern = controller.pattern() if cache else "1" * steps
+        by_kind, cpu = {}, {}
         for name, (fn, recorded) in layers.items():
-            times = []
+            # wall time, and this thread's CPU time (on a shared machine the wall time also counts
+            # the time other processes held the core)
+            times, cpu_times, kinds = [], [], {"1": [], "0": []}  # kinds: computed ("1") and cached ("0") steps
             for _ in range(generations):
-                start = time.perf_counter()
-                for args in recorded:
+                per_kind = {"1": 0.0, "0": 0.0}
+                start, cpu_start = time.perf_counter(), time.thread_time()
+                for args, kind in zip(recorded, pattern):
+                    t = time.perf_counter()
                     fn(*args)
+                    per_kind[kind] += time.perf_counter() - t
                 times.append((time.perf_counter() - start) / len(recorded))
-            result_layer = statistics.median(times) * 1e6
-            layers[name] = result_layer
+                cpu_times.append((time.thread_time() - cpu_start) / len(recorded))
+                for kind, seconds in per_kind.items():
+                    if pattern.count(kind):
+                        kinds[kind].append(seconds / pattern.count(kind))
+            layers[name] = statistics.median(times) * 1e6
+            cpu[name] = statistics.median(cpu_times) * 1e6
+            by_kind[name] = {kind: statistics.median(v) * 1e6 for kind, v in kinds.items() if v}
     result = {"us_per_call_median": statistics.median(per_call) * 1e6, "us_per_call_min": min(per_call) * 1e6,
-              "executor_us": layers["executor"], "controller_us": layers["controller"]}
+              "executor_us": layers["executor"], "controller_us": layers["controller"], "by_kind": by_kind,
+              "cpu_us": cpu}
     if cache:
         result["controller_outside_regions_us"] = controller.overhead()["seconds_per_call"] * 1e6
         result["pattern"] = controller.pattern()
@@ -116,8 +131,10 @@ def main() -> None:
     print(f"cache F1B0, pattern {r['pattern']}, us per call (median over {args.generations} generations):")
     print(f"  whole compiled call (Dynamo's frame and guards, the model's eager wrapper, executor, controller): "
           f"{r['us_per_call_median']:.0f} (min {r['us_per_call_min']:.0f})")
-    print(f"  executor + controller: {r['executor_us']:.0f}")
-    print(f"  controller alone: {r['controller_us']:.0f}")
+    for name, label in (("executor", "executor + controller"), ("controller", "controller alone")):
+        kinds = r["by_kind"][name]
+        print(f"  {label}: {r[name + '_us']:.0f} (computed steps {kinds.get('1', 0):.0f}, cached steps "
+              f"{kinds.get('0', 0):.0f}; CPU time {r['cpu_us'][name]:.0f})")
 
 
 if __name__ == "__main__":

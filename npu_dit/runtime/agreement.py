@@ -42,20 +42,24 @@ def exchange(kind: int, what: str, *, graph: str = "", fell_back: bool = False, 
 class ShapeAgreement:
     """Per executor: the ranks compare a call's global input shapes when its signature is new.
 
-    Parameters are left out (Dynamo guards them, and FLUX.1-dev has ~1,000): the positions of the
-    other arguments are found on the first call and the signature is built from those alone, as a
-    tuple compared with the last agreed one — no string, no hash, no collective in the steady state.
+    Parameters are left out (Dynamo guards them, and FLUX.1-dev has ~1,000), and so are the `exclude`
+    positions (the 0-d tensors Dynamo makes of float attributes, every norm's eps: numbers, no
+    shape): the positions of the other arguments are found on the first call and the signature is
+    built from those alone, as a tuple compared with the last agreed one — no string, no hash, no
+    collective in the steady state.
     """
 
-    def __init__(self, host: str | None = None) -> None:
+    def __init__(self, host: str | None = None, *, exclude: Sequence[int] = ()) -> None:
         self.host = host
+        self.exclude = frozenset(exclude)
         self.data_positions: tuple[int, ...] | None = None
         self.agreed: tuple | None = None
         self.exchanges = 0
 
     def __call__(self, args: Sequence[Any]) -> None:
         if self.data_positions is None:
-            self.data_positions = tuple(i for i, a in enumerate(args) if not isinstance(a, torch.nn.Parameter))
+            self.data_positions = tuple(
+                i for i, a in enumerate(args) if not isinstance(a, torch.nn.Parameter) and i not in self.exclude)
         signature = tuple(_part(args[i]) for i in self.data_positions)
         if signature == self.agreed:
             return

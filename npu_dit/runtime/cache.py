@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from npu_dit.config import CacheConfig
-from npu_dit.plans import CachePlan, rebuild_outputs
+from npu_dit.plans import CachePlan, output_builder
 from npu_dit.runtime.cache_policy import DBCachePolicy, Decision, TaylorSeer
 from npu_dit.runtime.cache_steps import StepTracker
 from npu_dit.runtime import planes
@@ -43,6 +43,7 @@ RECORDS_KEPT = 4096  # bounded: a long-running server must not grow without limi
 class BranchState:
     policy: DBCachePolicy
     residual_prev: torch.Tensor | None = None  # R of the last computed step
+    residual_prev_abs_sum: float | None = None  # sum|R_prev|, read with the first diff after it is stored
     stored: dict[int, torch.Tensor] = dataclasses.field(default_factory=dict)  # middle residuals
     taylor: dict[int, TaylorSeer] = dataclasses.field(default_factory=dict)
 
@@ -79,14 +80,22 @@ class CacheController:
         *,
         group: Any = None,  # the host group for the decision all-reduce (None: single process)
         label: str = "",
+        scalar_inputs: Sequence[int] = (),  # graph inputs that are 0-d tensors the regions take as numbers
     ) -> None:
         self.plan = plan
         self.cfg = cfg
         self.front, self.middle, self.back = regions
         # each region's arguments picked from the call's values with one itemgetter per run of the
-        # same source (a thousand parameters per region: a Python loop over them cost ~0.1 ms a call)
+        # same source (a thousand parameters per region: a Python loop over them cost ~0.1 ms a call);
+        # the scalar inputs (every norm's eps: 327 in FLUX.1-dev's 57 blocks) are read per region, so a
+        # cached step reads only the front's and the back's, not the middle's
+        scalars = frozenset(scalar_inputs)
         self._pick_front, self._pick_middle, self._pick_back = (
-            _picker(plan.front.inputs), _picker(plan.middle.inputs), _picker(plan.back.inputs))
+            _picker(region.inputs, scalars) for region in (plan.front, plan.middle, plan.back))
+        # a cached step needs, of the middle's inputs, only the streams its residuals are added to
+        self._pick_residual_inputs = _picker([plan.middle.inputs[i] for _, i, _ in plan.residual_pairs], scalars)
+        self._scalar_outputs = [i for i, (kind, index) in enumerate(plan.outputs) if kind == "arg" and index in scalars]
+        self._rebuild_outputs = output_builder(plan)
         self.group = group
         self.label = label
         self.records: collections.deque[StepRecord] = collections.deque(maxlen=RECORDS_KEPT)
@@ -107,6 +116,9 @@ class CacheController:
         # each thread runs its own generations on the shared compiled regions: its own clock and
         # residuals, so two threads never read each other's state
         ident = threading.get_ident()
+        state = self._threads.get(ident)  # a dict read is atomic: the lock only guards the insertion
+        if state is not None:
+            return state
         with self._lock:
             if ident not in self._threads:
                 tracker = StepTracker(separate_cfg=self.cfg.separate_cfg, num_steps=self.cfg.num_inference_steps)
@@ -159,7 +171,7 @@ class CacheController:
                 f"generation; call npu_dit.reset_cache() before changing the input shapes"
             )
         have_prev = previous is not None
-        diff_stats = _diff_stats(previous, residual) if have_prev and pre is None else [0.0, 0.0, 0.0]
+        diff_stats = _diff_stats(state, residual) if have_prev and pre is None else [0.0, 0.0, 0.0]
         local_diff = _ratio(diff_stats) if have_prev and pre is None else None
         if self.group is None:
             if pre is not None:
@@ -191,17 +203,17 @@ class CacheController:
             thread.states = {}
         branch, step = position.branch, position.step
         state = thread.state(branch, self.cfg)
-        middle_in = self._pick_middle(values)
         residual = values["front"][self.plan.image_fn] - values["front"][self.plan.image_in]
         decision, local_diff = self._decide(state, step, residual)
         state.policy.record(decision)
         if decision.compute:
+            middle_in = self._pick_middle(values)
             # contiguous: cached steps hand the back region fresh tensors, and a graph compiler's
             # region is specialised to its inputs' strides
             t = time.perf_counter()
             values["middle"] = tuple(v.contiguous() if isinstance(v, torch.Tensor) else v for v in self.middle(*middle_in))
             inside += time.perf_counter() - t
-            state.residual_prev = residual
+            state.residual_prev, state.residual_prev_abs_sum = residual, None
             for out_pos, in_pos, _ in self.plan.residual_pairs:
                 delta = values["middle"][out_pos] - middle_in[in_pos]
                 if self.cfg.taylorseer_order > 0:
@@ -210,16 +222,17 @@ class CacheController:
                     state.stored[out_pos] = delta
         else:
             outs: list[Any] = [None] * len(self.plan.residual_pairs)
-            for out_pos, in_pos, stream in self.plan.residual_pairs:
+            streams_in = self._pick_residual_inputs(values)
+            for (out_pos, _, stream), stream_in in zip(self.plan.residual_pairs, streams_in):
                 delta = state.taylor[out_pos].predict(step) if self.cfg.taylorseer_order > 0 else state.stored[out_pos]
-                if delta.shape != middle_in[in_pos].shape:
+                if delta.shape != stream_in.shape:
                     raise ValueError(
                         f"npu_dit cache: the stored {stream}-stream residual has shape {tuple(delta.shape)} but "
-                        f"this call's {stream} stream is {tuple(middle_in[in_pos].shape)} (branch {branch}, step "
+                        f"this call's {stream} stream is {tuple(stream_in.shape)} (branch {branch}, step "
                         f"{step}). Calls sharing cache state must have the same shapes: with true CFG and "
                         f"prompts of different lengths use separate_cfg=True (or pad the prompts alike)"
                     )
-                outs[out_pos] = middle_in[in_pos] + delta
+                outs[out_pos] = stream_in + delta
             values["middle"] = tuple(outs)
         t = time.perf_counter()
         values["back"] = self.back(*self._pick_back(values))
@@ -228,7 +241,9 @@ class CacheController:
             StepRecord(position.generation, branch, step, decision.compute, decision.reason, decision.diff, local_diff,
                        thread=threading.get_ident())
         )
-        result = rebuild_outputs(self.plan, values)
+        if self._scalar_outputs:  # a scalar input handed straight back: the number, as the executor gave it
+            values["arg"] = _read_scalars(list(args), self._scalar_outputs, self.plan.outputs)
+        result = self._rebuild_outputs(values)
         self._seconds[0] += 1
         self._seconds[1] += time.perf_counter() - start
         self._seconds[2] += inside
@@ -289,36 +304,58 @@ class CacheController:
         return "".join("1" if step in b["computed"] else "0" for step in range(total))
 
 
-def _picker(inputs: Sequence[tuple[str, int]]) -> Callable[[dict[str, Any]], list[Any]]:
-    """`values -> [values[k][i] for k, i in inputs]`, with one `itemgetter` per run of one source."""
+def _picker(
+    inputs: Sequence[tuple[str, int]], scalars: frozenset[int] = frozenset()
+) -> Callable[[dict[str, Any]], list[Any]]:
+    """`values -> [values[k][i] for k, i in inputs]`, with one `itemgetter` per run of one source; the
+    graph arguments in `scalars` (0-d tensors the regions take as numbers) are read with `.item()`."""
     runs = []
     for key, group in itertools.groupby(inputs, key=operator.itemgetter(0)):
         indices = [i for _, i in group]
         runs.append((key, operator.itemgetter(*indices), len(indices) == 1))
     single = len(runs) == 1 and not runs[0][2]
+    reads = [p for p, (key, i) in enumerate(inputs) if key == "arg" and i in scalars]
+    item = torch.Tensor.item
 
     def pick(values: dict[str, Any]) -> list[Any]:
         if single:
             key, get, _ = runs[0]
-            return list(get(values[key]))
-        out: list[Any] = []
-        for key, get, one in runs:
-            if one:
-                out.append(get(values[key]))
-            else:
-                out.extend(get(values[key]))
+            out = list(get(values[key]))
+        else:
+            out = []
+            for key, get, one in runs:
+                if one:
+                    out.append(get(values[key]))
+                else:
+                    out.extend(get(values[key]))
+        for p in reads:
+            out[p] = item(out[p])
         return out
 
     return pick
 
 
-def _diff_stats(previous: torch.Tensor, current: torch.Tensor) -> list[float]:
+def _read_scalars(args: list[Any], positions: Sequence[int], outputs: Sequence[tuple[str, int]]) -> list[Any]:
+    for p in positions:
+        index = outputs[p][1]
+        if isinstance(args[index], torch.Tensor):
+            args[index] = args[index].item()
+    return args
+
+
+def _diff_stats(state: BranchState, current: torch.Tensor) -> list[float]:
     """sum|R_prev - R|, sum|R_prev|, count: summed over ranks they give the exact global means."""
-    # the two sums come to the host in one copy (the step's one sync), as Python floats (float64); the
-    # count is known on the host (a device tensor made from it would be one more host-to-device copy,
-    # and float32 rounds it above 2**24)
-    sum_diff, sum_prev = torch.stack([(previous - current).abs().sum(), previous.abs().sum()]).tolist()
-    return [sum_diff, sum_prev, float(previous.numel())]
+    # the sums come to the host in one copy (the step's one sync), as Python floats (float64);
+    # sum|R_prev| is the same until the next computed step, so it is read once, with the first diff
+    # after it; the count is known on the host (a device tensor made from it would be one more
+    # host-to-device copy, and float32 rounds it above 2**24)
+    previous = state.residual_prev
+    sum_diff = torch.sub(previous, current).abs_().sum()
+    if state.residual_prev_abs_sum is None:
+        sum_diff, state.residual_prev_abs_sum = torch.stack([sum_diff, previous.abs().sum()]).tolist()
+    else:
+        sum_diff = sum_diff.item()
+    return [sum_diff, state.residual_prev_abs_sum, float(previous.numel())]
 
 
 def _ratio(stats: Sequence[float]) -> float:

@@ -36,6 +36,7 @@ graphs' collectives, shape agreement and cache decisions stay inside their branc
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import Any, Callable
 
@@ -46,6 +47,13 @@ from npu_dit.errors import warn_user
 from npu_dit.runtime import planes
 
 EXCHANGE, BROADCAST = "cfg exchange", "cfg broadcast"
+_CALLS = threading.local()  # depth of CFGParallel calls in this thread
+
+
+def pairing_calls() -> bool:
+    """Whether this thread is inside a `CFGParallel` call: a graph compiled now with `cfg_degree=2`
+    has its calls paired (the backend refuses `cfg_degree=2` anywhere else)."""
+    return getattr(_CALLS, "depth", 0) > 0
 
 
 def _snapshot(leaves: list[Any]) -> list[tuple[Any, int | None]]:
@@ -255,4 +263,8 @@ class CFGParallel(torch.nn.Module):
 
             device = next((x.device for x in pytree.tree_leaves((args, kwargs)) if isinstance(x, torch.Tensor)), None)
             self._pairing = CFGPairing(ensure_cfg(*self._degrees, device=device), self.module)
-        return self._pairing(args, kwargs)
+        _CALLS.depth = getattr(_CALLS, "depth", 0) + 1
+        try:
+            return self._pairing(args, kwargs)
+        finally:
+            _CALLS.depth -= 1

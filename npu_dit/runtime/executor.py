@@ -1,8 +1,9 @@
 """The executor: what runs on every rank, every step, around the rewritten graph.
 
-It turns the 0-d scalar inputs the graph now takes as numbers into numbers (`scalar_inputs` pass),
-and, under Ulysses, shards each input along its inferred token dim (`tensor_split` chunk `rank`),
-refreshes the SymInt inputs that are local lengths, appends the global stream lengths the rewritten
+It turns the 0-d scalar inputs the graph now takes as numbers into numbers (`scalar_inputs` pass;
+with the cache the controller does it per region, so a cached step reads only the scalars of the
+regions it runs), and, under Ulysses, shards each input along its inferred token dim (`tensor_split`
+chunk `rank`), refreshes the SymInt inputs that are local lengths, appends the global stream lengths the rewritten
 graph asks for, runs the compiled graph, and gathers the outputs along their token dims: one
 all-gather per output into a preallocated buffer (every stream's chunk padded to that stream's
 longest, packed side by side; Gloo cannot all-gather uneven tensors), then trimmed.
@@ -43,13 +44,15 @@ class GraphExecutor:
         ctx: ParallelContext | None = None,
         weights: TensorParallelPlan | None = None,
         host: str | None = None,
+        inner_reads_scalars: bool = False,  # `compiled` is a cache controller: it reads them per region
     ) -> None:
         self.compiled = compiled
-        self.scalar_inputs = tuple(scalar_inputs)
+        self.scalar_inputs = () if inner_reads_scalars else tuple(scalar_inputs)
         self.plan = plan
         self.ctx = ctx
         self.feed_weights = WeightFeeder(weights) if weights is not None and weights.shards else None
-        self.agree = ShapeAgreement(host)  # this graph's ranks: the world, or a CFG branch
+        # this graph's ranks (the world, or a CFG branch); the scalar inputs are numbers, no shape
+        self.agree = ShapeAgreement(host, exclude=scalar_inputs)
 
     def __call__(self, *args: Any) -> Any:
         parallel = self.plan is not None or self.feed_weights is not None
@@ -61,8 +64,9 @@ class GraphExecutor:
             args = self.feed_weights(args)
         if self.scalar_inputs:
             args = list(args)
+            item = torch.Tensor.item
             for index in self.scalar_inputs:
-                args[index] = args[index].item()
+                args[index] = item(args[index])
         if not parallel:
             return self.compiled(*args)
         try:
