@@ -145,8 +145,9 @@ class _Rewriter:
 def refresh_tp_shapes(gm: fx.GraphModule, shards: list[WeightShard], world: int,
                       rewriter: "_Rewriter | None" = None) -> None:
     """Every node's meta["val"] becomes this rank's value: the sharded parameters get local shapes;
-    a node the rewrite left as it was gets its old value with its split dim (the feature plan's
-    placement) at the local size, the rest is fake-run (`fake_prop.refresh`). Tensor parallelism
+    every node of the graph before the rewrite (re-wired or not) gets its old value with its split
+    dim (the feature plan's placement) at the local size, inserted calls that restore an old value
+    take it, `feature_block` has a shape rule, anything else is fake-run (`fake_prop.refresh`). Tensor parallelism
     changes static feature sizes only, so this stays in Dynamo's own ShapeEnv: its symbols and the
     facts it proved about them (which token lengths are equal) stay valid for the passes after this
     one (Ulysses' token analysis)."""
