@@ -41,6 +41,38 @@ def test_substituted_shapes_equal_a_full_propagation(key, tiny_capture, monkeypa
     assert meta_mismatches(gm) == []
 
 
+def _sliced_replicated_inputs(key):
+    """Graphs where the TP rewrite slices a replicated input to this rank's heads (`feature_block`):
+    K/V heads repeated by SDPA itself, K/V heads too few to divide, T5's per-head position bias."""
+    from npu_dit.models.text_encoders import TEXT_ENCODERS, build_text_encoder
+    from npu_dit.tools.capture import capture_graph
+    from tests.synthetic import GroupedQueryAttention
+
+    if key == "gqa-sdpa":
+        return capture_graph(GroupedQueryAttention(), {"x": torch.randn(2, 5, 32)}, dynamic=True), 2
+    spec = TEXT_ENCODERS[key]
+    config = spec.config("tiny")
+    world = 4 if key == "qwen2.5-vl-7b-lm" else 2  # 2 K/V heads on 4 ranks: replicated, then sliced
+    return capture_graph(build_text_encoder(spec, config), spec.example_inputs(config, 1, 6), dynamic=True), world
+
+
+@pytest.mark.parametrize("key", ["gqa-sdpa", "qwen2.5-vl-7b-lm", "t5-v1.1-xxl"])
+def test_tp_slices_of_replicated_inputs_equal_a_full_propagation(key, monkeypatch):
+    """Strict mode on the TP rewrite's other inserted calls: the sliced K/V heads or bias (a shape
+    rule) and the repeat before it (run), every other node by substitution."""
+    from npu_dit.passes.analysis.fake_prop import meta_mismatches
+    from npu_dit.passes.tensor_parallel import tensor_parallel_pass
+    from npu_dit.runtime.collectives import feature_block
+    from npu_dit.runtime.dist import inspection_context
+
+    monkeypatch.setenv("NPU_DIT_LINT", "1")
+    cap, world = _sliced_replicated_inputs(key)
+    tp = functools.partial(tensor_parallel_pass, ctx=inspection_context(world, world - 1), release_weights=False)
+    gm = _rewrite(cap, [("tensor_parallel", tp)])
+    assert any(n.target is feature_block for n in gm.graph.nodes)
+    assert meta_mismatches(gm) == []
+
+
 def _checked_runs(rank, world_size, cases):
     import os
     import warnings

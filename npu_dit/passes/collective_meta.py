@@ -15,6 +15,7 @@ import torch
 from npu_dit.passes.analysis.attention_ops import SDPA_TARGETS
 from npu_dit.runtime import collectives as C
 from npu_dit.runtime import spatial_ops as S
+from npu_dit.plans import feature_blocks
 
 
 def _move_to_front(shape: Sequence[Any], first: int, second: int) -> list[Any]:
@@ -114,6 +115,16 @@ RULES: dict[Any, Any] = {
     C.localize: localize,
     **{target: attention for target in SDPA_TARGETS},
 }
+
+
+# --- tensor parallelism: the one inserted helper whose value is not an old node's ----------------
+
+
+def feature_block(x, dim, segs, world, rank):
+    return _set(x.shape, dim, sum(length for _, length in feature_blocks(tuple(segs), world, rank))), x.dtype, x.device
+
+
+TP_RULES: dict[Any, Any] = {C.feature_block: feature_block}
 
 
 # --- spatial parallelism (runtime/spatial_ops.py): the helpers that dominate a VAE's refresh ------

@@ -63,16 +63,25 @@ class _Rewriter:
         self.index = _placeholder_index(gm)
         self.shards: dict[fx.Node, WeightShard] = {}
         self.counts: dict[str, int] = {}
-        # what each node was called with: untouched nodes get their shapes by substitution
-        self.original_args = {n: (n.args, n.kwargs) for n in gm.graph.nodes}
+        # the nodes of the graph before the rewrite: each gets its new shape by substitution (its old
+        # value, its placement's dim at the local size), re-wired or not
+        self.original = set(gm.graph.nodes)
+        # inserted nodes whose value is the old value of an original node (the full output a row
+        # linear's all-reduce and bias add restore, a gathered column output)
+        self.same_as: set[fx.Node] = set()
 
     def bump(self, key: str) -> None:
         self.counts[key] = self.counts.get(key, 0) + 1
 
-    def call(self, fn: Any, args: tuple, like: fx.Node) -> fx.Node:
+    def call(self, fn: Any, args: tuple, like: fx.Node, *, same_as: Any = None) -> fx.Node:
+        """An inserted call; `same_as`: its value is that (pre-rewrite) value of an original node,
+        which the refresh substitutes like any untouched node's."""
         node = self.graph.call_function(fn, args)
         if "nn_module_stack" in like.meta:
             node.meta["nn_module_stack"] = like.meta["nn_module_stack"]
+        if same_as is not None:
+            node.meta["val"] = same_as
+            self.same_as.add(node)
         return node
 
     def shard_param(self, param: fx.Node, dim: int, segs: tuple[int, ...], module: str, what: str) -> None:
@@ -92,7 +101,8 @@ class _Rewriter:
                 self.bump(f"{p.kind}_linear")
                 if p.kind == "gather":
                     with self.graph.inserting_after(node):
-                        gathered = self.call(C.tp_all_gather_last, (node, self.world, self.ctx.group_name), node)
+                        gathered = self.call(C.tp_all_gather_last, (node, self.world, self.ctx.group_name), node,
+                                             same_as=node.meta.get("val"))
                     node.replace_all_uses_with(gathered, delete_user_cb=lambda u: u is not gathered)
                     self.bump("all_gather")
             elif p.kind == "row":
@@ -100,12 +110,13 @@ class _Rewriter:
                 self.bump("row_linear")
                 node.args = (node.args[0], p.weight)
                 node.kwargs = {}
+                full = node.meta.get("val")  # the linear's output before the rewrite
                 with self.graph.inserting_after(node):
-                    reduced = self.call(C.tp_all_reduce, (node, self.ctx.group_name), node)
+                    reduced = self.call(C.tp_all_reduce, (node, self.ctx.group_name), node, same_as=full)
                 out = reduced
                 if p.bias is not None:
                     with self.graph.inserting_after(reduced):
-                        out = self.call(torch.add, (reduced, p.bias), node)
+                        out = self.call(torch.add, (reduced, p.bias), node, same_as=full)
                 node.replace_all_uses_with(out, delete_user_cb=lambda u: u is not reduced)
                 self.bump("all_reduce")
         for node, (dim, size) in self.plan.resize.items():
@@ -134,8 +145,9 @@ class _Rewriter:
 def refresh_tp_shapes(gm: fx.GraphModule, shards: list[WeightShard], world: int,
                       rewriter: "_Rewriter | None" = None) -> None:
     """Every node's meta["val"] becomes this rank's value: the sharded parameters get local shapes;
-    a node the rewrite left as it was gets its old value with its split dim (the feature plan's
-    placement) at the local size, the rest is fake-run (`fake_prop.refresh`). Tensor parallelism
+    every node of the graph before the rewrite (re-wired or not) gets its old value with its split
+    dim (the feature plan's placement) at the local size, inserted calls that restore an old value
+    take it, `feature_block` has a shape rule, anything else is fake-run (`fake_prop.refresh`). Tensor parallelism
     changes static feature sizes only, so this stays in Dynamo's own ShapeEnv: its symbols and the
     facts it proved about them (which token lengths are equal) stay valid for the passes after this
     one (Ulysses' token analysis)."""
@@ -145,27 +157,37 @@ def refresh_tp_shapes(gm: fx.GraphModule, shards: list[WeightShard], world: int,
     from torch.utils._pytree import tree_leaves
 
     from npu_dit.passes.analysis.fake_prop import Resize, refresh, repropagate
+    from npu_dit.passes.collective_meta import TP_RULES
 
     by_index = {s.index: s for s in shards}
     mode = graph_fake_mode(gm)
     values = []
+    local_weights: dict[tuple, torch.Tensor] = {}  # shards of one shape share one fake value (read only)
     for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
         value = node_value(node)
         shard = by_index.get(i)
         if shard is not None:
             sizes = list(value.shape)
             sizes[shard.dim] = sum(shard.segs) // world
-            with mode:
-                value = torch.empty(sizes, dtype=value.dtype, device=value.device)
+            key = (tuple(sizes), value.dtype, value.device)
+            if key not in local_weights:
+                with mode:
+                    local_weights[key] = torch.empty(sizes, dtype=value.dtype, device=value.device)
+            value = local_weights[key]
         values.append(value)
     if rewriter is None or os.environ.get("NPU_DIT_FULL_REFRESH") == "1":
         repropagate(gm, values)
         return
     placements = rewriter.plan.placements
 
-    def rename(node: fx.Node) -> Any:
-        original = rewriter.original_args.get(node)
-        if original is None or original[0] is not node.args or original[1] is not node.kwargs:
+    def rename(node: fx.Node) -> Resize | None:
+        """Every node of the graph before the rewrite, re-wired or not, computes its placement's
+        local piece of what it computed before (the plan's rules proved that; a re-wired input has
+        the value its old one had, or the block of it the plan's placement gives): its old value
+        with the split dim at the local size. Inserted nodes that restore an old value take it."""
+        if node in rewriter.same_as:
+            return Resize({}, [{}])
+        if node not in rewriter.original:
             return None
         linear = rewriter.plan.linears.get(node)
         if linear is not None and linear.kind == "gather":  # column-split, gathered after it
@@ -178,17 +200,17 @@ def refresh_tp_shapes(gm: fx.GraphModule, shards: list[WeightShard], world: int,
             return None
         return Resize({}, [{} if p is None else {p.dim: p.size // world} for p in outputs])
 
-    refresh(gm, values, None, rename, mode=mode)
+    refresh(gm, values, None, rename, TP_RULES, mode=mode)
 
 
 def tensor_parallel_pass(gm: fx.GraphModule, *, ctx: ParallelContext, release_weights: bool = True) -> PassResult:
     plan = feature_plan(gm, ctx.world_size)
-    placements = [(p.module, p.kind, p.reason) for p in sorted(
-        plan.linears.values(), key=lambda p: _order(gm)[p.node])]
+    order = _order(gm)
+    placements = [(p.module, p.kind, p.reason) for p in sorted(plan.linears.values(), key=lambda p: order[p.node])]
     rewriter = _Rewriter(gm, plan, ctx)
     rewriter.run()
     shards = sorted(rewriter.shards.values(), key=lambda s: s.index)
-    params = [n for n in gm.graph.nodes if n.op == "placeholder" and n in _params(gm)]
+    params = _params(gm)
     total = sum(_tensor_bytes(node_value(n)) for n in params)
     sharded = sum(_tensor_bytes(node_value(n)) for n in rewriter.shards)
     local = total - sharded + sum(_tensor_bytes(node_value(n)) // ctx.world_size for n in rewriter.shards)

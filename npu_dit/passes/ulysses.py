@@ -113,6 +113,7 @@ class _Rewriter:
         self.cache: dict[tuple, fx.Node] = {}
         self.setup_end: fx.Node | None = None
         self.stack: dict | None = None  # nn_module_stack given to inserted nodes
+        self.empties: dict[tuple, torch.Tensor] = {}  # inserted calls' values by shape (`call`)
 
     # -- small helpers ------------------------------------------------------------------------
     def bump(self, key: str, n: int = 1) -> None:
@@ -134,7 +135,11 @@ class _Rewriter:
                 rule = RULES.get(fn)
                 if rule is not None:  # the refresh gives the true value: a shape rule is enough here
                     sizes, dtype, device = rule(*self.val(args), **self.val(kwargs or {}))
-                    val = torch.empty(sizes, dtype=dtype, device=device)
+                    # the 57 sites of FLUX.1-dev make a dozen shapes: one fake value each (read only)
+                    key = (tuple(s.node.expr if isinstance(s, torch.SymInt) else int(s) for s in sizes), dtype, device)
+                    val = self.empties.get(key)
+                    if val is None:
+                        val = self.empties[key] = torch.empty(sizes, dtype=dtype, device=device)
                 else:
                     val = fn(*self.val(args), **self.val(kwargs or {}))
         node.meta["val"] = val
