@@ -212,6 +212,22 @@ def test_more_devices_of_one_kind_never_predicts_slower_compute():
     assert sent == sorted(sent, reverse=True)  # 4 N h / P per rank
 
 
+def test_cfg_parallel_pays_its_learning_step_in_wall_time_not_in_cpu_time():
+    """CFG-2 learns the pairing from a generation's first step, whose two calls run one after the other:
+    with free links, S steps take S + 1 call times against 2 S on one device; the waiting branch's rank
+    computes nothing meanwhile, so its busy time is S calls."""
+    costs = hand_costs(true_cfg=True)
+    free = _faster(_faster(ATLAS, 1e9, "link"), 1e9, "latency")
+    for steps in (4, 28):
+        one = model.predict(costs, free, Config(), steps=steps)
+        cfg = model.predict(costs, free, Config(cfg_degree=2), steps=steps)
+        call_s = one["stages_s"]["denoising"] / (2 * steps)
+        assert cfg["stages_s"]["denoising"] == pytest.approx((steps + 1) * call_s, rel=1e-6)
+        assert cfg["cfg_learning_wait_s"] == pytest.approx(call_s, rel=1e-6)
+        busy = model.busy_s(costs, free, Config(cfg_degree=2), steps=steps)
+        assert busy == pytest.approx(cfg["predicted_s"] - call_s, rel=1e-6)
+
+
 def test_async_hides_at_most_the_transfers():
     costs = hand_costs(true_cfg=False)
     for u in (2, 4, 8):

@@ -173,6 +173,12 @@ def predict(costs: dict[str, Any], hw: Hardware, config: Config, *, steps: int, 
         step_s += _collective_s(hw, n, c - 1, exchange, 1)
         step_sent += exchange
     denoise_s = steps * step_s * cache_fraction
+    learning_wait_s = 0.0
+    if c > 1 and steps > 0:
+        # CFG parallelism learns the pairing from each generation's first step (runtime/cfg_parallel.py):
+        # that step's two calls run one after the other, each on one branch while the other waits
+        learning_wait_s = call_s * (2 - calls_per_step)
+        denoise_s += learning_wait_s
 
     st = costs["stages"]
     text_s = 0.0
@@ -199,6 +205,7 @@ def predict(costs: dict[str, Any], hw: Hardware, config: Config, *, steps: int, 
         "predicted_s": text_s + denoise_s + vae_s,
         "stages_s": {"text_encoding": text_s, "denoising": denoise_s, "vae": vae_s},
         "step_s": step_s,
+        "cfg_learning_wait_s": learning_wait_s,
         "exposed_collective_s_per_step": (comm_s - hidden_s) * calls_per_step,
         "peak_memory_gib": peak / 2**30,
         "bytes_per_step": step_sent,
@@ -224,4 +231,5 @@ def busy_s(costs: dict[str, Any], hw: Hardware, config: Config, *, steps: int) -
     CPU seconds measure on a shared machine, where waits use no CPU and other jobs take cores."""
     free_links = {k: dataclasses.replace(v, latency_s=0.0, bandwidth=float("inf")) for k, v in hw.links.items()}
     alone = dataclasses.replace(hw, concurrent_devices=None, links=free_links)
-    return predict(costs, alone, config, steps=steps)["predicted_s"]
+    row = predict(costs, alone, config, steps=steps)
+    return row["predicted_s"] - row["cfg_learning_wait_s"]  # a branch waiting for the other uses no CPU
