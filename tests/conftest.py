@@ -86,6 +86,7 @@ def _one_process(item) -> bool:
     return any(params.get(name) == 1 for name in ("world", "world_size"))
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
     for item in items:
         fn = getattr(item, "function", None)
