@@ -92,3 +92,37 @@ def pytest_collection_modifyitems(config, items):
         fn = getattr(item, "function", None)
         if fn is not None and _starts_processes(fn, set()) and not _one_process(item):
             item.add_marker(pytest.mark.xdist_group("processes"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the suite's time goes: `NPU_DIT_TEST_CPU_LOG=FILE make test` appends one JSON line per test
+# (wall seconds, CPU seconds of the test process, of the processes it waited for, and of the ranks
+# it started with run_ranks, which the fork server reaps; its xdist group and worker).
+
+_CPU_LOG = os.environ.get("NPU_DIT_TEST_CPU_LOG")
+
+
+if _CPU_LOG:
+    import json
+    import resource
+    import time
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_call(item):
+        from tests import dist_utils
+
+        def usage(who):
+            u = resource.getrusage(who)
+            return u.ru_utime + u.ru_stime
+
+        start = (time.time(), usage(resource.RUSAGE_SELF), usage(resource.RUSAGE_CHILDREN),
+                 dist_utils.RANK_CPU_SECONDS[0])
+        yield
+        end = (time.time(), usage(resource.RUSAGE_SELF), usage(resource.RUSAGE_CHILDREN),
+               dist_utils.RANK_CPU_SECONDS[0])
+        group = next((m.args[0] for m in item.iter_markers("xdist_group")), None)
+        record = {"test": item.nodeid, "start": start[0], "wall": end[0] - start[0],
+                  "self": end[1] - start[1], "children": end[2] - start[2], "ranks": end[3] - start[3],
+                  "group": group, "worker": os.environ.get("PYTEST_XDIST_WORKER")}
+        with open(_CPU_LOG, "a") as f:
+            f.write(json.dumps(record) + "\n")

@@ -36,7 +36,7 @@ def _entry(fn: Callable, rank: int, world: int, port: int, group_timeout: float,
     path = os.path.join(out_dir, f"rank{rank}.pt")
     try:
         result = fn(rank=rank, world_size=world, **kwargs)
-        torch.save({"ok": True, "result": result}, path)
+        torch.save({"ok": True, "result": result, "cpu_seconds": _cpu_seconds()}, path)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         torch.save({"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}, path)
         raise SystemExit(1)
@@ -45,6 +45,16 @@ def _entry(fn: Callable, rank: int, world: int, port: int, group_timeout: float,
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _cpu_seconds() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+RANK_CPU_SECONDS = [0.0]  # CPU seconds of every rank run_ranks started in this process (tests/conftest.py reads it)
 
 
 PRELOAD = [
@@ -93,6 +103,7 @@ def run_ranks(fn: Callable, world_size: int, tmp_path, *, timeout: float = 600, 
         path = os.path.join(out_dir, f"rank{r}.pt")
         record = torch.load(path, weights_only=False) if os.path.exists(path) else {"ok": False, "error": "no result", "traceback": ""}
         record["exitcode"] = procs[r].exitcode
+        RANK_CPU_SECONDS[0] += record.get("cpu_seconds", 0.0)
         records.append(record)
     if not allow_failures:
         failed = [(r, rec) for r, rec in enumerate(records) if not rec["ok"]]
