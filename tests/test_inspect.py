@@ -3,6 +3,7 @@ import json
 import pytest
 
 from npu_dit.tools.cli import main
+from tests.conftest import tiny_model_and_inputs
 
 
 def run_cli(capsys, *argv):
@@ -93,7 +94,20 @@ def test_inspect_shows_cache_regions_with_parameter_and_flop_shares(capsys):
     regions = json.loads(out)["cache_regions"]
     assert [r["region"] for r in regions] == ["front", "middle", "back"]
     assert [r["blocks"] for r in regions] == [1, 2, 1]
-    assert abs(sum(r["parameter_share"] for r in regions) - 1) < 1e-9
+    # against the model itself: the middle region holds exactly the second double block and the first
+    # single block, and every parameter of the model lands in one region
+    _, model, _ = tiny_model_and_inputs("flux")
+
+    def nbytes(*modules):
+        return sum(p.numel() * p.element_size() for m in modules for p in m.parameters())
+
+    middle = nbytes(model.transformer_blocks[1], model.single_transformer_blocks[0])
+    assert regions[1]["parameter_bytes"] == middle, (regions[1]["parameter_bytes"], middle)
+    assert sum(r["parameter_bytes"] for r in regions) == nbytes(model)
+    assert regions[0]["parameter_bytes"] > nbytes(model.transformer_blocks[0])  # and the embedders
+    assert regions[2]["parameter_bytes"] > nbytes(model.single_transformer_blocks[1])  # and the output norm
+    shares = [r["parameter_bytes"] / nbytes(model) for r in regions]
+    assert [r["parameter_share"] for r in regions] == pytest.approx(shares)
     assert abs(sum(r["flop_share"] for r in regions) - 1) < 1e-9
     assert regions[1]["flops"] > regions[0]["flops"] > 0
 
