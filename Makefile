@@ -25,4 +25,4 @@ inspect: $(STAMP)
 	$(VENV)/bin/npu-dit inspect flux.1-dev
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -q --durations=30 -n 2 --dist loadgroup
+	$(VENV)/bin/python -m pytest -q --durations=30 -n 2 --dist load --maxschedchunk 1

@@ -51,15 +51,17 @@ def tiny_capture():
 
 
 # ---------------------------------------------------------------------------------------------
-# `make test` runs the suite on two pytest-xdist workers (`-n 2 --dist loadgroup`). The tests that
-# start processes (Gloo ranks, torchrun, the CLI) already keep both cores busy, so they all run on
-# one worker, one after the other, in the "processes" group; the single-process tests (one Dynamo
-# trace at a time, one core) run on the other worker beside them. Which tests start processes is
-# read from their source: a call of `run_ranks` or `subprocess`, in the test or in a
-# function of the tests package it calls.
+# `make test` runs the suite on two pytest-xdist workers that take one test at a time
+# (`-n 2 --dist load --maxschedchunk 1`), longest first: the tests are ordered by the durations of an
+# earlier run (tests/durations.json; `tools/test_durations.py` refreshes it), so the long
+# multi-process tests start early and the last minutes hold only short tests, not one long test
+# with the other core idle. A test not in the file weighs as the shortest listed one if it starts
+# processes (`run_ranks`, `subprocess`; read from its source and the tests-package functions it
+# calls), as nothing otherwise.
 
 _STARTS_PROCESSES = re.compile(r"\brun_ranks\s*\(|\bsubprocess\.|\bPopen\s*\(")
 _CALLED = re.compile(r"\b([A-Za-z_]\w*)\s*\(")
+_DURATIONS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "durations.json")
 
 
 def _starts_processes(fn, seen: set) -> bool:
@@ -80,24 +82,26 @@ def _starts_processes(fn, seen: set) -> bool:
     return False
 
 
-def _one_process(item) -> bool:
-    """A parametrized launch of a single process (the README's `python script.py` blocks)."""
-    params = getattr(getattr(item, "callspec", None), "params", {})
-    return any(params.get(name) == 1 for name in ("world", "world_size"))
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own hook reads the groups into the test ids
 def pytest_collection_modifyitems(config, items):
-    for item in items:
+    import json
+
+    with open(_DURATIONS) as f:
+        durations = json.load(f)
+    shortest = min(durations.values())
+
+    def weight(item) -> float:
+        if item.nodeid in durations:
+            return durations[item.nodeid]
         fn = getattr(item, "function", None)
-        if fn is not None and _starts_processes(fn, set()) and not _one_process(item):
-            item.add_marker(pytest.mark.xdist_group("processes"))
+        return shortest if fn is not None and _starts_processes(fn, set()) else 0.0
+
+    items.sort(key=weight, reverse=True)  # stable: ties keep the collection order
 
 
 # ---------------------------------------------------------------------------------------------
 # Where the suite's time goes: `NPU_DIT_TEST_CPU_LOG=FILE make test` appends one JSON line per test
 # (wall seconds, CPU seconds of the test process, of the processes it waited for, and of the ranks
-# it started with run_ranks, which the fork server reaps; its xdist group and worker).
+# it started with run_ranks, which the fork server reaps; its xdist worker).
 
 _CPU_LOG = os.environ.get("NPU_DIT_TEST_CPU_LOG")
 
@@ -120,9 +124,8 @@ if _CPU_LOG:
         yield
         end = (time.time(), usage(resource.RUSAGE_SELF), usage(resource.RUSAGE_CHILDREN),
                dist_utils.RANK_CPU_SECONDS[0])
-        group = next((m.args[0] for m in item.iter_markers("xdist_group")), None)
         record = {"test": item.nodeid, "start": start[0], "wall": end[0] - start[0],
                   "self": end[1] - start[1], "children": end[2] - start[2], "ranks": end[3] - start[3],
-                  "group": group, "worker": os.environ.get("PYTEST_XDIST_WORKER")}
+                  "worker": os.environ.get("PYTEST_XDIST_WORKER")}
         with open(_CPU_LOG, "a") as f:
             f.write(json.dumps(record) + "\n")
