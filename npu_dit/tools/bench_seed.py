@@ -180,6 +180,8 @@ def bench_seed(*, tables: list[str], columns: list[str] | None = None, size: str
             row = {**dataclasses.asdict(column), "stages_s": report["stages_s"],
                    "cpu_s": [m["cpu_s"] for m in report["peak_memory_per_rank"]],
                    "rss_mib": [m["host_rss_mib"] for m in report["peak_memory_per_rank"]],
+                   "cpu_s_per_stage": [m.get("cpu_s_per_stage") for m in report["peak_memory_per_rank"]],
+                   "transformer_s": report.get("transformer_s"),
                    "tokens": report.get("transformer_tokens"), "max_pixel_diff_vs_1_rank": diff,
                    "process_wall_s": time.perf_counter() - start, "load_before": load}
             rows.append(row)
