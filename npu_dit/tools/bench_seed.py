@@ -87,8 +87,8 @@ TABLES: dict[str, Table] = {
                f"async Ulysses-4 + TEP, and {_FIA}"),
         Column("cfg-2", "CFG-2", 2, ("--cfg-parallel",), None,
                "not in the seed's table: the prompt's and the negative prompt's transformer calls of each step on "
-               "the 2 ranks at once (the first step learns the pairing and runs them one after the other), one "
-               "exchange of the outputs per step"),
+               "the 2 ranks at once (the warm-up generation's first step learns the pairing, running them one after "
+               "the other; the timed generation starts paired), one exchange of the outputs per step"),
         Column("cfg-2-ulysses-2-tep", "CFG-2 x Ulysses-2 + TEP", 4,
                ("--cfg-parallel", "--ulysses", "2", "--text-encoder-parallel"), None,
                "not in the seed's table: CFG-2, each branch's transformer calls Ulysses-2 over its 2 ranks; TEP over "
