@@ -1,6 +1,8 @@
 """CFG parallelism (`parallelize(cfg_parallel=True)`, `generate --cfg-parallel`): the two true-CFG
 calls of each step on two rank groups at once, every image equal to the one-process image."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -42,7 +44,7 @@ def _check(records, references, cases, *, paired_steps):
                 # with the same negative prompt runs every step paired (the pattern carried over); a new
                 # negative prompt misses the carried guess at the first step and learns there, silently
                 negatives = kw["negatives"]
-                steps = [paired_steps] + [paired_steps + (new == old) for old, new in zip(negatives, negatives[1:])]
+                steps = [paired_steps] + [paired_steps + (new == old) for old, new in itertools.pairwise(negatives)]
                 assert got["parallel_steps"] == steps and not got["warnings"], (name, rank, got["parallel_steps"], got["warnings"])
             elif kw.get("true_cfg", True):
                 # the first step learns the pattern (serial); every later step ran both branches at once
