@@ -54,9 +54,10 @@ def _own_loop(pipe, model: str, *, change_at: int) -> torch.Tensor:
 
 
 def generate(model: str, *, true_cfg: bool = True, cache: dict | None = None, change_prompt: bool = False,
-             own_loop_change_at: int | None = None, **options):
+             own_loop_change_at: int | None = None, negatives: tuple[str, ...] = (), **options):
     """The image (float32) of one generation, with what CFG parallelism did and the warnings raised;
-    with `own_loop_change_at`, every output of `_own_loop` in place of the image."""
+    with `own_loop_change_at`, every output of `_own_loop` in place of the image; with `negatives`,
+    one generation per negative prompt on the same pipeline (images stacked, parallel steps listed)."""
     import npu_dit
     from npu_dit.backend import RECORDS
     from npu_dit.pipelines import load_pipeline
@@ -74,12 +75,21 @@ def generate(model: str, *, true_cfg: bool = True, cache: dict | None = None, ch
             warnings.simplefilter("always")
             extra = ({"callback_on_step_end": _change_prompt, "callback_on_step_end_tensor_inputs": ["latents", "prompt_embeds"]}
                      if change_prompt else {})
-            image = pipe(**case_kwargs(model, true_cfg=true_cfg), **extra).images
+            images, parallel_steps = [], []
+            for negative in negatives or (None,):
+                kwargs = case_kwargs(model, true_cfg=true_cfg)
+                if negative is not None:
+                    kwargs["negative_prompt"] = negative
+                images.append(torch.as_tensor(pipe(**kwargs, **extra).images).float())
+                pairing = getattr(pipe.transformer, "pairing", None)
+                parallel_steps.append(pairing.parallel_steps if pairing is not None else 0)
+            image = torch.stack(images) if negatives else images[0]
     pairing = getattr(pipe.transformer, "pairing", None)
     result = {
         "image": torch.as_tensor(image).float(),
         "warnings": [str(w.message) for w in caught if "CFG parallelism" in str(w.message)],
-        "parallel_steps": pairing.parallel_steps if pairing is not None else 0,
+        "parallel_steps": (parallel_steps if negatives else parallel_steps[0]) if own_loop_change_at is None
+        else (pairing.parallel_steps if pairing is not None else 0),
         "rewritten": [not r.report.fell_back and r.parallel is not None for r in RECORDS],
     }
     if cache is not None:

@@ -143,6 +143,10 @@ def test_bench_seed_end_to_end_two_tiny_columns(tmp_path):
         # generate times compiling apart ("compile"; --warmup 0 compiles in the timed run)
         parts = sum(stages[s] for s in bench_seed.STAGES) + stages.get("compile", 0.0)
         assert abs(parts - stages["total"]) < 1e-6 and stages["denoising"] > 0
+        # `generate --json`'s transformer field: its calls' own seconds (the denoising stage), per step
+        transformer = r["transformer_s"]
+        assert transformer["steps"] == 1 and transformer["calls"] == 1, transformer
+        assert 0 < transformer["per_step"] and abs(transformer["total"] - stages["denoising"]) < 1e-6, transformer
     # the 2-rank pipeline gives the 1-rank image (float32 agreement; 8-bit rounding may move one level)
     assert rows[0]["max_pixel_diff_vs_1_rank"] is None and rows[1]["max_pixel_diff_vs_1_rank"] <= 1
     assert (tmp_path / "out" / "seed-tables.md").exists()

@@ -1,6 +1,8 @@
 """CFG parallelism (`parallelize(cfg_parallel=True)`, `generate --cfg-parallel`): the two true-CFG
 calls of each step on two rank groups at once, every image equal to the one-process image."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -16,7 +18,8 @@ def _references(cases):
     """The one-process image of each case: the plain pipeline (with the cache: parallelize on one process)."""
     out = {}
     for name, model, kw in cases:
-        reference = {k: v for k, v in kw.items() if k in ("true_cfg", "cache", "change_prompt", "own_loop_change_at")}
+        reference = {k: v for k, v in kw.items()
+                     if k in ("true_cfg", "cache", "change_prompt", "own_loop_change_at", "negatives")}
         out[name] = generate(model, **reference)
     return out
 
@@ -36,6 +39,13 @@ def _check(records, references, cases, *, paired_steps):
                 # computed by the negative branch after the first, one warning, every output exact
                 assert got["parallel_steps"] == paired_steps and len(got["warnings"]) == 1, (name, rank, got)
                 assert "second call of a step was not the predicted one" in got["warnings"][0]
+            elif kw.get("negatives"):
+                # generations on one pipeline: the first learns the pairing at its first step; a later one
+                # with the same negative prompt runs every step paired (the pattern carried over); a new
+                # negative prompt misses the carried guess at the first step and learns there, silently
+                negatives = kw["negatives"]
+                steps = [paired_steps] + [paired_steps + (new == old) for old, new in itertools.pairwise(negatives)]
+                assert got["parallel_steps"] == steps and not got["warnings"], (name, rank, got["parallel_steps"], got["warnings"])
             elif kw.get("true_cfg", True):
                 # the first step learns the pattern (serial); every later step ran both branches at once
                 assert got["parallel_steps"] == paired_steps, (name, rank, got)
@@ -50,7 +60,8 @@ def test_cfg_2_on_two_ranks_equals_one_process(tmp_path):
     cases = [
         ("edit-2509", "qwen-image-edit-2509", {"cfg_parallel": True}),
         ("flux", "flux.1-dev", {"cfg_parallel": True}),
-        ("edit+cache", "qwen-image-edit", {"cfg_parallel": True, "cache": CACHE}),
+        ("edit+cache", "qwen-image-edit",  # three generations on one pipeline: same, same, new negative prompt
+         {"cfg_parallel": True, "cache": CACHE, "negatives": ("blurry", "blurry", "blurry, dark, low quality, noisy")}),
         ("flux, one call per step", "flux.1-dev", {"cfg_parallel": True, "true_cfg": False}),
         ("flux, prompt changed after step 1", "flux.1-dev", {"cfg_parallel": True, "change_prompt": True}),
         ("flux, own loop, latents changed between the calls of step 2", "flux.1-dev",

@@ -79,6 +79,11 @@ def test_the_compile_is_visible_and_has_its_own_row(tmp_path):
     # the table's compile row is those compiles (rounded to 0.1 s in the lines), not in denoising
     assert abs(_stage_seconds(out, "compile") - sum(totals)) <= 0.1 * len(totals) + 0.05, (out, err)
     assert _stage_seconds(out, "compile") > _stage_seconds(out, "denoising")
+    # the transformer's own time per step (its calls, cut at the pipeline's step ends), compile left out
+    per_step = re.search(r"^\| transformer per step \(2 calls, 2 steps\) \| ([0-9.]+) \|", out, re.M)
+    after_first = re.search(r"^\| transformer per step after the first \| ([0-9.]+) \|", out, re.M)
+    assert per_step and after_first, out
+    assert 0 < float(per_step[1]) < _stage_seconds(out, "denoising") and float(after_first[1]) > 0, out
 
 
 @pytest.mark.slow

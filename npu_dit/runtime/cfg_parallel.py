@@ -22,6 +22,11 @@ The pattern is learnt from each generation's first calls (c0, c1, c2), all from 
   - the pattern is confirmed at c2 when it repeats c0's text leaves and changes a shared one (a new
     step); from c2 on, steps run in parallel.
 
+A later generation on the same pipeline starts from the pattern the last one confirmed (a guess): a
+first call with its text inputs (by value) runs paired at once, so a repeated generation (a server's
+next image with the same negative prompt) has no serial step. If its second call is not the guess (a
+new negative prompt), branch 1 computes it and that step is the learning step, silently.
+
 Rule for a call that does not fit: it is computed serially (by one branch, broadcast to the other)
 with one warning, never predicted: a second call whose inputs are not the predicted ones (other
 text, changed latents) is computed by branch 1 and its text leaves become the new prediction; a
@@ -93,7 +98,13 @@ class CFGPairing:
         self.reset()
 
     def reset(self) -> None:
-        """A new generation: learn the pattern again from its first calls."""
+        """A new generation. A pattern confirmed by the last one is kept as a guess (`carried`): a first
+        call with its text inputs (by value) runs both branches at once from the first step; the
+        generation's second call then confirms it, or (a new negative prompt) the step is finished as a
+        learning step, silently."""
+        confirmed = getattr(self, "phase", None) == "paired"
+        self.carried = (self.spec, self.c0, self.c1, self.text, self.out_layout) if confirmed else None
+        self.opening = False  # this generation's first step runs on the carried guess
         self.phase = "first"
         self.spec = None
         self.c0: list | None = None  # the learning step's first call (leaves, versions)
@@ -108,6 +119,10 @@ class CFGPairing:
 
     def __call__(self, args: tuple, kwargs: dict) -> Any:
         leaves, spec = pytree.tree_flatten((args, kwargs))
+        if self.phase == "first" and self._fits_carried(leaves, spec):
+            self.spec, _, self.c1, self.text, self.out_layout = self.carried
+            self.c0, self.phase, self.opening = _snapshot(leaves), "paired", True
+            return self._first_of_step(leaves, spec)
         if self.phase == "first":
             out = self._serial(0, leaves, spec)
             self.spec, self.c0, self.out_layout = spec, _snapshot(leaves), _describe(out)
@@ -142,6 +157,16 @@ class CFGPairing:
             return self._fall_back("the two calls' outputs differ in structure or shape")
         self.c1, self.text, self.phase = _snapshot(leaves), text, "confirm"
 
+    def _fits_carried(self, leaves: list, spec) -> bool:
+        """A generation's first call with the text inputs and tensor shapes of the last generation's."""
+        if self.carried is None:
+            return False
+        carried_spec, c0, _, text, _ = self.carried
+        if spec != carried_spec or any(not _same(leaves[i], c0[i]) for i in text):
+            return False
+        return all(not isinstance(r, torch.Tensor) or (isinstance(x, torch.Tensor) and x.shape == r.shape)
+                   for x, (r, _) in zip(leaves, c0))
+
     def _repeats_step(self, leaves: list, spec) -> bool:
         """A first call of a step: the same structure and tensor shapes as c0, c0's text inputs, and a
         new step (a shared input changed: without it, a second call of the step would run twice)."""
@@ -165,10 +190,23 @@ class CFGPairing:
     def _second_of_step(self, leaves: list, spec) -> Any:
         first, predicted = self.pending
         self.pending = None
+        opening, self.opening = self.opening, False
         fits = spec == self.spec and all(
             _same(x, self.c1[i] if i in self.text else first[i]) for i, x in enumerate(leaves))
         if fits:
             return predicted
+        if opening:  # the carried guess missed (a new negative prompt): this step learns, as a first step does
+            self.parallel_steps -= 1
+            if self.ctx.branch == 1:
+                # the guessed call ran on this branch: its cache saw a call of this step already, so the
+                # branch's caches start the generation again (every rank of the branch decides alike)
+                from npu_dit.runtime.cache import reset_all
+
+                reset_all()
+            out = self._serial(1, leaves, spec)
+            self.c0, self.phase = first, "second"
+            self._learn(leaves, spec, out)
+            return out
         self._warn("the second call of a step was not the predicted one (other text inputs, or inputs changed "
                    "between the two calls)")
         out = self._serial(1, leaves, spec)

@@ -87,8 +87,8 @@ TABLES: dict[str, Table] = {
                f"async Ulysses-4 + TEP, and {_FIA}"),
         Column("cfg-2", "CFG-2", 2, ("--cfg-parallel",), None,
                "not in the seed's table: the prompt's and the negative prompt's transformer calls of each step on "
-               "the 2 ranks at once (the first step learns the pairing and runs them one after the other), one "
-               "exchange of the outputs per step"),
+               "the 2 ranks at once (the warm-up generation's first step learns the pairing, running them one after "
+               "the other; the timed generation starts paired), one exchange of the outputs per step"),
         Column("cfg-2-ulysses-2-tep", "CFG-2 x Ulysses-2 + TEP", 4,
                ("--cfg-parallel", "--ulysses", "2", "--text-encoder-parallel"), None,
                "not in the seed's table: CFG-2, each branch's transformer calls Ulysses-2 over its 2 ranks; TEP over "
@@ -180,6 +180,8 @@ def bench_seed(*, tables: list[str], columns: list[str] | None = None, size: str
             row = {**dataclasses.asdict(column), "stages_s": report["stages_s"],
                    "cpu_s": [m["cpu_s"] for m in report["peak_memory_per_rank"]],
                    "rss_mib": [m["host_rss_mib"] for m in report["peak_memory_per_rank"]],
+                   "cpu_s_per_stage": [m.get("cpu_s_per_stage") for m in report["peak_memory_per_rank"]],
+                   "transformer_s": report.get("transformer_s"),
                    "tokens": report.get("transformer_tokens"), "max_pixel_diff_vs_1_rank": diff,
                    "process_wall_s": time.perf_counter() - start, "load_before": load}
             rows.append(row)

@@ -15,6 +15,7 @@ flag's value is checked before anything is built (`check_args`: one line naming 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -232,20 +233,61 @@ def _test_image(index: int, side: int = 256):
     return Image.fromarray(rgb.astype("uint8"), "RGB")
 
 
-def _timed(fn, totals: dict[str, float], stage: str):
-    """Time `fn` into `totals[stage]`, less the compiles that ran inside it (they go to "compile")."""
+def _timed(fn, totals: dict[str, float], stage: str, cpu: dict[str, float], calls: list[float] | None = None):
+    """Time `fn` into `totals[stage]`, less the compiles that ran inside it (they go to "compile");
+    its CPU seconds (compiles included) into `cpu[stage]`; each call's seconds into `calls` when given."""
     from npu_dit.progress import compile_seconds
 
     def wrapper(*args, **kwargs):
-        start, compiled_before = time.perf_counter(), compile_seconds()
+        start, start_cpu, compiled_before = time.perf_counter(), time.process_time(), compile_seconds()
         try:
             return fn(*args, **kwargs)
         finally:
             compiling = compile_seconds() - compiled_before
+            seconds = time.perf_counter() - start - compiling
             totals["compile"] += compiling
-            totals[stage] += time.perf_counter() - start - compiling
+            totals[stage] += seconds
+            cpu[stage] = cpu.get(stage, 0.0) + time.process_time() - start_cpu
+            if calls is not None:
+                calls.append(seconds)
 
     return wrapper
+
+
+class _StepClock:
+    """The transformer's wall seconds per denoising step: its calls' times (`calls`, compiles left out),
+    cut at each step's end by the pipeline's own `callback_on_step_end` where it has one (so the
+    pipeline's CFG combination and scheduler step are outside), else in equal runs of calls."""
+
+    def __init__(self, pipe) -> None:
+        self.calls: list[float] = []
+        self.ends: list[int] = []  # len(calls) at each step's end
+        self.hooked = "callback_on_step_end" in inspect.signature(type(pipe).__call__).parameters
+
+    def reset(self) -> None:
+        self.calls.clear()
+        self.ends.clear()
+
+    def step_end(self, pipe, step, timestep, tensors):
+        self.ends.append(len(self.calls))
+        return tensors
+
+    def pipe_kwargs(self) -> dict[str, Any]:
+        return {"callback_on_step_end": self.step_end} if self.hooked else {}
+
+    def report(self, steps: int) -> dict[str, Any]:
+        ends = self.ends if self.ends and self.ends[-1] == len(self.calls) else []
+        if not ends and steps and len(self.calls) % steps == 0:
+            ends = [len(self.calls) // steps * (i + 1) for i in range(steps)]
+        per_step = [sum(self.calls[a:b]) for a, b in zip([0, *ends], ends)]
+        total = sum(self.calls)
+        return {
+            "total": total, "calls": len(self.calls), "steps": len(per_step) or steps,
+            "per_step": total / (len(per_step) or steps or 1),
+            # beyond the first step (CFG parallelism learns each generation's pairing there)
+            "per_step_after_first": sum(per_step[1:]) / (len(per_step) - 1) if len(per_step) > 1 else None,
+            "steps_s": per_step,
+        }
 
 
 def _record_tokens(fn, seen: list[list[int]]):
@@ -342,10 +384,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     npu_dit.parallelize(pipe, text_encoder_parallel=args.text_encoder_parallel, vae_parallel=args.vae_parallel,
                         num_inference_steps=steps, device=device, **settings)
     totals = {"text encoding": 0.0, "denoising": 0.0, "VAE": 0.0, "compile": 0.0}
-    pipe.encode_prompt = _timed(pipe.encode_prompt, totals, "text encoding")
-    pipe.vae.decode = _timed(pipe.vae.decode, totals, "VAE")
-    pipe.vae.encode = _timed(pipe.vae.encode, totals, "VAE")
-    pipe.transformer.forward = _timed(pipe.transformer.forward, totals, "denoising")
+    cpu: dict[str, float] = {}
+    pipe.encode_prompt = _timed(pipe.encode_prompt, totals, "text encoding", cpu)
+    pipe.vae.decode = _timed(pipe.vae.decode, totals, "VAE", cpu)
+    pipe.vae.encode = _timed(pipe.vae.encode, totals, "VAE", cpu)
+    clock = _StepClock(pipe)
+    pipe.transformer.forward = _timed(pipe.transformer.forward, totals, "denoising", cpu, clock.calls)
     tokens: list[list[int]] = []
     pipe.transformer.forward = _record_tokens(pipe.transformer.forward, tokens)
     kwargs = call_kwargs(args, spec, steps)
@@ -353,17 +397,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if out.lower().endswith(".npy"):
         kwargs["output_type"] = "np"
     for _ in range(args.warmup):
-        pipe(**{**kwargs, "generator": torch.Generator().manual_seed(args.seed)})
+        pipe(**{**kwargs, "generator": torch.Generator().manual_seed(args.seed)}, **clock.pipe_kwargs())
     warmup_compile_s = totals["compile"]
     for stage in totals:
         totals[stage] = 0.0
+    cpu.clear()
+    clock.reset()
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # every rank starts the timed run together
     start, start_cpu = time.perf_counter(), time.process_time()
-    image = pipe(**kwargs).images[0]
+    image = pipe(**kwargs, **clock.pipe_kwargs()).images[0]
     total = time.perf_counter() - start
     # this process's CPU seconds in the timed run: with more ranks than cores, wall time exceeds it
-    memory = {**_peak_memory_mib(device), "cpu_s": time.process_time() - start_cpu}
+    memory = {**_peak_memory_mib(device), "cpu_s": time.process_time() - start_cpu, "cpu_s_per_stage": dict(cpu)}
     # denoising = the transformer calls; the scheduler steps and latent packing go to "other"
     stages = {**totals, "other": max(0.0, total - sum(totals.values())), "total": total}
     if torch.distributed.is_initialized():
@@ -396,6 +442,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "options": build_options(num_inference_steps=steps, dump_dir=None, world_size=world, **settings),
         "height": kwargs["height"], "width": kwargs["width"], "steps": steps, "stages_s": stages,
+        # the wall seconds inside the transformer's calls on this rank (the denoising stage), per step
+        "transformer_s": clock.report(steps),
         "transformer_tokens": tokens,
         "peak_memory_per_rank": gathered, "out": os.path.abspath(out), "rank": rank,
         "cache_summary": controller.format_summary() if controller is not None else None,
@@ -440,6 +488,11 @@ def format_report(r: dict[str, Any]) -> str:
     for stage, seconds in r["stages_s"].items():
         share = f"{100 * seconds / total:.0f} %" if total and stage != "total" else ""
         lines.append(f"| {stage} | {seconds:.3f} | {share} |")
+    t = r.get("transformer_s")
+    if t and t["calls"]:
+        lines.append(f"| transformer per step ({t['calls']} calls, {t['steps']} steps) | {t['per_step']:.3f} | |")
+        if t["per_step_after_first"] is not None:
+            lines.append(f"| transformer per step after the first | {t['per_step_after_first']:.3f} | |")
     if not r["warmup_runs"]:
         lines.append("(first run: it compiles; use --warmup 1 for steady-state timings)")
     elif r.get("warmup_compile_s"):
