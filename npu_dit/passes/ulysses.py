@@ -328,7 +328,7 @@ class _Rewriter:
             if arg.op == "call_function" and arg.target in _SYM_ARITHMETIC:
                 key = ("local", arg)
                 if key not in self.cache:
-                    self.cache[key] = self.call(arg.target, tuple(local(a) for a in arg.args))
+                    self.cache[key] = self.call(arg.target, fx.node.map_arg(arg.args, local))  # into sym_sum's list
                 return self.cache[key]
             raise Refusal(f"{self.where(node)} uses a length of the patch grid's input ({expr}) on local tokens")
 
@@ -352,13 +352,22 @@ class _Rewriter:
                 if isinstance(out, list) else []
         else:  # the output's dims, one size each (reshape / view; not unflatten's partial list)
             seqs = list(out) if isinstance(out, tuple) else []
-        if sizes is None or len(sizes) != len(seqs) or not any(type(v) is int for v in sizes):
+        if sizes is None or len(sizes) != len(seqs):
             return
         new = list(sizes)
+        held = self.local.get(sem.call.args.get("input"), frozenset())
         for k, seq in enumerate(seqs):
             owners = [self.stream_of_segment.get(s) for s in self.seq_segments_of(seq)]
             if type(sizes[k]) is int and sizes[k] != -1 and owners and all(o in streams for o in owners):
                 new[k] = self.run_length(_Run(tuple(dict.fromkeys(owners)), True), gathered=False)
+            elif (isinstance(sizes[k], fx.Node) and None not in owners and any(o in held for o in owners)
+                  and any(o in self.sharded and o not in held for o in owners)):
+                # this rank's tokens of some streams next to all tokens of others (ErnieImage's RoPE table: the
+                # grid's rows cut where they are made, the text's positions whole until they meet local text):
+                # no symbol says which part is which, the runs do
+                runs = self.runs(node, sem.dim, held) if sem.kind == "split" else self.runs(node, k, held)
+                new[k] = self._sum([self.run_length(r, gathered=False) for r in runs],
+                                   ("mixed", tuple((r.streams, r.local) for r in runs)))
         if new == list(sizes):
             return
         if any(a is sizes or (isinstance(a, (list, tuple)) and list(a) == list(sizes)) for a in node.args):
@@ -715,7 +724,7 @@ class _Rewriter:
                 if isinstance(value, torch.SymInt) and value.node.expr.free_symbols & symbols:
                     return self.global_symint(a, symbols)
                 return a
-            result = self.call(node.target, tuple(swap(a) for a in node.args))
+            result = self.call(node.target, fx.node.map_arg(node.args, swap))  # into sym_sum's list
         else:
             raise Refusal(f"{self.where(node)}: a table is built from a local length that Ulysses cannot "
                           f"recompute at the global length")
@@ -785,8 +794,11 @@ class _Rewriter:
                     result = self.localize_runs(result, dim, runs, streams)
                     value = node_value(result)
                     continue
-                lengths = [self.run_length(r, gathered=True) for r in runs]
-                local_lengths = [self.run_length(_Run(r.streams, sharded), gathered=False) for r, sharded in pieces]
+                # a run already local (the grid's rows, cut where they were made, next to whole text) keeps
+                # its local length; the others are whole until cut
+                lengths = [self.run_length(r, gathered=False) for r in runs]
+                local_lengths = [self.run_length(_Run(r.streams, sharded or r.local), gathered=False)
+                                 for r, sharded in pieces]
                 shape = list(value.shape)
                 shape[dim] = sum(node_value(n) for n in local_lengths)
                 with self.fake_mode:
