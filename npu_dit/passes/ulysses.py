@@ -1037,8 +1037,8 @@ def refresh_local_shapes(gm: fx.GraphModule, plan: ShardingPlan, rewriter: "_Rew
             sizes = [local[shard_dims[(i, d)]] if (i, d) in shard_dims else symbols.size(s)
                      for d, s in enumerate(value.shape)]
             return symbols.tensor(value, sizes)
-        if isinstance(value, torch.Tensor) and any(isinstance(s, torch.SymInt) and s.node.expr.free_symbols & whole.keys()
-                                                   for s in value.shape):
+        if isinstance(value, torch.Tensor) and any(
+                isinstance(s, torch.SymInt) and s.node.expr.free_symbols & whole.keys() for s in value.shape):
             return symbols.tensor(value, [whole_size(s) for s in value.shape])  # an input kept whole: global
         return None
 
@@ -1049,7 +1049,9 @@ def refresh_local_shapes(gm: fx.GraphModule, plan: ShardingPlan, rewriter: "_Rew
         if not isinstance(size, torch.SymInt) or not size.node.expr.free_symbols & set(whole):
             return new
         expr = size.node.expr.xreplace({**symbols.symbols, **whole})  # at once: new and old names may clash
-        return int(expr) if not expr.free_symbols else symbols.env.create_symintnode(expr, hint=shape_hint(symbols.env, expr))
+        if not expr.free_symbols:
+            return int(expr)
+        return symbols.env.create_symintnode(expr, hint=shape_hint(symbols.env, expr))
 
     values = copied_placeholder_values(gm, symbols, override)
     if rewriter is None or os.environ.get("NPU_DIT_FULL_REFRESH") == "1":
