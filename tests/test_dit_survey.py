@@ -182,3 +182,39 @@ def test_diffusers_dits_are_sharded_and_exact(world, tmp_path):
             if result["error"] > 1e-5:
                 problems.append(f"{name} rank {rank}: max abs error {result['error']:.3g}")
     assert not problems, "\n".join(problems)
+
+
+# The Ulysses pass on the capture of diffusers DiTs that were refused or failed before (rank 1 of 2, in this
+# process, no collectives run; `npu-dit bench dits --models ...` checks them against eager on 2 Gloo ranks,
+# docs/BENCHMARKS.md): a patch grid whose sizes Dynamo specialised (DiT, CogVideoX, ConsisID: the model compares
+# its latent's size with a constant), frames x rows x cols made by nested merges (Allegro), an input laying two
+# streams side by side plus attention across text-encoder layers token by token (Krea2), a RoPE table built by
+# einsum from positions next to the grid's (ErnieImage). Every node's meta must equal a fresh propagation.
+PASS_CHECKED = ["DiT", "CogVideoX", "ConsisID", "Allegro", "Krea2", "ErnieImage"]
+
+
+@pytest.mark.parametrize("name", PASS_CHECKED)
+def test_ulysses_pass_shards_diffusers_dit(name):
+    import functools
+    import warnings
+
+    from npu_dit.passes.analysis.fake_prop import meta_mismatches
+    from npu_dit.passes.infra import PassSpec, run_passes
+    from npu_dit.passes.scalar_inputs import scalar_inputs_pass
+    from npu_dit.passes.ulysses import ulysses_pass
+    from npu_dit.runtime.dist import inspection_context
+    from npu_dit.tools.capture import capture_graph
+
+    entry = get_entry(name)
+    captured = capture_graph(entry.build(), entry.example_inputs(), dynamic=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a refusal warns: fail on it with its reason
+        gm, report = run_passes(captured.gm, [
+            PassSpec("scalar_inputs", scalar_inputs_pass),
+            # rank 1: a fresh fake propagation of `tensor_split` picks its chunk by the example size's parity
+            # (an even one gives s//2 on rank 0 too), so rank 0's exact (s + 1)//2 would read as a mismatch
+            PassSpec("ulysses", functools.partial(ulysses_pass, ctx=inspection_context(2, 1)))])
+    assert not report.fell_back, report.fallback_reason
+    assert report.counts.get("all_to_all", 0) >= 4  # q, k, v and the output of at least one site
+    if name != "ErnieImage":  # its fresh propagation specialises the all-to-all's lengths to the example's
+        assert meta_mismatches(gm) == []  # (136 where the rewrite records s1*(s53//2) + s10//2, = 136 there)

@@ -114,6 +114,7 @@ class _Rewriter:
         self.setup_end: fx.Node | None = None
         self.stack: dict | None = None  # nn_module_stack given to inserted nodes
         self.empties: dict[tuple, torch.Tensor] = {}  # inserted calls' values by shape (`call`)
+        self._written: set[fx.Node] | None = None  # tensors written in place, with their bases
 
     # -- small helpers ------------------------------------------------------------------------
     def bump(self, key: str, n: int = 1) -> None:
@@ -309,7 +310,9 @@ class _Rewriter:
         grid tokens given the token count (SD3 splits its joint output at `residual.shape[1]`, CogView4
         reshapes its RoPE input to `(*x.shape[:-1], 2, -1)`) gets this rank's count instead; a reshape
         that takes the grid apart (unpatchify) is not one of those: its tokens are gathered first. Any other length made from the grid's input dims is refused."""
-        total = {s: node_value(self.global_len[s]).node.expr for s in streams}
+        self.localize_split_sizes(node, streams)
+        total = {s: node_value(self.global_len[s]).node.expr for s in streams
+                 if isinstance(node_value(self.global_len[s]), torch.SymInt)}  # a static grid: no symbol to find
         symbols = frozenset().union(*(e.free_symbols for e in total.values()))
 
         def local(arg: Any) -> Any:
@@ -325,13 +328,61 @@ class _Rewriter:
             if arg.op == "call_function" and arg.target in _SYM_ARITHMETIC:
                 key = ("local", arg)
                 if key not in self.cache:
-                    self.cache[key] = self.call(arg.target, tuple(local(a) for a in arg.args))
+                    self.cache[key] = self.call(arg.target, fx.node.map_arg(arg.args, local))  # into sym_sum's list
                 return self.cache[key]
             raise Refusal(f"{self.where(node)} uses a length of the patch grid's input ({expr}) on local tokens")
 
         with self.graph.inserting_before(node):
             node.args = fx.node.map_arg(node.args, local)
             node.kwargs = fx.node.map_arg(node.kwargs, local)
+
+    def localize_split_sizes(self, node: fx.Node, streams: set[int]) -> None:
+        """Constant sizes given to local grid tokens (a static grid: `split([8, 16])` of text and grid,
+        CogVideoX; `reshape(B, 16, -1)` of the grid, ConsisID): a split piece or a reshape's output dim made
+        only of `streams`' tokens gets this rank's count of them. Which tokens it holds is the analysis'
+        record, not the constant's value (a constant cannot be told apart by its value)."""
+        sem = semantics(node)
+        out = self.tokens.flow.values.get(node)
+        if sem is None or sem.kind not in ("split", "reshape") or out is None:
+            return
+        name = next((n for n in sem.sizes if isinstance(sem.call.args.get(n), (list, tuple))), None)
+        sizes = sem.call.args.get(name) if name else None
+        if sem.kind == "split":  # piece k's dims; its size along the split dim
+            seqs = [v[sem.dim] if isinstance(v, tuple) and sem.dim < len(v) else None for v in out] \
+                if isinstance(out, list) else []
+        else:  # the output's dims, one size each (reshape / view; not unflatten's partial list)
+            seqs = list(out) if isinstance(out, tuple) else []
+        if sizes is None or len(sizes) != len(seqs):
+            return
+        new = list(sizes)
+        held = self.local.get(sem.call.args.get("input"), frozenset())
+        for k, seq in enumerate(seqs):
+            owners = [self.stream_of_segment.get(s) for s in self.seq_segments_of(seq)]
+            if type(sizes[k]) is int and sizes[k] != -1 and owners and all(o in streams for o in owners):
+                new[k] = self.run_length(_Run(tuple(dict.fromkeys(owners)), True), gathered=False)
+            elif (isinstance(sizes[k], fx.Node) and None not in owners and any(o in held for o in owners)
+                  and any(o in self.sharded and o not in held for o in owners)):
+                # this rank's tokens of some streams next to all tokens of others (ErnieImage's RoPE table: the
+                # grid's rows cut where they are made, the text's positions whole until they meet local text):
+                # no symbol says which part is which, the runs do
+                runs = self.runs(node, sem.dim, held) if sem.kind == "split" else self.runs(node, k, held)
+                new[k] = self._sum([self.run_length(r, gathered=False) for r in runs],
+                                   ("mixed", tuple((r.streams, r.local) for r in runs)))
+        if new == list(sizes):
+            return
+        if any(a is sizes or (isinstance(a, (list, tuple)) and list(a) == list(sizes)) for a in node.args):
+            node.args = tuple(new if a is sizes or (isinstance(a, (list, tuple)) and list(a) == list(sizes)) else a
+                              for a in node.args)
+        elif list(node.args[1:]) == list(sizes):  # varargs sizes: x.reshape(B, 16, -1)
+            node.args = (node.args[0], *new)
+        elif any(v is sizes or v == sizes for v in node.kwargs.values()):
+            node.kwargs = {k: new if v is sizes or v == sizes else v for k, v in node.kwargs.items()}
+        else:
+            raise Refusal(f"{self.where(node)} gives local grid tokens a constant size Ulysses cannot replace")
+        self.bump("local_sizes")
+
+    def seq_segments_of(self, seq: Any) -> list[int]:
+        return [self.segment_of_atom.get(a, -1) for a in self.atoms.normalize(seq)] if seq else []
 
     def gather_tokens(self, t: fx.Node, streams: set[int], *, before: fx.Node) -> fx.Node:
         """Shard -> Replicate of patch-grid tokens before a reshape takes the grid apart (unpatchify)
@@ -408,6 +459,7 @@ class _Rewriter:
         # what each node was called with: a node whose arguments are the same objects after the
         # rewrite is untouched, and its new shapes are its old ones with local/global lengths put in
         self.original_args = {n: (n.args, n.kwargs) for n in self.graph.nodes}
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
         self.add_length_inputs()
         self.setup_nodes = set()
         for node in self.graph.nodes:
@@ -418,7 +470,9 @@ class _Rewriter:
             if node.op == "placeholder":
                 # a patch grid's tokens enter whole (an input carrying them is a table, sliced where it
                 # meets them); every other sharded stream arrives as this rank's chunk from the executor
-                self.local[node] = frozenset(s for s in self.streams_of(node) if s in self.sharded and s not in self.grid_rows)
+                # (an input the plan keeps whole, a table of several streams' positions, is cut where it meets them)
+                index = placeholders.index(node) if node in placeholders else -1  # (-1: a length it added)
+                self.local[node] = frozenset(s for ph, _, s in self.plan.shard_inputs if ph == index)
             elif node.op == "output":
                 self.plan_outputs(node)
             elif node.op in ("call_function", "call_method") and node not in self.setup_nodes:
@@ -474,7 +528,7 @@ class _Rewriter:
                 local.add(stream)
         self.local[node] = frozenset(local)
         made = {s for s in present - carried if s in self.grid_rows}
-        if made:
+        if made and not self.written_in_place(node):  # (a table written in place stays whole: `whole_write`)
             self.cut_grid_source(node, made)
             local |= made
         self.globalize_lengths(node, present - local)
@@ -568,6 +622,8 @@ class _Rewriter:
             if touched and node in flow.aligned_writes and len(chain) == 1 and (
                     self.streams_of(written) & self.sharded) <= self.local.get(written, frozenset()):
                 continue  # a write of local tokens into their own positions (RoPE on a slice of q)
+            if touched and self.whole_write(node, chain):
+                continue  # a table every rank builds whole, as the serial graph does
             if touched:
                 raise StreamRefusal(f"{self.where(node)} writes in place into {touched[-1].name}, which holds tokens "
                                     f"of a sharded stream; Ulysses cannot prove an in-place write exact",
@@ -586,13 +642,45 @@ class _Rewriter:
                 raise StreamRefusal(f"{self.where(node)} slices a sharded token dim (dim {dim}) inside a stream",
                                     streams)
 
+    def whole_write(self, node: fx.Node, chain: list[fx.Node]) -> bool:
+        """An in-place write (`table.data[:, n:].copy_(pos)`) into a tensor no rank holds locally, of values
+        no rank holds locally, before anything else reads it: every rank writes the whole tensor as the
+        serial graph does (it is cut where it meets local tokens, after the write)."""
+        if any(self.local.get(t) or t in self.replaced for t in chain):
+            return False
+        if any(self.local.get(i) for i in node.all_input_nodes):
+            return False
+        order = {n: i for i, n in enumerate(self.original_args)}
+        here = order.get(node)
+        mutations = self.tokens.flow.mutations
+
+        def earlier_write(user: fx.Node) -> bool:  # another whole write, or a view taken only to write
+            sem = semantics(user)
+            return user in mutations or (sem is not None and sem.aliases and all(u in mutations for u in user.users))
+
+        for t in chain:
+            for user in t.users:
+                if user is node or user in chain:
+                    continue
+                if here is None or order.get(user, -1) < here and not earlier_write(user):
+                    return False
+        return True
+
+    def written_in_place(self, node: fx.Node) -> bool:
+        """Whether some op writes into `node` (or a view of it) in place."""
+        if self._written is None:
+            self._written = {t for w in self.tokens.flow.mutations.values() for base in w
+                             for t in self.alias_chain(base)}
+        return node in self._written
+
     def globalize_lengths(self, node: fx.Node, streams: set[int]) -> None:
         """A value built at full size for `streams` must use their global lengths: its SymInt
         arguments that mention a (now local) stream symbol are recomputed from the global lengths."""
         symbols = frozenset().union(*(s.symbols for s in self.plan.streams if s.id in streams)) if streams else frozenset()
         for stream in set(streams or ()) & set(self.grid_rows):
             # a patch grid's lengths are expressions of its whole input's dims (no symbol of their own)
-            symbols |= node_value(self.global_len[stream]).node.expr.free_symbols
+            length = node_value(self.global_len[stream])
+            symbols |= length.node.expr.free_symbols if isinstance(length, torch.SymInt) else frozenset()
         if not symbols:
             return
 
@@ -636,7 +724,7 @@ class _Rewriter:
                 if isinstance(value, torch.SymInt) and value.node.expr.free_symbols & symbols:
                     return self.global_symint(a, symbols)
                 return a
-            result = self.call(node.target, tuple(swap(a) for a in node.args))
+            result = self.call(node.target, fx.node.map_arg(node.args, swap))  # into sym_sum's list
         else:
             raise Refusal(f"{self.where(node)}: a table is built from a local length that Ulysses cannot "
                           f"recompute at the global length")
@@ -706,8 +794,11 @@ class _Rewriter:
                     result = self.localize_runs(result, dim, runs, streams)
                     value = node_value(result)
                     continue
-                lengths = [self.run_length(r, gathered=True) for r in runs]
-                local_lengths = [self.run_length(_Run(r.streams, sharded), gathered=False) for r, sharded in pieces]
+                # a run already local (the grid's rows, cut where they were made, next to whole text) keeps
+                # its local length; the others are whole until cut
+                lengths = [self.run_length(r, gathered=False) for r in runs]
+                local_lengths = [self.run_length(_Run(r.streams, sharded or r.local), gathered=False)
+                                 for r, sharded in pieces]
                 shape = list(value.shape)
                 shape[dim] = sum(node_value(n) for n in local_lengths)
                 with self.fake_mode:
@@ -772,6 +863,14 @@ class _Rewriter:
             return  # attention over replicated tokens only: every rank computes it, no exchange
         ndim = node_value(q).dim()
         seq_dim, head_dim = ndim - 2, ndim - 3
+        if not any(self.holds_local_tokens(t, seq_dim) for t in (q, k, v)):
+            # local tokens only along the batch dims (Krea2 attends across text-encoder layers token by token,
+            # its text tokens merged into the batch): each rank attends its own tokens, nothing to exchange
+            if isinstance(mask, fx.Node) and (self.streams_of(mask) & self.sharded) - self.local.get(mask, frozenset()):
+                raise StreamRefusal(f"{self.where(node)} attends per local token with a mask holding whole tokens",
+                                    (self.streams_of(mask) & self.sharded) - self.local.get(mask, frozenset()))
+            self.local[node] = local
+            return
         num_heads = node_value(q).shape[head_dim]
         if node_value(k).shape[head_dim] != num_heads or node_value(v).shape[head_dim] != num_heads:
             raise Refusal(f"{node.name}: q, k and v have different head counts")
@@ -910,7 +1009,7 @@ def refresh_local_shapes(gm: fx.GraphModule, plan: ShardingPlan, rewriter: "_Rew
     global symbol G per stream, sharded token dims and the SymInt inputs the executor refreshes the
     local length (G + P - 1 - rank) // P (an expression of G, so the all-to-alls' split sizes and the
     local shapes agree symbolically), and the whole graph is propagated again."""
-    from npu_dit.passes.analysis.fake_prop import SymbolMap, copied_placeholder_values, refresh, repropagate
+    from npu_dit.passes.analysis.fake_prop import SymbolMap, copied_placeholder_values, refresh, repropagate, shape_hint
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     symbols = SymbolMap()
@@ -938,7 +1037,21 @@ def refresh_local_shapes(gm: fx.GraphModule, plan: ShardingPlan, rewriter: "_Rew
             sizes = [local[shard_dims[(i, d)]] if (i, d) in shard_dims else symbols.size(s)
                      for d, s in enumerate(value.shape)]
             return symbols.tensor(value, sizes)
+        if isinstance(value, torch.Tensor) and any(
+                isinstance(s, torch.SymInt) and s.node.expr.free_symbols & whole.keys() for s in value.shape):
+            return symbols.tensor(value, [whole_size(s) for s in value.shape])  # an input kept whole: global
         return None
+
+    whole = {old: global_[s.id].node.expr for s in plan.sharded_streams for old in s.symbols}
+
+    def whole_size(size: Any) -> Any:
+        new = symbols.size(size)  # maps every other symbol of `size`
+        if not isinstance(size, torch.SymInt) or not size.node.expr.free_symbols & set(whole):
+            return new
+        expr = size.node.expr.xreplace({**symbols.symbols, **whole})  # at once: new and old names may clash
+        if not expr.free_symbols:
+            return int(expr)
+        return symbols.env.create_symintnode(expr, hint=shape_hint(symbols.env, expr))
 
     values = copied_placeholder_values(gm, symbols, override)
     if rewriter is None or os.environ.get("NPU_DIT_FULL_REFRESH") == "1":

@@ -38,6 +38,15 @@ def _static_table_of_a_grid(tdim, tokens: TokenDims) -> bool:
     return not isinstance(size, torch.SymInt) and all(seg in tokens.grids for seg in tdim.segments)
 
 
+def _table_of_streams(tdim, tokens: TokenDims) -> bool:
+    """An input whose token dim lays several segments side by side, each of which another input carries
+    alone (Krea2's `position_ids` rows for text ++ image, beside `encoder_hidden_states` and
+    `hidden_states`): a table, not a stream of its own. It enters whole and is cut to this rank's run of
+    each sharded stream where it meets local tokens (Replicate -> Shard, as for a table built in the graph)."""
+    return len(tdim.segments) > 1 and all(
+        any(other.segments == (seg,) for other in tokens.inputs if other is not tdim) for seg in tdim.segments)
+
+
 def plan_streams(gm: fx.GraphModule, tokens: TokenDims, *, world_size: int, rank: int,
                  replicated: dict[tuple[int, ...], str] | None = None) -> ShardingPlan:
     """`replicated`: streams (by their segments) to keep whole, with the reason (a first attempt
@@ -51,7 +60,7 @@ def plan_streams(gm: fx.GraphModule, tokens: TokenDims, *, world_size: int, rank
     by_segments: dict[tuple[int, ...], Stream] = {}
     owner: dict[int, int] = {}  # segment -> stream id
     for tdim in tokens.inputs:
-        if _static_table_of_a_grid(tdim, tokens):
+        if _static_table_of_a_grid(tdim, tokens) or _table_of_streams(tdim, tokens):
             continue  # the grid below shards these tokens; this input is a table sliced where it meets them
         stream = by_segments.get(tdim.segments)
         if stream is None:

@@ -464,6 +464,8 @@ class _Flow:
             return self.rule_repeat(node, sem)
         if kind == "matmul":
             return self.rule_matmul(node, x, sem.call.args.get("other", sem.call.args.get("mat2")))
+        if kind == "einsum":
+            return self.rule_einsum(node, sem)
         if kind == "creation":
             return self.fresh_all(node)
         if kind == "like":
@@ -766,6 +768,50 @@ class _Flow:
             self.atoms.unify(a[-1], b[-2], node)
         self.mixing[node] = [(left, len(a) - 1), (right, len(b) - 2)]  # contracted
         return tuple(self.join(node, [a[:-2], b[:-2]], out[:-2])) + (a[-2], b[-1])
+
+    def rule_einsum(self, node: fx.Node, sem: Semantics) -> DimsValue | None:
+        """Each output letter carries the dims of that letter in the operands (unified: they line up), the
+        ellipsis dims broadcast right-aligned; letters missing from the output are contracted (mixed)."""
+        from npu_dit.passes.ops.nn import einsum_operands
+
+        inputs, operands, out_subs = einsum_operands(sem.call)
+        out = _shape(node)
+        by_letter: dict[str, list] = {}
+        ellipses: list[tuple] = []
+        mixed: list[tuple[fx.Node, int]] = []
+        for subs, operand in zip(inputs, operands):
+            dims, shape = self.dims(operand), _shape(operand)
+            if dims is None or shape is None or subs.count(".") > 1 or len(subs) - subs.count(".") > len(dims):
+                self.opaque.append(node)
+                return self.fresh_all(node)
+            rest = len(dims) - (len(subs) - 1) if "." in subs else 0
+            d = 0
+            for letter in subs:
+                if letter == ".":
+                    ellipses.append(tuple(dims[d:d + rest]))
+                    d += rest
+                    continue
+                if dims[d] is not None:
+                    by_letter.setdefault(letter, []).append(dims[d])
+                if letter not in out_subs:
+                    mixed.append((operand, d))
+                d += 1
+        if out is None or out_subs.count(".") > 1:
+            self.opaque.append(node)
+            return self.fresh_all(node)
+        n_ellipsis = len(out) - (len(out_subs) - out_subs.count("."))
+        self.mixing[node] = mixed
+        result: list[Seq | None] = []
+        for letter in out_subs:
+            if letter == ".":
+                result.extend(self.join(node, ellipses, out[len(result):len(result) + n_ellipsis]))
+                continue
+            seqs = by_letter.get(letter, [])
+            for other in seqs[1:]:
+                self.atoms.unify(seqs[0], other, node)
+            d = len(result)
+            result.append(self.atoms.normalize(seqs[0]) if seqs and not out[d].is_one else self.fresh(node, out, d))
+        return tuple(result)
 
     def rule_attention(self, node: fx.Node) -> DimsValue | None:
         q, k, v = attention_qkv(node)

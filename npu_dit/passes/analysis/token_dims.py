@@ -166,10 +166,14 @@ def _name(node: fx.Node) -> str:
 
 
 def require_dynamic_token_dims(tokens: TokenDims, feature: str) -> None:
-    """Refuse if no token segment is dynamic (the graph was traced with static shapes)."""
+    """Refuse if no token segment is dynamic (the graph was traced with static shapes) and none is a patch
+    grid. A grid's tokens are cut to this rank's rows where the graph makes them, from its input's dims,
+    which need not be symbols: a model that compares its latent's size with a constant (a positional table
+    built for one sample size: DiT, CogVideoX) makes Dynamo specialise them under dynamic=True, and the
+    graph, valid only at that size, is still cut exactly."""
     if not tokens.attention:
         raise Refusal(f"{feature}: this graph has no attention call (a piece of the model after a graph break?)")
-    if any(s.dynamic for s in tokens.segments):
+    if any(s.dynamic for s in tokens.segments) or tokens.grids:
         return
     static = ", ".join(t.describe() for t in tokens.inputs) or "none found"
     raise Refusal(
@@ -285,10 +289,21 @@ def patch_grid(flow: FlowResult, atom: int) -> tuple[fx.Node, int, int, tuple[in
     reshape's merge of dims of whole patches (or of whole positions: patch 1, a 1x1 patch embedding)
     cut from dims of one graph input, in the input's dim order (row-major); else None."""
     for factors in flow.all_merged_factors(atom):
-        grid = _grid_of(flow, factors)
+        grid = _grid_of(flow, factors) or _grid_of(flow, _flat_factors(flow, factors))
         if grid is not None:
             return grid
     return None
+
+
+def _flat_factors(flow: FlowResult, factors: tuple, depth: int = 0) -> tuple:
+    """Merged factors with each factor that is itself a merge replaced by its own factors: frames merged
+    with a flattened [rows, cols] grid (Allegro's `unflatten(0, (B, F)).flatten(1, 2)` of per-frame
+    patch tokens) are frames x rows x cols, row-major."""
+    flat = []
+    for factor in factors:
+        inner = flow.merged_factors(factor[0]) if len(factor) == 1 and depth < 8 else None
+        flat.extend(_flat_factors(flow, inner, depth + 1) if inner else [factor])
+    return tuple(flat)
 
 
 def _grid_of(flow: FlowResult, factors: tuple) -> tuple[fx.Node, int, int, tuple[int, int], tuple] | None:

@@ -25,6 +25,28 @@ def matmul(call: Call) -> Semantics:
     return Semantics("matmul", call)
 
 
+@register(torch.einsum, torch.ops.aten.einsum.default)
+def einsum(call: Call) -> Semantics | None:
+    """`einsum(equation, *operands)`: `dims` holds nothing; the flows read the equation (`einsum_operands`)."""
+    return Semantics("einsum", call) if einsum_operands(call) is not None else None
+
+
+def einsum_operands(call: Call) -> tuple[str, list, str] | None:
+    """(input subscripts per operand, operands, output subscripts) of an einsum call with an explicit
+    `->` (ellipsis as '.'), or None for a form not read here."""
+    # torch.einsum(equation, *operands) (or one list of them); aten.einsum(equation, tensors)
+    equation, operands = call.args.get("equation"), list(call.args.get("operands", call.args.get("tensors")) or ())
+    if len(operands or ()) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    if not isinstance(equation, str) or "->" not in equation or not operands:
+        return None
+    lhs, out = equation.replace(" ", "").replace("...", ".").split("->")
+    inputs = lhs.split(",")
+    if len(inputs) != len(operands):
+        return None
+    return inputs, operands, out
+
+
 @register(torch.outer, torch.Tensor.outer, torch.ger, torch.Tensor.ger)
 def outer(call: Call) -> Semantics:
     return Semantics("outer", call)

@@ -52,6 +52,18 @@ _OPERATOR_SIGNATURES = {
     operator.setitem: inspect.Signature([inspect.Parameter(n, inspect.Parameter.POSITIONAL_ONLY)
                                          for n in ("input", "index", "value")]),
 }
+# `x.type(dtype)`: a Tensor method with no aten op of its name
+_OPERATOR_SIGNATURES[torch.Tensor.type] = inspect.Signature(
+    [inspect.Parameter("input", inspect.Parameter.POSITIONAL_ONLY)]
+    + [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=d)
+       for n, d in (("dtype", None), ("non_blocking", False))])
+# `torch.einsum(equation, *operands)`: the aten schema takes the operands as one list
+_OPERATOR_SIGNATURES[torch.einsum] = inspect.Signature(
+    [inspect.Parameter("equation", inspect.Parameter.POSITIONAL_OR_KEYWORD),
+     inspect.Parameter("operands", inspect.Parameter.VAR_POSITIONAL)])
+_GET_DATA = getattr(torch._C._autograd, "_get_data_attr", None)  # `x.data` in a Dynamo graph: no schema
+if _GET_DATA is not None:
+    _OPERATOR_SIGNATURES[_GET_DATA] = inspect.Signature([inspect.Parameter("input", inspect.Parameter.POSITIONAL_ONLY)])
 
 
 def resolve_target(node: fx.Node) -> Any:

@@ -123,6 +123,11 @@ def same(call: Call) -> Semantics:
     return Semantics("same", call, meta_only=("other",))
 
 
+@register(getattr(torch._C._autograd, "_get_data_attr", None))
+def data(call: Call) -> Semantics:
+    return Semantics("same", call, aliases=True)  # `x.data`: the same storage, outside autograd
+
+
 @register(torch.Tensor.type_as)
 def type_as(call: Call) -> Semantics:
     return Semantics("same", call, meta_only=("other",))  # `other` gives only a dtype
