@@ -213,19 +213,29 @@ def test_more_devices_of_one_kind_never_predicts_slower_compute():
 
 
 def test_cfg_parallel_pays_its_learning_step_in_wall_time_not_in_cpu_time():
-    """CFG-2 learns the pairing from a generation's first step, whose two calls run one after the other:
-    with free links, S steps take S + 1 call times against 2 S on one device; the waiting branch's rank
-    computes nothing meanwhile, so its busy time is S calls."""
+    """CFG-2 learns the pairing from a pipeline's first generation (or one with a new negative prompt): that
+    step's two calls run one after the other, so with free links S steps take S + 1 call times against 2 S
+    on one device, and the waiting branch's rank computes nothing meanwhile (its busy time is S calls). A
+    repeated generation starts paired: S call times. A measured run says which it was (`generate --json`:
+    steps - cfg_parallel_steps)."""
     costs = hand_costs(true_cfg=True)
     free = _faster(_faster(ATLAS, 1e9, "link"), 1e9, "latency")
     for steps in (4, 28):
         one = model.predict(costs, free, Config(), steps=steps)
-        cfg = model.predict(costs, free, Config(cfg_degree=2), steps=steps)
         call_s = one["stages_s"]["denoising"] / (2 * steps)
-        assert cfg["stages_s"]["denoising"] == pytest.approx((steps + 1) * call_s, rel=1e-6)
-        assert cfg["cfg_learning_wait_s"] == pytest.approx(call_s, rel=1e-6)
-        busy = model.busy_s(costs, free, Config(cfg_degree=2), steps=steps)
-        assert busy == pytest.approx(cfg["predicted_s"] - call_s, rel=1e-6)
+        repeated = model.predict(costs, free, Config(cfg_degree=2), steps=steps)
+        assert repeated["stages_s"]["denoising"] == pytest.approx(steps * call_s, rel=1e-6)
+        assert repeated["cfg_learning_wait_s"] == 0
+        first = model.predict(costs, free, Config(cfg_degree=2), steps=steps, cfg_learning_steps=1)
+        assert first["stages_s"]["denoising"] == pytest.approx((steps + 1) * call_s, rel=1e-6)
+        assert first["cfg_learning_wait_s"] == pytest.approx(call_s, rel=1e-6)
+        busy = model.busy_s(costs, free, Config(cfg_degree=2), steps=steps, cfg_learning_steps=1)
+        assert busy == pytest.approx(first["predicted_s"] - call_s, rel=1e-6)
+        assert busy == pytest.approx(model.busy_s(costs, free, Config(cfg_degree=2), steps=steps), rel=1e-6)
+    report = {"model": "qwen-image-edit", "weights": "bench random (offline)", "height": 256, "width": 256,
+              "steps": 4, "world_size": 2, "options": {"cfg_degree": 2}, "stages_s": {"denoising": 1.0}}
+    assert calibrate.load_measurements({**report, "cfg_parallel_steps": 3})[0].cfg_learning_steps == 1
+    assert calibrate.load_measurements({**report, "cfg_parallel_steps": 4})[0].cfg_learning_steps == 0
 
 
 def test_async_hides_at_most_the_transfers():

@@ -46,6 +46,7 @@ class Measurement:
     use: str = "calibrate"  # or "validate": a published figure kept out of the fit
     input_images: list[tuple[int, int]] | None = None  # None: the pipeline's default
     busy_s: float | None = None  # the busiest rank's CPU seconds (`generate --json`: peak_memory_per_rank[].cpu_s)
+    cfg_learning_steps: int = 0  # CFG-2 steps not run paired (`generate --json`: steps - cfg_parallel_steps)
 
 
 def _config_from_options(options: dict[str, Any], *, tep: bool, vae: bool, default_backend: str) -> Config:
@@ -72,7 +73,8 @@ def _from_generate(r: dict[str, Any], default_backend: str) -> Measurement:
                        label=r.get("label") or f"{r['model']} {r['world_size']} rank(s)", dtype=r.get("dtype", "float32"),
                        use=r.get("use", "calibrate"), input_images=[(side, side)] if side else None,
                        busy_s=max((float(p["cpu_s"]) for p in r.get("peak_memory_per_rank") or () if "cpu_s" in p),
-                                  default=None))
+                                  default=None),
+                       cfg_learning_steps=max(0, r["steps"] - r["cfg_parallel_steps"]) if r.get("cfg_parallel_steps") is not None else 0)
 
 
 def _flags_to_options(flags: list[str]) -> tuple[dict[str, Any], bool, bool]:
@@ -168,8 +170,8 @@ def _nelder_mead(f: Callable[[list[float]], float], x0: list[float], step: float
 
 def _predict(costs: dict[str, Any], hw: Hardware, m: Measurement, cpu_seconds: bool) -> dict[str, Any]:
     if not cpu_seconds:
-        return predict(costs, hw, m.config, steps=m.steps)
-    busy = busy_s(costs, hw, m.config, steps=m.steps)
+        return predict(costs, hw, m.config, steps=m.steps, cfg_learning_steps=m.cfg_learning_steps)
+    busy = busy_s(costs, hw, m.config, steps=m.steps, cfg_learning_steps=m.cfg_learning_steps)
     return {"predicted_s": busy, "stages_s": None}
 
 

@@ -118,7 +118,12 @@ def _compute_s(hw: Hardware, share: float, matmul: float, attention: float, memo
     return (matmul + attention + slower) / flops, memory / bandwidth
 
 
-def predict(costs: dict[str, Any], hw: Hardware, config: Config, *, steps: int, cache_fraction: float = 1.0) -> dict[str, Any]:
+def predict(costs: dict[str, Any], hw: Hardware, config: Config, *, steps: int, cache_fraction: float = 1.0,
+            cfg_learning_steps: int = 0) -> dict[str, Any]:
+    """One generation's time. `cfg_learning_steps`: steps of it whose two true-CFG calls run one after the
+    other under CFG parallelism while the runtime learns the pairing (runtime/cfg_parallel.py): 1 for the
+    first generation on a pipeline or one with a new negative prompt, 0 (the default) for a repeated
+    generation, which starts paired."""
     u, t, c = config.ulysses_degree, config.tp_degree, config.cfg_degree
     n = config.devices
     share = max(1.0, n / hw.concurrent_devices) if hw.concurrent_devices else 1.0
@@ -175,9 +180,8 @@ def predict(costs: dict[str, Any], hw: Hardware, config: Config, *, steps: int, 
     denoise_s = steps * step_s * cache_fraction
     learning_wait_s = 0.0
     if c > 1 and steps > 0:
-        # CFG parallelism learns the pairing from each generation's first step (runtime/cfg_parallel.py):
-        # that step's two calls run one after the other, each on one branch while the other waits
-        learning_wait_s = call_s * (2 - calls_per_step)
+        # a learning step's two calls run one after the other, each on one branch while the other waits
+        learning_wait_s = min(cfg_learning_steps, steps) * call_s * (2 - calls_per_step)
         denoise_s += learning_wait_s
 
     st = costs["stages"]
@@ -226,10 +230,10 @@ def plan(costs: dict[str, Any], hw: Hardware, devices: int, *, steps: int, cache
     return rows
 
 
-def busy_s(costs: dict[str, Any], hw: Hardware, config: Config, *, steps: int) -> float:
+def busy_s(costs: dict[str, Any], hw: Hardware, config: Config, *, steps: int, cfg_learning_steps: int = 0) -> float:
     """What one rank computes, in seconds, on a compute unit of its own and with free collectives: what a rank's
     CPU seconds measure on a shared machine, where waits use no CPU and other jobs take cores."""
     free_links = {k: dataclasses.replace(v, latency_s=0.0, bandwidth=float("inf")) for k, v in hw.links.items()}
     alone = dataclasses.replace(hw, concurrent_devices=None, links=free_links)
-    row = predict(costs, alone, config, steps=steps)
+    row = predict(costs, alone, config, steps=steps, cfg_learning_steps=cfg_learning_steps)
     return row["predicted_s"] - row["cfg_learning_wait_s"]  # a branch waiting for the other uses no CPU
