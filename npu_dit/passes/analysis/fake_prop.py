@@ -25,6 +25,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 from torch._dynamo.source import ConstantSource
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._sympy.functions import Max
 from torch.utils._pytree import tree_leaves, tree_map_only
 
 from npu_dit.passes.analysis.attention_ops import node_value
@@ -217,16 +218,26 @@ class _Refresh(torch.fx.Interpreter):
         self.rules = rules or {}
         self.sizes: dict[tuple, Any] = {}
         self.fakes: dict[tuple, torch.Tensor] = {}
+        self.substitutions: dict[tuple, torch.Tensor] = {}
+        self.mappings: dict[int, Any] = {}
         self.substituted = self.by_rule = 0
 
     def run_node(self, node: fx.Node) -> Any:
         if node.op not in ("placeholder", "output", "get_attr"):
             mapping = self.rename(node)
             old = node.meta.get("val")
+            if isinstance(mapping, Rewired):
+                mapping = mapping.symbols if self.inputs_match(mapping) else None
             if mapping is not None and _substitutable(old):
                 if isinstance(mapping, Resize):
-                    resize = iter(mapping.dims)
-                    value = tree_map_only(torch.Tensor, lambda t: self.tensor(t, mapping.symbols, next(resize)), old)
+                    if isinstance(old, torch.Tensor) and len(mapping.dims) == 1:
+                        value = self.tensor(old, mapping.symbols, mapping.dims[0])
+                    else:
+                        resize = iter(mapping.dims)
+                        value = tree_map_only(torch.Tensor, lambda t: self.tensor(t, mapping.symbols, next(resize)),
+                                              old)
+                elif isinstance(old, torch.Tensor):
+                    value = self.tensor(old, mapping)
                 else:
                     value = tree_map_only(torch.Tensor, lambda t: self.tensor(t, mapping), old)
                 node.meta["val"] = value
@@ -254,6 +265,26 @@ class _Refresh(torch.fx.Interpreter):
                 node.meta["val"] = value
         return value
 
+    def inputs_match(self, rewired: "Rewired") -> bool:
+        """Whether every input the rewrite swapped has the value (sizes, strides, dtype) the input it
+        replaced had, with the node's own symbol mapping put in: then the node computes what it did."""
+        for new, old in rewired.inputs:
+            value = self.env.get(new)
+            if isinstance(old, torch.Tensor) and isinstance(value, torch.Tensor):
+                if (old.dtype, old.device, old.dim()) != (value.dtype, value.device, value.dim()):
+                    return False
+                mapped = [self.size(s, rewired.symbols) for s in old.shape]
+                mapped_strides = [self.size(s, rewired.symbols) for s in old.stride()]
+                if ([_key(s) for s in mapped] != [_key(s) for s in value.shape]
+                        or not all(_same_stride(a, b) for a, b in zip(mapped_strides, value.stride()))):
+                    return False
+            elif isinstance(old, (torch.SymInt, int)) and isinstance(value, (torch.SymInt, int)):
+                if _key(self.size(old, rewired.symbols)) != _key(value):
+                    return False
+            else:
+                return False
+        return True
+
     def size(self, value: Any, mapping: dict) -> Any:
         if not isinstance(value, torch.SymInt):
             return int(value)
@@ -276,6 +307,17 @@ class _Refresh(torch.fx.Interpreter):
         return found
 
     def tensor(self, value: torch.Tensor, mapping: dict, resize: dict | None = None) -> torch.Tensor:
+        # memoised on the old value's raw size expressions: most nodes of a transformer repeat a few
+        # dozen shapes (the expressions' hashes are cached; `SymNode.expr` walks each one)
+        key = (id(mapping) if self.symbols is not None else None, _raw(value.shape), _raw(value.stride()),
+               tuple(resize.items()) if resize else (), value.dtype, value.device, value.requires_grad)
+        found = self.substitutions.get(key)
+        if found is None:
+            found = self.substitutions[key] = self._tensor(value, mapping, resize)
+            self.mappings[id(mapping)] = mapping  # keeps the id in the key unique
+        return found
+
+    def _tensor(self, value: torch.Tensor, mapping: dict, resize: dict | None = None) -> torch.Tensor:
         sizes = [self.size(s, mapping) for s in value.shape]
         strides = [self.size(s, mapping) for s in value.stride()]
         if resize:
@@ -300,6 +342,11 @@ class _Refresh(torch.fx.Interpreter):
         return found
 
 
+def _raw(sizes: Any) -> tuple:
+    """Sizes as their SymNodes' stored expressions (no replacement lookup): a memo key."""
+    return tuple(s.node._expr if isinstance(s, torch.SymInt) else int(s) for s in sizes)
+
+
 def _key(size: Any) -> Any:
     return size.node.expr if isinstance(size, torch.SymInt) else int(size)
 
@@ -310,6 +357,55 @@ class Resize(NamedTuple):
 
     symbols: dict
     dims: list
+
+
+def _same_stride(a: Any, b: Any) -> bool:
+    """Equal strides, reading `Max(1, size)` as `size`: a contiguous tensor made with symbolic sizes
+    (`torch.empty`) guards each stride against a size of 0, where the tensor holds nothing."""
+    ea, eb = _key(a), _key(b)
+    if ea == eb:
+        return True
+    one = sympy.Integer(1)
+    ea, eb = (e.replace(lambda x: isinstance(x, (sympy.Max, Max)) and len(x.args) == 2 and one in x.args,
+                        lambda x: next(y for y in x.args if y != one)) if isinstance(e, sympy.Expr) else e
+              for e in (sympy.sympify(ea), sympy.sympify(eb)))
+    return sympy.expand(ea - eb) == 0
+
+
+class Rewired(NamedTuple):
+    """A node the rewrite re-wired: substituted like an untouched node (`symbols`) when each swapped
+    input (`inputs`: new input node, value of the input it replaced) has the old value with `symbols`
+    put in; run otherwise."""
+
+    symbols: dict
+    inputs: list
+
+
+def swapped_inputs(old: Any, new: Any) -> list[tuple[fx.Node, fx.Node]] | None:
+    """The (new, old) node pairs where `new` (a node's arguments now) differs from `old` (its
+    arguments before the rewrite) only by nodes put in place of nodes; None if anything else differs."""
+    pairs: list[tuple[fx.Node, fx.Node]] = []
+
+    def walk(a: Any, b: Any) -> bool:
+        if a is b:
+            return True
+        if isinstance(a, fx.Node) or isinstance(b, fx.Node):
+            if isinstance(a, fx.Node) and isinstance(b, fx.Node):
+                pairs.append((b, a))
+                return True
+            return False
+        if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+            return len(a) == len(b) and all(walk(x, y) for x, y in zip(a, b))
+        if isinstance(a, dict) and isinstance(b, dict):
+            return a.keys() == b.keys() and all(walk(a[k], b[k]) for k in a)
+        if type(a) is not type(b) or isinstance(a, (torch.Tensor, torch.SymInt)):
+            return False
+        try:
+            return bool(a == b)
+        except Exception:  # noqa: BLE001 - not comparable: treat as changed
+            return False
+
+    return pairs if walk(old, new) else None
 
 
 def _substitutable(value: Any) -> bool:
