@@ -266,24 +266,27 @@ class _Refresh(torch.fx.Interpreter):
         return value
 
     def inputs_match(self, rewired: "Rewired") -> bool:
-        """Whether every input the rewrite swapped has the value (sizes, strides, dtype) the input it
-        replaced had, with the node's own symbol mapping put in: then the node computes what it did."""
-        for new, old in rewired.inputs:
-            value = self.env.get(new)
-            if isinstance(old, torch.Tensor) and isinstance(value, torch.Tensor):
-                if (old.dtype, old.device, old.dim()) != (value.dtype, value.device, value.dim()):
-                    return False
-                mapped = [self.size(s, rewired.symbols) for s in old.shape]
-                mapped_strides = [self.size(s, rewired.symbols) for s in old.stride()]
-                if ([_key(s) for s in mapped] != [_key(s) for s in value.shape]
-                        or not all(_same_stride(a, b) for a, b in zip(mapped_strides, value.stride()))):
-                    return False
-            elif isinstance(old, (torch.SymInt, int)) and isinstance(value, (torch.SymInt, int)):
-                if _key(self.size(old, rewired.symbols)) != _key(value):
-                    return False
-            else:
+        """Whether every input listed (the ones the rewrite swapped) has the value (sizes, strides,
+        dtype) the input it replaced had, with the node's own symbol mapping put in: then the node
+        computes what it did."""
+        return all(self.matches(old, self.env.get(new), rewired.symbols) for new, old in rewired.inputs)
+
+    def matches(self, old: Any, value: Any, mapping: dict) -> bool:
+        if isinstance(old, torch.Tensor) and isinstance(value, torch.Tensor):
+            if (old.dtype, old.device, old.dim()) != (value.dtype, value.device, value.dim()):
                 return False
-        return True
+            mapped = self.tensor(old, mapping)  # memoised: an input substituted itself is this very value
+            if mapped is value:
+                return True
+            return ([_key(s) for s in mapped.shape] == [_key(s) for s in value.shape]
+                    and all(_same_stride(a, b) for a, b in zip(mapped.stride(), value.stride())))
+        if isinstance(old, (torch.SymInt, int)) and isinstance(value, (torch.SymInt, int)):
+            return _key(self.size(old, mapping)) == _key(value)
+        if isinstance(old, (tuple, list)) and isinstance(value, (tuple, list)):
+            return len(old) == len(value) and all(self.matches(a, b, mapping) for a, b in zip(old, value))
+        if isinstance(old, (float, bool, type(None))) and type(old) is type(value):
+            return old == value
+        return old is value and not isinstance(old, torch.SymInt)  # a placeholder's SymFloat, kept as it was
 
     def size(self, value: Any, mapping: dict) -> Any:
         if not isinstance(value, torch.SymInt):
