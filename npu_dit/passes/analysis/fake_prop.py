@@ -412,6 +412,8 @@ def swapped_inputs(old: Any, new: Any) -> list[tuple[fx.Node, fx.Node]] | None:
 
 
 def _substitutable(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
     leaves = tree_leaves(value)
     return bool(leaves) and all(isinstance(v, torch.Tensor) for v in leaves)
 
