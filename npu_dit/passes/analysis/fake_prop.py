@@ -221,6 +221,7 @@ class _Refresh(torch.fx.Interpreter):
         self.substitutions: dict[tuple, torch.Tensor] = {}
         self.mappings: dict[int, Any] = {}
         self.substituted = self.by_rule = 0
+        self.ran: list[fx.Node] = []  # nodes run on fake values (neither substituted nor by rule)
 
     def run_node(self, node: fx.Node) -> Any:
         if node.op not in ("placeholder", "output", "get_attr"):
@@ -255,6 +256,8 @@ class _Refresh(torch.fx.Interpreter):
                     node.meta["val"] = value
                     self.by_rule += 1
                     return value
+        if node.op not in ("placeholder", "output"):
+            self.ran.append(node)
         with self.mode:
             value = super().run_node(node)
         if node.op == "get_attr" and isinstance(value, torch.Tensor):
@@ -420,11 +423,12 @@ def _substitutable(value: Any) -> bool:
 
 def refresh(gm: fx.GraphModule, placeholder_values: list[Any], symbols: SymbolMap | None,
             rename: Callable[[fx.Node], Any], rules: dict | None = None,
-            mode: FakeTensorMode | None = None) -> tuple[int, int]:
+            mode: FakeTensorMode | None = None) -> "RefreshStats":
     """Give every node its new meta["val"]: substituted where `rename(node)` gives a symbol mapping
-    (a node the rewrite left as it was), run on fake values elsewhere (inserted and re-wired nodes,
-    sizes), by a shape rule where `rules` has one for the target. Returns how many nodes were
-    substituted and how many built by rule."""
+    (a node the rewrite left as it was) or a `Rewired` whose swapped inputs have their old values with
+    the mapping put in, by a shape rule where `rules` has one for the target, run on fake values
+    elsewhere (inserted nodes, re-wired nodes whose inputs changed, sizes). Returns how many nodes were
+    substituted, how many built by rule, and the nodes run."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, value in zip(placeholders, placeholder_values):
         node.meta["val"] = value
@@ -432,4 +436,10 @@ def refresh(gm: fx.GraphModule, placeholder_values: list[Any], symbols: SymbolMa
     interpreter = _Refresh(gm, mode, symbols, rename, rules)
     with mode.shape_env.suppress_guards():
         interpreter.run(*placeholder_values)
-    return interpreter.substituted, interpreter.by_rule
+    return RefreshStats(interpreter.substituted, interpreter.by_rule, interpreter.ran)
+
+
+class RefreshStats(NamedTuple):
+    substituted: int
+    by_rule: int
+    ran: list
