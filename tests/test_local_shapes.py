@@ -130,7 +130,7 @@ def test_the_real_shape_check_catches_a_wrong_recorded_shape(tiny_capture):
 def _rewire(replacement):
     """`b = (x * 2).permute(1, 0)` traced with fake values (x: [s, 3]), then b re-wired to an inserted
     `replacement(x)`; the refresh binds s to a fresh local length L. Returns (gm, b, stats)."""
-    import torch.fx as fx
+    from torch import fx
 
     from npu_dit.passes.analysis.fake_prop import (Rewired, SymbolMap, copied_placeholder_values, refresh,
                                                    repropagate, swapped_inputs)
@@ -185,7 +185,7 @@ def test_under_tp_and_ulysses_no_tensor_op_of_the_captured_graph_is_fake_run(tin
     """Strict mode, TP-2 then Ulysses-2 on FLUX.1-dev: every tensor op of the captured graph gets its
     local value by substitution (untouched, or re-wired onto inserted calls that restore its inputs'
     values: the permutes after each rewritten attention); only lengths are computed again."""
-    import npu_dit.passes.analysis.fake_prop as fake_prop
+    from npu_dit.passes.analysis import fake_prop
     from npu_dit.passes.tensor_parallel import tensor_parallel_pass
     from npu_dit.passes.ulysses import ulysses_pass
     from npu_dit.runtime.dist import inspection_context

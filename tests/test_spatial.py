@@ -105,7 +105,7 @@ def test_spatial_refresh_substitutes_what_no_resampling_feeds(monkeypatch):
     by substitution, unless a resampling feeds it (nearest upsampling's fake kernel specialises its
     sizes in a fresh ShapeEnv, and the full propagation does the same) or the attention does (its
     rule gives a contiguous output, the kernel another layout); the band helpers by rule."""
-    import npu_dit.passes.analysis.fake_prop as fake_prop
+    from npu_dit.passes.analysis import fake_prop
     from npu_dit.models.vae import build_vae, example_input
     from npu_dit.passes.analysis.attention_ops import is_sdpa
     from npu_dit.passes.ops import semantics

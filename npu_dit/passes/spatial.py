@@ -612,7 +612,7 @@ def spatial_pass(gm: fx.GraphModule, *, ctx: ParallelContext) -> PassResult:
     return PassResult(gm, modified=True, counts=rewriter.counts, notes=plan.describe() + rewriter.sites)
 
 
-def refresh_local_shapes(gm: fx.GraphModule, plan: SpatialPlan, rewriter: "_Rewriter | None" = None) -> None:
+def refresh_local_shapes(gm: fx.GraphModule, plan: SpatialPlan, rewriter: _Rewriter | None = None) -> None:
     """meta["val"] of every node becomes this rank's value for the example input's bands: the height
     symbol gets the band's rows (a fresh symbol whose hint is this rank's row count), the unit inputs
     their example values. A node of the captured graph whose inputs have their old values with the rows

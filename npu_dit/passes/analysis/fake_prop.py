@@ -268,7 +268,7 @@ class _Refresh(torch.fx.Interpreter):
                 node.meta["val"] = value
         return value
 
-    def inputs_match(self, rewired: "Rewired") -> bool:
+    def inputs_match(self, rewired: Rewired) -> bool:
         """Whether every input listed (the ones the rewrite swapped) has the value (sizes, strides,
         dtype) the input it replaced had, with the node's own symbol mapping put in: then the node
         computes what it did."""
@@ -423,7 +423,7 @@ def _substitutable(value: Any) -> bool:
 
 def refresh(gm: fx.GraphModule, placeholder_values: list[Any], symbols: SymbolMap | None,
             rename: Callable[[fx.Node], Any], rules: dict | None = None,
-            mode: FakeTensorMode | None = None) -> "RefreshStats":
+            mode: FakeTensorMode | None = None) -> RefreshStats:
     """Give every node its new meta["val"]: substituted where `rename(node)` gives a symbol mapping
     (a node the rewrite left as it was) or a `Rewired` whose swapped inputs have their old values with
     the mapping put in, by a shape rule where `rules` has one for the target, run on fake values
