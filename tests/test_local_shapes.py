@@ -125,3 +125,83 @@ def test_the_real_shape_check_catches_a_wrong_recorded_shape(tiny_capture):
     finally:
         node.meta["val"] = saved
     assert problems and node.name in problems[0], problems
+
+
+def _rewire(replacement):
+    """`b = (x * 2).permute(1, 0)` traced with fake values (x: [s, 3]), then b re-wired to an inserted
+    `replacement(x)`; the refresh binds s to a fresh local length L. Returns (gm, b, stats)."""
+    from torch import fx
+
+    from npu_dit.passes.analysis.fake_prop import (Rewired, SymbolMap, copied_placeholder_values, refresh,
+                                                   repropagate, swapped_inputs)
+
+    gm = fx.symbolic_trace(lambda x: (x * 2).permute(1, 0))
+    before = SymbolMap()
+    s = before.env.create_symintnode(before.new_symbol("s", 6), hint=6)
+    with before.mode:
+        repropagate(gm, [torch.empty(s, 3)])
+    *_, output = gm.graph.nodes
+    output.meta.pop("val", None)  # as in a captured graph: the refresh gives no value to the output
+    x, a, b = [n for n in gm.graph.nodes if n.op != "output"]
+    original = {n: (n.args, n.kwargs) for n in gm.graph.nodes}
+    old_values = {n: n.meta["val"] for n in gm.graph.nodes if "val" in n.meta}
+    with gm.graph.inserting_before(b):
+        c = gm.graph.call_function(replacement, (x,))
+    b.replace_input_with(a, c)
+    gm.recompile()
+
+    symbols = SymbolMap()
+    local = symbols.new_symbol("L", 3)
+    symbols.bind(s.node.expr, local)
+
+    def rename(node):
+        if node not in original:
+            return None
+        if original[node] == (node.args, node.kwargs):
+            return {}
+        return Rewired({}, [(new, old_values[old]) for new, old in swapped_inputs(original[node], (node.args, node.kwargs))])
+
+    stats = refresh(gm, copied_placeholder_values(gm, symbols), symbols, rename)
+    return gm, b, local, stats
+
+
+def test_a_rewired_node_is_substituted_only_when_its_new_inputs_have_the_old_values():
+    """The refresh's rule for re-wired nodes (the permute after a rewritten attention): substituted
+    when its new input has the old input's value with the local length put in; run otherwise."""
+    from npu_dit.passes.analysis.fake_prop import meta_mismatches
+
+    gm, b, local, stats = _rewire(lambda x: x + 1)  # same value as x * 2: substituted
+    assert b not in stats.ran
+    assert [s.node.expr if isinstance(s, torch.SymInt) else s for s in b.meta["val"].shape] == [3, local]
+    assert meta_mismatches(gm) == []
+
+    gm, b, local, stats = _rewire(lambda x: x[:2])  # another length: run, and its new shape recorded
+    assert b in stats.ran
+    assert list(b.meta["val"].shape) == [3, 2]
+    assert meta_mismatches(gm) == []
+
+
+def test_under_tp_and_ulysses_no_tensor_op_of_the_captured_graph_is_fake_run(tiny_capture, monkeypatch):
+    """Strict mode, TP-2 then Ulysses-2 on FLUX.1-dev: every tensor op of the captured graph gets its
+    local value by substitution (untouched, or re-wired onto inserted calls that restore its inputs'
+    values: the permutes after each rewritten attention); only lengths are computed again."""
+    from npu_dit.passes.analysis import fake_prop
+    from npu_dit.passes.tensor_parallel import tensor_parallel_pass
+    from npu_dit.passes.ulysses import ulysses_pass
+    from npu_dit.runtime.dist import inspection_context
+
+    monkeypatch.setenv("NPU_DIT_LINT", "1")
+    stats = []
+    refresh = fake_prop.refresh
+    monkeypatch.setattr(fake_prop, "refresh", lambda *a, **k: stats.append(refresh(*a, **k)) or stats[-1])
+    _, _, cap = tiny_capture("flux")
+    captured = {n.name for n in cap.gm.graph.nodes}
+    tp = functools.partial(tensor_parallel_pass, ctx=inspection_context(2, 1), release_weights=False)
+    gm = _rewrite(cap, [("tensor_parallel", tp),
+                        ("ulysses", functools.partial(ulysses_pass, ctx=inspection_context(2, 1)))])
+    assert len(stats) == 2 and all(s.substituted > 400 for s in stats)
+    rewired = [n for n in gm.graph.nodes if n.target == "permute" and n.args[0].name not in captured]
+    assert rewired  # the permutes fed by the attention rewrite's output
+    for s in stats:
+        ran = [n.name for n in s.ran if n.name in captured and isinstance(n.meta.get("val"), torch.Tensor)]
+        assert ran == []

@@ -100,6 +100,35 @@ def test_spatial_structure(kind, fn):
     assert [d for _, d in plan.outputs] and all(d == x.dim() - 2 for _, d in plan.outputs)
 
 
+def test_spatial_refresh_substitutes_what_no_resampling_feeds(monkeypatch):
+    """Strict mode on FLUX's decoder (rank 1 of 3): a node of the captured graph gets its band value
+    by substitution, unless a resampling feeds it (nearest upsampling's fake kernel specialises its
+    sizes in a fresh ShapeEnv, and the full propagation does the same) or the attention does (its
+    rule gives a contiguous output, the kernel another layout); the band helpers by rule."""
+    from npu_dit.passes.analysis import fake_prop
+    from npu_dit.models.vae import build_vae, example_input
+    from npu_dit.passes.analysis.attention_ops import is_sdpa
+    from npu_dit.passes.ops import semantics
+
+    stats = []
+    refresh = fake_prop.refresh
+    monkeypatch.setattr(fake_prop, "refresh", lambda *a, **k: stats.append(refresh(*a, **k)) or stats[-1])
+    vae = build_vae("flux", "tiny")
+    gm = _capture(vae.decode, example_input("flux", "tiny", height=56, width=40, encode=False))
+    captured = {n.name for n in gm.graph.nodes}
+    out, report = _rewrite(gm, 3, 1)
+    assert not report.fell_back, report.fallback_reason
+    assert fake_prop.meta_mismatches(out) == []
+    fed = {n for n in out.graph.nodes if getattr(semantics(n), "kind", None) == "resample" or is_sdpa(n)}
+    for node in out.graph.nodes:  # in graph order: what a resampling feeds, directly or not
+        if any(i in fed for i in node.all_input_nodes):
+            fed.add(node)
+    (refreshed,) = stats
+    ran = [n for n in refreshed.ran if n.name in captured and isinstance(n.meta.get("val"), torch.Tensor)]
+    assert refreshed.substituted > 0 and refreshed.by_rule > 0
+    assert [n.name for n in ran if n not in fed] == []
+
+
 def test_spatial_refuses_uncovered_ops_in_process():
     from tests.synthetic_spatial import ConvBilinear, ConvFlip
 

@@ -155,6 +155,30 @@ def spatial_neighbour_rows(x, dim, top, bottom, rank, world, group_name):
     return [count, *rest], x.dtype, x.device
 
 
+def spatial_halo_exchange(x, dim, top, bottom, edge_top, edge_bottom, rank, world, group_name):
+    """The band with the neighbours' rows around it (zero rows at the global edges)."""
+    dim = dim % x.dim()
+    above = top if rank > 0 else edge_top
+    below = bottom if rank < world - 1 else edge_bottom
+    return _set(x.shape, dim, x.shape[dim] + above + below), x.dtype, x.device
+
+
+def spatial_gather_rows_start(x, dim, units, rank, world, group_name):
+    per_unit = x.shape[dim] // units[rank]
+    rest = [s for d, s in enumerate(x.shape) if d != dim % x.dim()]
+    return [sum(per_unit * u for u in units), *rest], x.dtype, x.device
+
+
+def spatial_gather_rows_wait(y, dim):
+    first, *rest = y.shape  # y.movedim(0, dim)
+    dim = dim % y.dim()
+    return rest[:dim] + [first] + rest[dim:], y.dtype, y.device
+
+
 SPATIAL_RULES: dict[Any, Any] = {
     S.group_norm: spatial_group_norm, S.halo_conv: spatial_halo_conv, S.neighbour_rows: spatial_neighbour_rows,
+    S.halo_exchange: spatial_halo_exchange,
+    S.gather_rows_start: spatial_gather_rows_start, S.gather_rows_wait: spatial_gather_rows_wait,
+    # attention over the gathered keys/values (one or two calls, but a symbolic SDPA is ~1 s of fake dispatch)
+    **{target: attention for target in SDPA_TARGETS},
 }

@@ -171,6 +171,9 @@ class _Rewriter:
 
     # ---- the walk ------------------------------------------------------------------------------
     def run(self) -> None:
+        # what each node was called with: the refresh substitutes the nodes whose arguments are the
+        # same objects (or nodes whose new values are their old ones with the band's rows put in)
+        self.original_args = {n: (n.args, n.kwargs) for n in self.graph.nodes}
         placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
         self.bands[placeholders[self.input_index]] = Band(self.dim, Fraction(1))
         last = placeholders[-1]
@@ -605,15 +608,18 @@ def spatial_pass(gm: fx.GraphModule, *, ctx: ParallelContext) -> PassResult:
     gm.meta[SPATIAL_META_KEY] = plan
     gm.graph.lint()
     gm.recompile()
-    refresh_local_shapes(gm, plan)
+    refresh_local_shapes(gm, plan, rewriter)
     return PassResult(gm, modified=True, counts=rewriter.counts, notes=plan.describe() + rewriter.sites)
 
 
-def refresh_local_shapes(gm: fx.GraphModule, plan: SpatialPlan) -> None:
+def refresh_local_shapes(gm: fx.GraphModule, plan: SpatialPlan, rewriter: _Rewriter | None = None) -> None:
     """meta["val"] of every node becomes this rank's value for the example input's bands: the height
     symbol gets the band's rows (a fresh symbol whose hint is this rank's row count), the unit inputs
-    their example values."""
-    from npu_dit.passes.analysis.fake_prop import SymbolMap, copied_placeholder_values, refresh, repropagate
+    their example values. A node of the captured graph whose inputs have their old values with the rows
+    put in (every input, checked) gets its old value with the rows put in; the band helpers get theirs
+    by shape rules; the rest (inserted calls, nodes fed by them) runs on fake values."""
+    from npu_dit.passes.analysis.fake_prop import (Rewired, SymbolMap, copied_placeholder_values, refresh,
+                                                   repropagate, swapped_inputs)
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     source = node_value(placeholders[plan.input_index])
@@ -635,11 +641,29 @@ def refresh_local_shapes(gm: fx.GraphModule, plan: SpatialPlan) -> None:
             return unit_syms[i - first_unit]
         return None
 
-    if os.environ.get("NPU_DIT_FULL_REFRESH") == "1":
+    if rewriter is None or os.environ.get("NPU_DIT_FULL_REFRESH") == "1":
         repropagate(gm, copied_placeholder_values(gm, symbols, override))
         return
-    # every node runs on fake values except the band helpers, which get their shapes by rule (a
-    # group norm or halo convolution traced op by op is most of a VAE decoder's refresh)
+    old_values = {n: n.meta.get("val") for n in rewriter.original_args}
+    rows_in: dict = {}  # the one mapping: the height's symbol is bound in `symbols` itself
+
+    def rename(node: fx.Node) -> Rewired | None:
+        original = rewriter.original_args.get(node)
+        if original is None:
+            return None  # inserted: its shape rule, or run
+        if getattr(semantics(node), "kind", None) == "resample":
+            # nearest upsampling's fake kernel makes float sizes and specialises them in a fresh
+            # ShapeEnv: substituting `2 * rows` would disagree with a full propagation (strict mode)
+            return None
+        swapped = swapped_inputs(original, (node.args, node.kwargs))
+        if swapped is None:
+            return None
+        # unlike the token rewrite, no analysis says which nodes hold the band: every input is checked
+        swapped_in = {new for new, _ in swapped}
+        inputs = [(new, old_values.get(old)) for new, old in swapped]
+        inputs += [(n, old_values.get(n)) for n in node.all_input_nodes if n not in swapped_in]
+        return Rewired(rows_in, inputs)
+
     from npu_dit.passes.collective_meta import SPATIAL_RULES
 
-    refresh(gm, copied_placeholder_values(gm, symbols, override), symbols, lambda node: None, SPATIAL_RULES)
+    refresh(gm, copied_placeholder_values(gm, symbols, override), symbols, rename, SPATIAL_RULES)

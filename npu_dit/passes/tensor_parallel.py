@@ -194,7 +194,8 @@ def refresh_tp_shapes(gm: fx.GraphModule, shards: list[WeightShard], world: int,
             value = node_value(node)
             return Resize({}, [{value.dim() - 1: int(value.shape[-1]) // world}])
         placement = placements.get(node)
-        leaves = [v for v in tree_leaves(node.meta.get("val")) if isinstance(v, torch.Tensor)]
+        value = node.meta.get("val")
+        leaves = [value] if isinstance(value, torch.Tensor) else [v for v in tree_leaves(value) if isinstance(v, torch.Tensor)]
         outputs = placement if isinstance(placement, list) else [placement] * len(leaves)
         if len(outputs) != len(leaves):
             return None

@@ -1009,7 +1009,8 @@ def refresh_local_shapes(gm: fx.GraphModule, plan: ShardingPlan, rewriter: "_Rew
     global symbol G per stream, sharded token dims and the SymInt inputs the executor refreshes the
     local length (G + P - 1 - rank) // P (an expression of G, so the all-to-alls' split sizes and the
     local shapes agree symbolically), and the whole graph is propagated again."""
-    from npu_dit.passes.analysis.fake_prop import SymbolMap, copied_placeholder_values, refresh, repropagate, shape_hint
+    from npu_dit.passes.analysis.fake_prop import (Rewired, SymbolMap, copied_placeholder_values, refresh, repropagate,
+                                                   shape_hint, swapped_inputs)
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     symbols = SymbolMap()
@@ -1053,6 +1054,8 @@ def refresh_local_shapes(gm: fx.GraphModule, plan: ShardingPlan, rewriter: "_Rew
             return int(expr)
         return symbols.env.create_symintnode(expr, hint=shape_hint(symbols.env, expr))
 
+    # the values the graph's own nodes had before this pass (a re-wired node's old inputs)
+    old_values = {} if rewriter is None else {n: n.meta.get("val") for n in rewriter.original_args}
     values = copied_placeholder_values(gm, symbols, override)
     if rewriter is None or os.environ.get("NPU_DIT_FULL_REFRESH") == "1":
         repropagate(gm, values)
@@ -1062,10 +1065,10 @@ def refresh_local_shapes(gm: fx.GraphModule, plan: ShardingPlan, rewriter: "_Rew
     lengths = {s.id: (local[s.id].node.expr, global_[s.id].node.expr) for s in plan.sharded_streams}
     mappings: dict[frozenset, dict] = {}
 
-    def rename(node: fx.Node) -> dict | None:
+    def rename(node: fx.Node) -> dict | Rewired | None:
         original = rewriter.original_args.get(node)
-        if original is None or original[0] is not node.args or original[1] is not node.kwargs:
-            return None  # inserted or re-wired: run it
+        if original is None:
+            return None  # inserted: run it (or its shape rule)
         held = rewriter.local.get(node, frozenset())
         if held & set(rewriter.grid_rows):
             return None  # local patch-grid tokens: lengths made of rows, not symbols
@@ -1073,7 +1076,14 @@ def refresh_local_shapes(gm: fx.GraphModule, plan: ShardingPlan, rewriter: "_Rew
         if mapping is None:
             mapping = {old: lengths[s.id][0 if s.id in held else 1] for s in plan.sharded_streams for old in s.symbols}
             mappings[held] = mapping
-        return mapping
+        if original[0] is node.args and original[1] is node.kwargs:
+            return mapping
+        # re-wired (the permute after a rewritten attention): substituted where each new input has the
+        # value the old one had with this node's lengths put in, run otherwise
+        swapped = swapped_inputs(original, (node.args, node.kwargs))
+        if swapped is None or any(old not in old_values for _, old in swapped):
+            return None
+        return Rewired(mapping, [(new, old_values[old]) for new, old in swapped])
 
     from npu_dit.passes.collective_meta import RULES
 

@@ -357,5 +357,6 @@ def format_report(r: dict[str, Any]) -> str:
     tm = r["timings"]
     add(f"  time: build {tm['build_s']:.1f} s, trace {tm['trace_s']:.1f} s, analyses {tm['analysis_s']:.2f} s "
         f"(blocks {tm['analysis_blocks_s']:.2f}, attention {tm['analysis_attention_s']:.2f}, "
-        f"token dims {tm['analysis_token_dims_s']:.2f}), passes {tm['passes_s']:.2f} s")
+        f"token dims {tm['analysis_token_dims_s']:.2f}), passes {tm['passes_s']:.2f} s "
+        f"= {tm['passes_s'] / max(tm['trace_s'], 1e-9):.3f} x trace")
     return "\n".join(lines)

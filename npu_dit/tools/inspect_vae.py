@@ -103,17 +103,22 @@ def inspect_vae(
     start = time.perf_counter()
     vae = build_vae(kind, size, device="meta", dtype=dtype)
     x = example_input(kind, size, height=height, width=width, encode=fn == "encode", device="meta", dtype=dtype)
+    built = time.perf_counter() - start
+    start = time.perf_counter()
     captured = capture_graph(getattr(vae, fn), {"z" if fn == "decode" else "x": x})
     traced = time.perf_counter() - start
     gm = captured.gm
     report: dict[str, Any] = {
         "model": model, "vae": type(vae).__name__, "call": fn, "size": size, "height": height, "width": width,
         "dtype": str(dtype).removeprefix("torch."), "input_shape": list(x.shape), "spatial_degree": world,
-        "nodes_captured": len(gm.graph.nodes), "trace_seconds": round(traced, 1),
+        "nodes_captured": len(gm.graph.nodes), "build_seconds": round(built, 2), "trace_seconds": round(traced, 2),
         "parameters": sum(p.numel() for p in vae.parameters()), "ranks": [],
     }
     for rank in range(world):
+        start = time.perf_counter()
         rewritten, passes = run_passes(gm, build_pipeline(cfg, inspection_context(world, rank)))
+        if rank == 0:
+            report["passes_seconds"] = round(time.perf_counter() - start, 2)  # rank 0's, as `inspect` MODEL
         if passes.fell_back:
             report["fallback"] = passes.fallback_reason
             return report
@@ -124,7 +129,7 @@ def inspect_vae(
             report["plan"] = plan.describe()
             report["counts"] = spatial.counts
             report["sites"] = spatial.notes[len(plan.describe()):]
-            report["pass_seconds"] = round(spatial.seconds, 1)
+            report["pass_seconds"] = round(spatial.seconds, 2)
             report["bands"] = [plan.align * u for u in units]
         runner = _MetaRun(rewritten, world)
         with torch.no_grad():
@@ -156,6 +161,8 @@ def format_vae_report(report: dict[str, Any]) -> str:
     )
     lines.append("  sites:")
     lines += [f"    {site}" for site in report["sites"]]
+    lines.append(f"  time: build {report['build_seconds']} s, trace {report['trace_seconds']} s, passes (rank 0) "
+                 f"{report['passes_seconds']} s = {report['passes_seconds'] / max(report['trace_seconds'], 1e-9):.3f} x trace")
     lines.append("  bytes sent per rank (one call):")
     for entry in report["ranks"]:
         detail = ", ".join(f"{kind}: {count} x, {nbytes / 2**20:.2f} MiB" for kind, (count, nbytes) in entry["sent"].items())

@@ -25,6 +25,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
 from torch._dynamo.source import ConstantSource
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._sympy.functions import Max
 from torch.utils._pytree import tree_leaves, tree_map_only
 
 from npu_dit.passes.analysis.attention_ops import node_value
@@ -217,16 +218,27 @@ class _Refresh(torch.fx.Interpreter):
         self.rules = rules or {}
         self.sizes: dict[tuple, Any] = {}
         self.fakes: dict[tuple, torch.Tensor] = {}
+        self.substitutions: dict[tuple, torch.Tensor] = {}
+        self.mappings: dict[int, Any] = {}
         self.substituted = self.by_rule = 0
+        self.ran: list[fx.Node] = []  # nodes run on fake values (neither substituted nor by rule)
 
     def run_node(self, node: fx.Node) -> Any:
         if node.op not in ("placeholder", "output", "get_attr"):
             mapping = self.rename(node)
             old = node.meta.get("val")
+            if isinstance(mapping, Rewired):
+                mapping = mapping.symbols if self.inputs_match(mapping) else None
             if mapping is not None and _substitutable(old):
                 if isinstance(mapping, Resize):
-                    resize = iter(mapping.dims)
-                    value = tree_map_only(torch.Tensor, lambda t: self.tensor(t, mapping.symbols, next(resize)), old)
+                    if isinstance(old, torch.Tensor) and len(mapping.dims) == 1:
+                        value = self.tensor(old, mapping.symbols, mapping.dims[0])
+                    else:
+                        resize = iter(mapping.dims)
+                        value = tree_map_only(torch.Tensor, lambda t: self.tensor(t, mapping.symbols, next(resize)),
+                                              old)
+                elif isinstance(old, torch.Tensor):
+                    value = self.tensor(old, mapping)
                 else:
                     value = tree_map_only(torch.Tensor, lambda t: self.tensor(t, mapping), old)
                 node.meta["val"] = value
@@ -244,6 +256,8 @@ class _Refresh(torch.fx.Interpreter):
                     node.meta["val"] = value
                     self.by_rule += 1
                     return value
+        if node.op not in ("placeholder", "output"):
+            self.ran.append(node)
         with self.mode:
             value = super().run_node(node)
         if node.op == "get_attr" and isinstance(value, torch.Tensor):
@@ -253,6 +267,29 @@ class _Refresh(torch.fx.Interpreter):
             if value is not None:
                 node.meta["val"] = value
         return value
+
+    def inputs_match(self, rewired: Rewired) -> bool:
+        """Whether every input listed (the ones the rewrite swapped) has the value (sizes, strides,
+        dtype) the input it replaced had, with the node's own symbol mapping put in: then the node
+        computes what it did."""
+        return all(self.matches(old, self.env.get(new), rewired.symbols) for new, old in rewired.inputs)
+
+    def matches(self, old: Any, value: Any, mapping: dict) -> bool:
+        if isinstance(old, torch.Tensor) and isinstance(value, torch.Tensor):
+            if (old.dtype, old.device, old.dim()) != (value.dtype, value.device, value.dim()):
+                return False
+            mapped = self.tensor(old, mapping)  # memoised: an input substituted itself is this very value
+            if mapped is value:
+                return True
+            return ([_key(s) for s in mapped.shape] == [_key(s) for s in value.shape]
+                    and all(_same_stride(a, b) for a, b in zip(mapped.stride(), value.stride())))
+        if isinstance(old, (torch.SymInt, int)) and isinstance(value, (torch.SymInt, int)):
+            return _key(self.size(old, mapping)) == _key(value)
+        if isinstance(old, (tuple, list)) and isinstance(value, (tuple, list)):
+            return len(old) == len(value) and all(self.matches(a, b, mapping) for a, b in zip(old, value))
+        if isinstance(old, (float, bool, type(None))) and type(old) is type(value):
+            return old == value
+        return old is value and not isinstance(old, torch.SymInt)  # a placeholder's SymFloat, kept as it was
 
     def size(self, value: Any, mapping: dict) -> Any:
         if not isinstance(value, torch.SymInt):
@@ -276,6 +313,17 @@ class _Refresh(torch.fx.Interpreter):
         return found
 
     def tensor(self, value: torch.Tensor, mapping: dict, resize: dict | None = None) -> torch.Tensor:
+        # memoised on the old value's raw size expressions: most nodes of a transformer repeat a few
+        # dozen shapes (the expressions' hashes are cached; `SymNode.expr` walks each one)
+        key = (id(mapping) if self.symbols is not None else None, _raw(value.shape), _raw(value.stride()),
+               tuple(resize.items()) if resize else (), value.dtype, value.device, value.requires_grad)
+        found = self.substitutions.get(key)
+        if found is None:
+            found = self.substitutions[key] = self._tensor(value, mapping, resize)
+            self.mappings[id(mapping)] = mapping  # keeps the id in the key unique
+        return found
+
+    def _tensor(self, value: torch.Tensor, mapping: dict, resize: dict | None = None) -> torch.Tensor:
         sizes = [self.size(s, mapping) for s in value.shape]
         strides = [self.size(s, mapping) for s in value.stride()]
         if resize:
@@ -300,6 +348,11 @@ class _Refresh(torch.fx.Interpreter):
         return found
 
 
+def _raw(sizes: Any) -> tuple:
+    """Sizes as their SymNodes' stored expressions (no replacement lookup): a memo key."""
+    return tuple(s.node._expr if isinstance(s, torch.SymInt) else int(s) for s in sizes)
+
+
 def _key(size: Any) -> Any:
     return size.node.expr if isinstance(size, torch.SymInt) else int(size)
 
@@ -312,18 +365,70 @@ class Resize(NamedTuple):
     dims: list
 
 
+def _same_stride(a: Any, b: Any) -> bool:
+    """Equal strides, reading `Max(1, size)` as `size`: a contiguous tensor made with symbolic sizes
+    (`torch.empty`) guards each stride against a size of 0, where the tensor holds nothing."""
+    ea, eb = _key(a), _key(b)
+    if ea == eb:
+        return True
+    one = sympy.Integer(1)
+    ea, eb = (e.replace(lambda x: isinstance(x, (sympy.Max, Max)) and len(x.args) == 2 and one in x.args,
+                        lambda x: next(y for y in x.args if y != one)) if isinstance(e, sympy.Expr) else e
+              for e in (sympy.sympify(ea), sympy.sympify(eb)))
+    return sympy.expand(ea - eb) == 0
+
+
+class Rewired(NamedTuple):
+    """A node the rewrite re-wired: substituted like an untouched node (`symbols`) when each swapped
+    input (`inputs`: new input node, value of the input it replaced) has the old value with `symbols`
+    put in; run otherwise."""
+
+    symbols: dict
+    inputs: list
+
+
+def swapped_inputs(old: Any, new: Any) -> list[tuple[fx.Node, fx.Node]] | None:
+    """The (new, old) node pairs where `new` (a node's arguments now) differs from `old` (its
+    arguments before the rewrite) only by nodes put in place of nodes; None if anything else differs."""
+    pairs: list[tuple[fx.Node, fx.Node]] = []
+
+    def walk(a: Any, b: Any) -> bool:
+        if a is b:
+            return True
+        if isinstance(a, fx.Node) or isinstance(b, fx.Node):
+            if isinstance(a, fx.Node) and isinstance(b, fx.Node):
+                pairs.append((b, a))
+                return True
+            return False
+        if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+            return len(a) == len(b) and all(walk(x, y) for x, y in zip(a, b))
+        if isinstance(a, dict) and isinstance(b, dict):
+            return a.keys() == b.keys() and all(walk(a[k], b[k]) for k in a)
+        if type(a) is not type(b) or isinstance(a, (torch.Tensor, torch.SymInt)):
+            return False
+        try:
+            return bool(a == b)
+        except Exception:  # noqa: BLE001 - not comparable: treat as changed
+            return False
+
+    return pairs if walk(old, new) else None
+
+
 def _substitutable(value: Any) -> bool:
+    if isinstance(value, torch.Tensor):
+        return True
     leaves = tree_leaves(value)
     return bool(leaves) and all(isinstance(v, torch.Tensor) for v in leaves)
 
 
 def refresh(gm: fx.GraphModule, placeholder_values: list[Any], symbols: SymbolMap | None,
             rename: Callable[[fx.Node], Any], rules: dict | None = None,
-            mode: FakeTensorMode | None = None) -> tuple[int, int]:
+            mode: FakeTensorMode | None = None) -> RefreshStats:
     """Give every node its new meta["val"]: substituted where `rename(node)` gives a symbol mapping
-    (a node the rewrite left as it was), run on fake values elsewhere (inserted and re-wired nodes,
-    sizes), by a shape rule where `rules` has one for the target. Returns how many nodes were
-    substituted and how many built by rule."""
+    (a node the rewrite left as it was) or a `Rewired` whose swapped inputs have their old values with
+    the mapping put in, by a shape rule where `rules` has one for the target, run on fake values
+    elsewhere (inserted nodes, re-wired nodes whose inputs changed, sizes). Returns how many nodes were
+    substituted, how many built by rule, and the nodes run."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, value in zip(placeholders, placeholder_values):
         node.meta["val"] = value
@@ -331,4 +436,10 @@ def refresh(gm: fx.GraphModule, placeholder_values: list[Any], symbols: SymbolMa
     interpreter = _Refresh(gm, mode, symbols, rename, rules)
     with mode.shape_env.suppress_guards():
         interpreter.run(*placeholder_values)
-    return interpreter.substituted, interpreter.by_rule
+    return RefreshStats(interpreter.substituted, interpreter.by_rule, interpreter.ran)
+
+
+class RefreshStats(NamedTuple):
+    substituted: int
+    by_rule: int
+    ran: list
