@@ -459,7 +459,7 @@ class _Rewriter:
         # what each node was called with: a node whose arguments are the same objects after the
         # rewrite is untouched, and its new shapes are its old ones with local/global lengths put in
         self.original_args = {n: (n.args, n.kwargs) for n in self.graph.nodes}
-        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        placeholder_index = {n: i for i, n in enumerate(n for n in self.graph.nodes if n.op == "placeholder")}
         self.add_length_inputs()
         self.setup_nodes = set()
         for node in self.graph.nodes:
@@ -471,7 +471,7 @@ class _Rewriter:
                 # a patch grid's tokens enter whole (an input carrying them is a table, sliced where it
                 # meets them); every other sharded stream arrives as this rank's chunk from the executor
                 # (an input the plan keeps whole, a table of several streams' positions, is cut where it meets them)
-                index = placeholders.index(node) if node in placeholders else -1  # (-1: a length it added)
+                index = placeholder_index.get(node, -1)  # (-1: a length it added)
                 self.local[node] = frozenset(s for ph, _, s in self.plan.shard_inputs if ph == index)
             elif node.op == "output":
                 self.plan_outputs(node)

@@ -61,6 +61,14 @@ def pairing_calls() -> bool:
     return getattr(_CALLS, "depth", 0) > 0
 
 
+def _same_text_and_shapes(leaves: list, spec, ref_spec, ref: list, text: tuple[int, ...]) -> bool:
+    """`leaves` has `ref`'s structure, its text inputs (by value) and its tensor shapes."""
+    if spec != ref_spec or any(not _same(leaves[i], ref[i]) for i in text):
+        return False
+    return all(not isinstance(r, torch.Tensor) or (isinstance(x, torch.Tensor) and x.shape == r.shape)
+               for x, (r, _) in zip(leaves, ref))
+
+
 def _snapshot(leaves: list[Any]) -> list[tuple[Any, int | None]]:
     """Each leaf with its tensor version counter (an in-place write since makes it a different value)."""
     return [(x, x._version if isinstance(x, torch.Tensor) else None) for x in leaves]
@@ -162,19 +170,13 @@ class CFGPairing:
         if self.carried is None:
             return False
         carried_spec, c0, _, text, _ = self.carried
-        if spec != carried_spec or any(not _same(leaves[i], c0[i]) for i in text):
-            return False
-        return all(not isinstance(r, torch.Tensor) or (isinstance(x, torch.Tensor) and x.shape == r.shape)
-                   for x, (r, _) in zip(leaves, c0))
+        return _same_text_and_shapes(leaves, spec, carried_spec, c0, text)
 
     def _repeats_step(self, leaves: list, spec) -> bool:
         """A first call of a step: the same structure and tensor shapes as c0, c0's text inputs, and a
         new step (a shared input changed: without it, a second call of the step would run twice)."""
-        if spec != self.spec or any(not _same(leaves[i], self.c0[i]) for i in self.text):
-            return False
-        shapes = all(not isinstance(r, torch.Tensor) or (isinstance(x, torch.Tensor) and x.shape == r.shape)
-                     for x, (r, _) in zip(leaves, self.c0))
-        return shapes and any(not _same(x, self.c0[i]) for i, x in enumerate(leaves) if i not in self.text)
+        return (_same_text_and_shapes(leaves, spec, self.spec, self.c0, self.text)
+                and any(not _same(x, self.c0[i]) for i, x in enumerate(leaves) if i not in self.text))
 
     def _first_of_step(self, leaves: list, spec) -> Any:
         if self.ctx.branch == 0:

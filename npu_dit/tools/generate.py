@@ -284,7 +284,7 @@ class _StepClock:
         return {
             "total": total, "calls": len(self.calls), "steps": len(per_step) or steps,
             "per_step": total / (len(per_step) or steps or 1),
-            # beyond the first step (CFG parallelism learns each generation's pairing there)
+            # beyond the first step (where CFG parallelism learns the pairing of a first generation)
             "per_step_after_first": sum(per_step[1:]) / (len(per_step) - 1) if len(per_step) > 1 else None,
             "steps_s": per_step,
         }
