@@ -14,13 +14,21 @@ from tests.dist_workers_cfg import CACHE, STEPS, cfg_cases, generate
 TOL = 1e-4
 
 
+_REFERENCES: dict[str, dict] = {}  # one-process results by (model, reference arguments), for the session
+
+
 def _references(cases):
-    """The one-process image of each case: the plain pipeline (with the cache: parallelize on one process)."""
+    """The one-process image of each case: the plain pipeline (with the cache: parallelize on one process).
+    Cases with the same reference (CFG-2 x Ulysses-2 and CFG-2 x TP-2 of one model; FLUX.1-dev in both
+    multi-rank tests) share one generation: it is deterministic (seeded weights, inputs and generator)."""
     out = {}
     for name, model, kw in cases:
         reference = {k: v for k, v in kw.items()
                      if k in ("true_cfg", "cache", "change_prompt", "own_loop_change_at", "negatives")}
-        out[name] = generate(model, **reference)
+        key = repr((model, sorted(reference.items())))
+        if key not in _REFERENCES:
+            _REFERENCES[key] = generate(model, **reference)
+        out[name] = _REFERENCES[key]
     return out
 
 
