@@ -119,3 +119,22 @@ def test_fused_qkv_under_inductor(tmp_path):
         assert r["counts"]["fused_qkv_all_to_all"] == SITES
         torch.testing.assert_close(r["out"], expected, atol=2e-5, rtol=1e-4)
         assert r["profiled"].get("gloo:all_to_all") == 2 * SITES, r["profiled"]
+
+
+def test_a_gathered_output_keeps_the_layout_of_the_local_output():
+    """`gather_streams` rebuilds an output from a gather buffer moved to its dim; `with_layout_of` gives
+    it the dim order in memory of the graph's own output (the serial layout), copying only if needed."""
+    from npu_dit.runtime.executor import with_layout_of
+
+    like = torch.randn(2, 3, 4)  # contiguous [B, S, D]
+    moved = torch.randn(3, 2, 4).movedim(0, 1)  # a gather along dim 1: [B, S, D] laid out as [S, B, D]
+    out = with_layout_of(moved, like)
+    assert out.is_contiguous() and torch.equal(out, moved)
+    assert out.view(-1, 4).shape == (6, 4)  # the later frame's view works
+    last = torch.randn(2, 4, 5, 3).permute(0, 3, 1, 2)  # channels-last [N, C, H, W]
+    gathered = torch.randn(2, 3, 8, 5)  # contiguous, not in `last`'s order
+    out = with_layout_of(gathered, last)
+    assert torch.equal(out, gathered)
+    assert sorted(range(4), key=lambda d: -out.stride(d)) == sorted(range(4), key=lambda d: -last.stride(d))
+    same = torch.randn(2, 3, 8, 5).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
+    assert with_layout_of(same, last) is same  # already in that order: no copy

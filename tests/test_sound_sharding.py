@@ -52,6 +52,10 @@ def test_public_call_shards_every_dynamic_stream(world_size, tmp_path):
             assert sum(sharded for _, sharded, _ in streams) >= 1
             err = (out - expected).abs().max().item()
             assert err <= 1e-5, (name, rank, err)
+            # the layout too: a later frame's views of this output (HiDream's `x.view(-1, D)`) need the
+            # strides eager gives, not those of the gather that rebuilt it
+            layout = [(out.stride(d), expected.stride(d)) for d in range(out.dim()) if out.shape[d] > 1]
+            assert all(a == b for a, b in layout), (name, rank, out.stride(), expected.stride())
     # the image stream of FLUX is sharded although its length equals a weight's width
     streams = records[0]["result"]["flux-token-count-equals-width"][3]
     assert all(sharded for _, sharded, _ in streams), streams

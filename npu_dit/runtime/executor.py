@@ -159,4 +159,18 @@ def gather_streams(tensor: torch.Tensor, dim: int, per_stream: list[list[int]], 
         whole = buffer  # one stream, even chunks: the buffer is the result (a view, no copy)
     else:
         whole = torch.cat(pieces, 0)
-    return whole.movedim(0, dim)
+    return with_layout_of(whole.movedim(0, dim), tensor)
+
+
+def with_layout_of(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`value` with the dim order in memory that `like` has (a copy only where it differs). A gathered
+    output is the serial output's values, and it must also have its layout: the caller's next frame may
+    `view` it (HiDream's MoE gate: `x.view(-1, D)` of a block's output), which a gather along a later
+    dim (`movedim` of the gather buffer) would make fail or, traced by Dynamo, refuse."""
+    if like.is_contiguous():
+        return value.contiguous()
+    order = sorted(range(like.dim()), key=lambda d: -like.stride(d))  # outermost dim first
+    if value.permute(order).is_contiguous():
+        return value
+    out = torch.empty_permuted(value.shape, order, dtype=value.dtype, device=value.device)
+    return out.copy_(value)
