@@ -92,6 +92,20 @@ class SymbolMap:
         return found
 
 
+def symbolic_dispatch() -> contextlib.AbstractContextManager:
+    """Fake dispatch that keeps sizes symbolic, as Dynamo's own tracing does (PyTorch's Python dispatcher).
+
+    Without it a composite op implemented in C++ (`constant_pad_nd` behind `F.pad`, the nearest
+    upsampling kernels behind `F.interpolate`) reads its input's sizes through `aten.size.default`,
+    whose fake handler turns every size into a plain int: in a fresh ShapeEnv each symbol is then
+    fixed to its example value (a replacement `s -> hint`), the node's value holds numbers where the
+    captured graph held `s + 2` or `2*s`, and so does every value computed from it. With the Python
+    dispatcher those ops run their symbolic (SymInt) kernels, as under Dynamo."""
+    from torch._dispatch.python import enable_python_dispatcher
+
+    return enable_python_dispatcher()
+
+
 def repropagate(gm: fx.GraphModule, placeholder_values: list[Any]) -> None:
     """Set every node's meta["val"] by running the graph on fake `placeholder_values`."""
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
@@ -105,7 +119,8 @@ def repropagate(gm: fx.GraphModule, placeholder_values: list[Any]) -> None:
     for node in gm.graph.nodes:  # a node that returns nothing gets no value, not its old one
         if node.op != "placeholder":
             node.meta.pop("val", None)
-    with mode.shape_env.suppress_guards() if mode.shape_env is not None else contextlib.nullcontext():
+    with mode.shape_env.suppress_guards() if mode.shape_env is not None else contextlib.nullcontext(), \
+            symbolic_dispatch():
         FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*placeholder_values)
 
 
@@ -434,7 +449,7 @@ def refresh(gm: fx.GraphModule, placeholder_values: list[Any], symbols: SymbolMa
         node.meta["val"] = value
     mode = symbols.mode if symbols is not None else mode
     interpreter = _Refresh(gm, mode, symbols, rename, rules)
-    with mode.shape_env.suppress_guards():
+    with mode.shape_env.suppress_guards(), symbolic_dispatch():
         interpreter.run(*placeholder_values)
     return RefreshStats(interpreter.substituted, interpreter.by_rule, interpreter.ran)
 
