@@ -143,8 +143,9 @@ def copied_placeholder_values(gm: fx.GraphModule, symbols: SymbolMap,
     return values
 
 
-def meta_mismatches(gm: fx.GraphModule, limit: int = 5) -> list[str]:
-    """Propagate again from the placeholders' recorded values; list nodes whose recorded shape differs."""
+def meta_mismatches(gm: fx.GraphModule, limit: int = 5, strides: bool = False) -> list[str]:
+    """Propagate again from the placeholders' recorded values; list nodes whose recorded shape (and,
+    with `strides`, strides) differs."""
     recorded = {n: node_value(n) for n in gm.graph.nodes}
     symbols = SymbolMap()
     values = copied_placeholder_values(gm, symbols)
@@ -164,8 +165,14 @@ def meta_mismatches(gm: fx.GraphModule, limit: int = 5) -> list[str]:
             old_shape = [symbols.size(s) for s in old.shape]
             if len(old_shape) != len(new.shape) or not all(_same(a, b) for a, b in zip(old_shape, new.shape)):
                 problems.append(f"{node.name}: recorded {list(old_shape)}, propagates to {list(new.shape)}")
-                if len(problems) >= limit:
-                    break
+            elif strides:
+                old_stride = [symbols.size(s) for s in old.stride()]
+                # a size-1 dim's stride is never read: compare the others
+                if not all(_same_stride(a, b) or _same(a, b) for a, b, n in zip(old_stride, new.stride(), new.shape)
+                           if not _same(n, 1)):
+                    problems.append(f"{node.name}: recorded strides {old_stride}, propagates to {list(new.stride())}")
+            if len(problems) >= limit:
+                break
     return problems
 
 

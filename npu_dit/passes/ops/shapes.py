@@ -12,7 +12,7 @@ simple functions of their arguments, so the refresh takes them from here instead
 
 Each rule takes the call's arguments as the op does (Python binds them by the op's own signature)
 and returns (sizes, dtype, device) of a contiguous output. A call a rule does not cover raises
-`NotCovered` and is run instead: a non-contiguous input (the kernel may keep its memory format), a
+`NotCovered` and is run instead: a channels-last input (the kernel keeps its memory format), a
 fractional scale factor (the kernel floors a float product), `recompute_scale_factor`, antialiasing,
 any mode but nearest / nearest-exact. tests/test_spatial_shapes.py checks every rule against the
 fake kernels (with PyTorch's Python dispatcher, as under Dynamo) and against real runs.
@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch._prims_common import suggest_memory_format
 
 
 class NotCovered(Exception):
@@ -41,18 +42,28 @@ def padded_sizes(shape: Sequence[Any], pad: Sequence[Any]) -> list[Any]:
 
 
 def _contiguous(x: torch.Tensor) -> None:
-    if not isinstance(x, torch.Tensor) or not x.is_contiguous():
-        raise NotCovered("an input that is not contiguous keeps its memory format")
+    """Both kernels make their output in the input's suggested memory format (`constant_pad_nd`'s
+    and `_upsample_nearest`'s decompositions, and the C++ kernels): contiguous unless the input's
+    strides look channels-last."""
+    if not isinstance(x, torch.Tensor) or (not x.is_contiguous()
+                                           and suggest_memory_format(x) != torch.contiguous_format):
+        raise NotCovered("a channels-last input keeps its memory format")
+
+
+def _padded(input: torch.Tensor, pad: Sequence[Any]) -> tuple:
+    _contiguous(input)
+    if not input.is_contiguous() and not any(isinstance(p, int) and p > 0 for p in pad):
+        # no row or column added: the kernel returns a clone of the (cropped) input, in its layout
+        raise NotCovered(f"pad {list(pad)} adds nothing to an input that is not contiguous")
+    return padded_sizes(input.shape, pad), input.dtype, input.device
 
 
 def pad(input: torch.Tensor, pad: Sequence[Any], mode: str = "constant", value: float | None = None) -> tuple:
-    _contiguous(input)
-    return padded_sizes(input.shape, pad), input.dtype, input.device
+    return _padded(input, pad)
 
 
 def constant_pad_nd(input: torch.Tensor, pad: Sequence[Any], value: float = 0) -> tuple:
-    _contiguous(input)
-    return padded_sizes(input.shape, pad), input.dtype, input.device
+    return _padded(input, pad)
 
 
 _NEAREST = {"nearest", "nearest-exact"}
