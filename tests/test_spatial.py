@@ -100,33 +100,68 @@ def test_spatial_structure(kind, fn):
     assert [d for _, d in plan.outputs] and all(d == x.dim() - 2 for _, d in plan.outputs)
 
 
-def test_spatial_refresh_substitutes_what_no_resampling_feeds(monkeypatch):
-    """Strict mode on FLUX's decoder (rank 1 of 3): a node of the captured graph gets its band value
-    by substitution, unless a resampling feeds it (nearest upsampling's fake kernel specialises its
-    sizes in a fresh ShapeEnv, and the full propagation does the same) or the attention does (its
-    rule gives a contiguous output, the kernel another layout); the band helpers by rule."""
+def _refreshed(monkeypatch, kind, fn, height, width):
+    """Rank 1 of 3 of a tiny VAE's `fn`, and what its refresh did (`fake_prop.RefreshStats`)."""
     from npu_dit.passes.analysis import fake_prop
     from npu_dit.models.vae import build_vae, example_input
-    from npu_dit.passes.analysis.attention_ops import is_sdpa
-    from npu_dit.passes.ops import semantics
 
     stats = []
     refresh = fake_prop.refresh
     monkeypatch.setattr(fake_prop, "refresh", lambda *a, **k: stats.append(refresh(*a, **k)) or stats[-1])
-    vae = build_vae("flux", "tiny")
-    gm = _capture(vae.decode, example_input("flux", "tiny", height=56, width=40, encode=False))
+    vae = build_vae(kind, "tiny")
+    gm = _capture(getattr(vae, fn), example_input(kind, "tiny", height=height, width=width, encode=fn == "encode"))
     captured = {n.name for n in gm.graph.nodes}
     out, report = _rewrite(gm, 3, 1)
     assert not report.fell_back, report.fallback_reason
+    (refreshed,) = stats
+    return out, captured, refreshed
+
+
+def test_spatial_refresh_substitutes_what_no_attention_feeds(monkeypatch):
+    """Strict mode on FLUX's decoder (rank 1 of 3): a node of the captured graph gets its band value
+    by substitution, resampling included, unless the attention feeds it (its rule gives a contiguous
+    output, the kernel another layout, and the residual adds keep it); the band helpers by rule."""
+    from npu_dit.passes.analysis import fake_prop
+    from npu_dit.passes.analysis.attention_ops import is_sdpa
+
+    out, captured, refreshed = _refreshed(monkeypatch, "flux", "decode", 56, 40)
     assert fake_prop.meta_mismatches(out) == []
-    fed = {n for n in out.graph.nodes if getattr(semantics(n), "kind", None) == "resample" or is_sdpa(n)}
-    for node in out.graph.nodes:  # in graph order: what a resampling feeds, directly or not
+    fed = {n for n in out.graph.nodes if is_sdpa(n)}
+    for node in out.graph.nodes:  # in graph order: what the attention feeds, directly or not
         if any(i in fed for i in node.all_input_nodes):
             fed.add(node)
-    (refreshed,) = stats
     ran = [n for n in refreshed.ran if n.name in captured and isinstance(n.meta.get("val"), torch.Tensor)]
     assert refreshed.substituted > 0 and refreshed.by_rule > 0
     assert [n.name for n in ran if n not in fed] == []
+
+
+@pytest.mark.parametrize("fn", ["decode", "encode"])
+def test_qwen_vae_refresh_runs_no_tensor_op(fn, monkeypatch):
+    """Issue #19, Qwen-Image's causal 3-D VAE (an `F.pad` before every convolution, nearest-exact
+    upsampling): no tensor op is fake-run by the refresh, neither a node of the captured graph nor an
+    inserted one (pads at the global edges and the other band helpers by rule), and every node's shape
+    (and strides, but the halo exchanges') equals a full fake propagation's. Before, the pads' and upsamplings' fake kernels fixed
+    the rows to their example value, and every node after the first pad was run."""
+    from npu_dit.passes.analysis import fake_prop
+    from npu_dit.passes.ops import semantics
+    from npu_dit.runtime import spatial_ops as S
+
+    out, captured, refreshed = _refreshed(monkeypatch, "qwen-image", fn, 56, 48)
+    assert fake_prop.meta_mismatches(out) == []
+    # strides too, except the halo exchanges': the helper's rows-first layout (a cat along the rows,
+    # moved back) is not what its shape rule models, and only the convolution after it reads it
+    problems = fake_prop.meta_mismatches(out, limit=1000, strides=True)
+    assert [p for p in problems if not p.startswith("halo_exchange")] == []
+    kinds = {getattr(semantics(n), "kind", None) for n in out.graph.nodes}
+    assert "pad" in kinds and ("resample" in kinds or fn == "encode")
+    assert sum(n.target is S.edge_pad for n in out.graph.nodes) > 0
+    ran = [n.name for n in refreshed.ran if isinstance(n.meta.get("val"), torch.Tensor)]
+    assert ran == []  # only size arithmetic (`2 * rows`) is computed again
+    assert refreshed.substituted > len([n for n in out.graph.nodes if n.name in captured]) // 2
+    # the rows are a symbol of the band, never the example's number (no size was specialised)
+    maps = [n for n in out.graph.nodes if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor)
+            and n.meta["val"].dim() == 5 and any(isinstance(d, torch.SymInt) for d in n.meta["val"].shape)]
+    assert maps and [n.name for n in maps if not isinstance(n.meta["val"].shape[-2], torch.SymInt)] == []
 
 
 def test_spatial_refuses_uncovered_ops_in_process():

@@ -11,8 +11,10 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from npu_dit.passes.analysis.attention_ops import SDPA_TARGETS
+from npu_dit.passes.ops.shapes import SHAPE_RULES
 from npu_dit.runtime import collectives as C
 from npu_dit.runtime import spatial_ops as S
 from npu_dit.plans import feature_blocks
@@ -163,6 +165,16 @@ def spatial_halo_exchange(x, dim, top, bottom, edge_top, edge_bottom, rank, worl
     return _set(x.shape, dim, x.shape[dim] + above + below), x.dtype, x.device
 
 
+def spatial_edge_pad(x, pad, value, pad_index, rank, world):
+    """`F.pad` with the rows' pair kept only at the global edges (`spatial_ops.edge_pad`)."""
+    pad = list(pad)
+    if rank > 0:
+        pad[pad_index] = 0
+    if rank < world - 1:
+        pad[pad_index + 1] = 0
+    return SHAPE_RULES[F.pad](x, pad)
+
+
 def spatial_gather_rows_start(x, dim, units, rank, world, group_name):
     per_unit = x.shape[dim] // units[rank]
     rest = [s for d, s in enumerate(x.shape) if d != dim % x.dim()]
@@ -177,8 +189,10 @@ def spatial_gather_rows_wait(y, dim):
 
 SPATIAL_RULES: dict[Any, Any] = {
     S.group_norm: spatial_group_norm, S.halo_conv: spatial_halo_conv, S.neighbour_rows: spatial_neighbour_rows,
-    S.halo_exchange: spatial_halo_exchange,
+    S.halo_exchange: spatial_halo_exchange, S.edge_pad: spatial_edge_pad,
     S.gather_rows_start: spatial_gather_rows_start, S.gather_rows_wait: spatial_gather_rows_wait,
     # attention over the gathered keys/values (one or two calls, but a symbolic SDPA is ~1 s of fake dispatch)
     **{target: attention for target in SDPA_TARGETS},
+    # padding and nearest upsampling whose inputs changed (passes/ops/shapes.py)
+    **SHAPE_RULES,
 }

@@ -100,7 +100,22 @@ def _expr(size: Any) -> sympy.Expr:
 
 
 def _eq(a: sympy.Expr, b: sympy.Expr) -> bool:
-    return a == b or sympy.simplify(a - b) == 0
+    if a == b:
+        return True
+    # a polynomial's expanded form is canonical: nonzero means unequal; only floor divisions and
+    # the like need simplify (~10 ms a call, and its first call imports sympy.physics: 0.3 s)
+    difference = sympy.expand(a - b)
+    if difference == 0:
+        return True
+    if difference.is_number or difference.is_polynomial():
+        return False
+    return sympy.simplify(difference) == 0
+
+
+def _simplify(expr: sympy.Expr) -> sympy.Expr:
+    """A ratio of products of sizes in lowest terms (`cancel`, canonical for rational functions);
+    `simplify` only for floor divisions and the like."""
+    return sympy.cancel(expr) if expr.is_rational_function() else sympy.simplify(expr)
 
 
 def _prod(values: list[sympy.Expr]) -> sympy.Expr:
@@ -362,19 +377,19 @@ class _Rewriter:
         if j is None or j >= len(out):
             self.refuse(node, "the rows do not stay the outer factor of a dim")
         size = src[band.dim]
-        rows = sympy.simplify(size / band.inner)
+        rows = _simplify(size / band.inner)
         if _eq(out[j], size):
             self.bands[node] = band.moved(j)
             return
         for k in range(band.dim + 2, len(src) + 1):  # merge: rows x inner x following dims
             if _eq(out[j], size * _prod(src[band.dim + 1:k])):
-                self.bands[node] = dataclasses.replace(band, dim=j, inner=sympy.simplify(band.inner * _prod(src[band.dim + 1:k])))
+                self.bands[node] = dataclasses.replace(band, dim=j, inner=_simplify(band.inner * _prod(src[band.dim + 1:k])))
                 self._check_plain_pending(node, band)
                 return
         for k in range(j + 2, len(out) + 1):  # split: rows x (inner / following dims)
             rest = _prod(out[j + 1:k])
             if _eq(_prod(out[j:k]), size):
-                inner = sympy.simplify(band.inner / rest)
+                inner = _simplify(band.inner / rest)
                 if _eq(out[j], rows * inner) and inner.is_polynomial() and sympy.fraction(sympy.together(inner))[1] == 1:
                     self.bands[node] = dataclasses.replace(band, dim=j, inner=inner)
                     self._check_plain_pending(node, band)
@@ -651,10 +666,6 @@ def refresh_local_shapes(gm: fx.GraphModule, plan: SpatialPlan, rewriter: _Rewri
         original = rewriter.original_args.get(node)
         if original is None:
             return None  # inserted: its shape rule, or run
-        if getattr(semantics(node), "kind", None) == "resample":
-            # nearest upsampling's fake kernel makes float sizes and specialises them in a fresh
-            # ShapeEnv: substituting `2 * rows` would disagree with a full propagation (strict mode)
-            return None
         swapped = swapped_inputs(original, (node.args, node.kwargs))
         if swapped is None:
             return None
