@@ -353,17 +353,24 @@ class _Refresh(torch.fx.Interpreter):
 def put_in(expr: sympy.Expr, mapping: dict) -> sympy.Expr:
     """`expr` with `mapping` put in at once (old and new names may clash). A key may be an expression
     (a stream's length the graph computes from grid sizes, `s47*s8 + s56*s86`): it is replaced where
-    it is a whole subterm, and a sum also where its terms are some of a larger sum's
-    (`s39 + s47*s8 + s56*s86`). Anything else of its symbols keeps its meaning (a symbol's copy)."""
+    it is a whole subterm, and a sum also where its terms, times one number, are some of a larger
+    sum's (`s39 + s47*s8 + s56*s86`, `2*s47*s8 + 2*s56*s86`). Anything else of its symbols keeps its
+    meaning (a symbol's copy)."""
     sums = [key for key in mapping if isinstance(key, sympy.Add)]
     if sums and isinstance(expr, sympy.Expr) and expr.has(sympy.Add):
         stand_ins: dict = {}
 
         def swap(term: sympy.Expr) -> sympy.Expr:
+            args = set(term.args)
             for key in sums:
-                if term != key and set(key.args) <= set(term.args):
-                    stand_in = stand_ins.setdefault(key, sympy.Dummy())
-                    return sympy.Add(stand_in, *[a for a in term.args if a not in key.args])
+                # sympy distributes a number over a sum (`2*(a + b)` is `2*a + 2*b`): look for k*key
+                for factor in {a / key.args[0] for a in args}:
+                    if not factor.is_Rational or factor == 0:
+                        continue
+                    scaled = {factor * a for a in key.args}
+                    if scaled <= args and term != key:
+                        stand_in = stand_ins.setdefault(key, sympy.Dummy())
+                        return sympy.Add(factor * stand_in, *(args - scaled))
             return term
 
         expr = expr.replace(lambda e: isinstance(e, sympy.Add), swap)
