@@ -100,6 +100,8 @@ def test_recorded_shapes_are_the_real_local_shapes_on_every_rank(tmp_path):
         ("flux-ulysses", "flux.1-dev", dict(height=128, width=96, prompt_len=7), {"ulysses_degree": 2}),
         ("flux-tp", "flux.1-dev", dict(height=64, width=64, prompt_len=5),
          {"tp_degree": 2, "release_weights": False}),
+        # two equal grids (the output and one input image of its size): the global length is their sum
+        ("qwen-edit-ulysses", "qwen-image-edit", dict(height=64, width=48, prompt_len=7), {"ulysses_degree": 2}),
         ("qwen-2509-ulysses", "qwen-image-edit-2509",
          dict(height=64, width=64, prompt_len=9, input_images=[(64, 64), (32, 48)]), {"ulysses_degree": 2}),
     ]
