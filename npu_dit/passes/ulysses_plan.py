@@ -19,7 +19,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from npu_dit.passes.analysis.attention_ops import node_value
+from npu_dit.passes.analysis.attention_ops import graph_fake_mode, node_value
 from npu_dit.passes.analysis.token_dims import TokenDims, require_dynamic_token_dims
 from npu_dit.passes.infra import Refusal
 from npu_dit.plans import OutputGather, ShardingPlan, Stream  # noqa: F401 - the plan types live in a neutral module
@@ -53,8 +53,6 @@ def _find_lengths(gm: fx.GraphModule, streams: list[Stream]) -> None:
     tokens in a broadcast). Only a whole expression of other symbols counts: one symbol standing for
     another is no proof that it always means the stream's length, and a stream's own symbol inside it
     would make it the stream's length plus something else."""
-    from npu_dit.passes.analysis.attention_ops import graph_fake_mode
-
     owner = {symbol: stream for stream in streams for symbol in stream.symbols}
     mode = graph_fake_mode(gm) if owner else None
     env = getattr(mode, "shape_env", None)
