@@ -37,6 +37,10 @@ class Stream:
     # (placeholder index, row dim, column dim, patch rows, patch columns); each rank holds a run of
     # whole patch rows, cut in the graph right where the tokens are made
     grid: tuple[int, int, int, int, int] | None = None
+    # expressions of other inputs' symbols that Dynamo's ShapeEnv proves equal to its length (Qwen-Image-Edit's
+    # RoPE table is `s47*s8 + s56*s86` long, the output grid's tokens and the input image's, where the
+    # image stream is `s50`): the local shapes put its local or global length in for each of them, whole
+    lengths: frozenset = frozenset()
 
 
 @dataclasses.dataclass

@@ -100,6 +100,8 @@ def test_recorded_shapes_are_the_real_local_shapes_on_every_rank(tmp_path):
         ("flux-ulysses", "flux.1-dev", dict(height=128, width=96, prompt_len=7), {"ulysses_degree": 2}),
         ("flux-tp", "flux.1-dev", dict(height=64, width=64, prompt_len=5),
          {"tp_degree": 2, "release_weights": False}),
+        # two equal grids (the output and one input image of its size): the global length is their sum
+        ("qwen-edit-ulysses", "qwen-image-edit", dict(height=64, width=48, prompt_len=7), {"ulysses_degree": 2}),
         ("qwen-2509-ulysses", "qwen-image-edit-2509",
          dict(height=64, width=64, prompt_len=9, input_images=[(64, 64), (32, 48)]), {"ulysses_degree": 2}),
     ]
@@ -205,3 +207,71 @@ def test_under_tp_and_ulysses_no_tensor_op_of_the_captured_graph_is_fake_run(tin
     for s in stats:
         ran = [n.name for n in s.ran if n.name in captured and isinstance(n.meta.get("val"), torch.Tensor)]
         assert ran == []
+
+
+def test_a_length_put_in_whole_and_inside_a_larger_sum():
+    """The refresh puts a stream's length in where the graph computes it from other inputs: the whole
+    expression (`h1*w1 + h2*w2`), and the same terms inside a larger sum; a lone term keeps its meaning."""
+    import sympy
+
+    from npu_dit.passes.analysis.fake_prop import put_in
+
+    h1, w1, h2, w2, text, local = sympy.symbols("h1 w1 h2 w2 text local", integer=True, positive=True)
+    copy = {h1: sympy.Symbol("H1", integer=True, positive=True)}
+    mapping = {**copy, h1 * w1 + h2 * w2: local}
+    assert put_in(h1 * w1 + h2 * w2, mapping) == local
+    assert put_in(text + h1 * w1 + h2 * w2, mapping) == text + local
+    assert put_in(2 * (h1 * w1 + h2 * w2), mapping) == 2 * local
+    assert put_in(h1 * w1, mapping) == copy[h1] * w1  # the output grid alone is not the stream
+
+
+def _grid_products(gm):
+    """The sum over the `img_shapes` grids (frames, rows, cols) of rows x cols, from the SymInt inputs
+    Dynamo made of them: the image stream's length as the graph computes it for its RoPE table."""
+    symbols = [n.meta["val"].node.expr for n in gm.graph.nodes
+               if n.op == "placeholder" and "img_shapes" in n.name and isinstance(n.meta.get("val"), torch.SymInt)]
+    symbols = [x for x in symbols if x.free_symbols]  # the frame count, 1, is specialised
+    assert len(symbols) % 2 == 0 and symbols, symbols
+    return sum(symbols[i] * symbols[i + 1] for i in range(0, len(symbols), 2))
+
+
+@pytest.mark.parametrize("key", ["qwen-edit", "qwen-edit-2509"])
+def test_an_image_stream_computed_from_its_grids_is_substituted_under_tp_and_ulysses(key, tiny_capture, monkeypatch):
+    """Issue #19 item 4: Qwen-Image-Edit's image stream is the output grid's tokens plus each input image's
+    (two equal grids for `qwen-edit`, three grids for -2509); the graph builds its RoPE table from the
+    grid sizes (`h1*w1 + h2*w2`), which Dynamo proves equal to the stream's length. The plan records that
+    length, the refresh puts the stream's local or global length in for it, so the table's slices meet
+    the local tokens in the new ShapeEnv: strict mode (TP-2 then Ulysses-2) passes, and no tensor op of
+    the captured graph that reads a RoPE slice is fake-run (before, every one was: 122 on the full-size
+    model; the text table rebuilt at the global length is still run)."""
+    from npu_dit.passes.analysis import fake_prop
+    from npu_dit.passes.tensor_parallel import tensor_parallel_pass
+    from npu_dit.passes.ulysses import ulysses_pass
+    from npu_dit.plans import SHARDING_META_KEY
+    from npu_dit.runtime import collectives as C
+    from npu_dit.runtime.dist import inspection_context
+
+    monkeypatch.setenv("NPU_DIT_LINT", "1")
+    stats = []
+    refresh = fake_prop.refresh
+    monkeypatch.setattr(fake_prop, "refresh", lambda *a, **k: stats.append(refresh(*a, **k)) or stats[-1])
+    _, _, cap = tiny_capture(key)
+    captured = {n.name for n in cap.gm.graph.nodes}
+    tp = functools.partial(tensor_parallel_pass, ctx=inspection_context(2, 1), release_weights=False)
+    gm = _rewrite(cap, [("tensor_parallel", tp),
+                        ("ulysses", functools.partial(ulysses_pass, ctx=inspection_context(2, 1)))])
+    plan = gm.meta[SHARDING_META_KEY]
+    image = next(s for s in plan.streams if "hidden_states[1]" == s.name)
+    assert image.sharded and image.lengths == {_grid_products(cap.gm)}, image.lengths
+    # the executor's global length input is that sum, in the refreshed symbols of the grid inputs
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    global_len = placeholders[len(placeholders) - len(plan.global_lengths) + plan.global_lengths.index(image.id)]
+    assert global_len.meta["val"].node.expr == _grid_products(gm)
+    assert len(stats) == 2
+    slices = [n for n in gm.graph.nodes if n.target is C.localize]
+    assert slices  # the RoPE tables cut to this rank's tokens
+    for s in stats:
+        ran = [n.name for n in s.ran if n.name in captured and isinstance(n.meta.get("val"), torch.Tensor)
+               and any(i in slices for i in n.all_input_nodes)]
+        assert ran == []
+

@@ -1016,10 +1016,18 @@ def refresh_local_shapes(gm: fx.GraphModule, plan: ShardingPlan, rewriter: "_Rew
     symbols = SymbolMap()
     local: dict[int, Any] = {}  # stream id -> local length (SymInt)
     global_: dict[int, Any] = {}  # stream id -> global length (SymInt)
+    env = graph_fake_mode(gm).shape_env  # Dynamo's: the one the plan's lengths are written in
     for stream in plan.sharded_streams:
         length = max(stream.example_length or 2, 2)  # a hint of 0/1 would be specialised
-        symbol = symbols.new_symbol(f"global_len_{stream.id}", length)
-        global_[stream.id] = symbols.env.create_symintnode(symbol, hint=length)
+        proven = sorted(stream.lengths, key=str)
+        if proven:
+            # a length the graph also computes from other inputs (the RoPE table's `s47*s8 + s56*s86`):
+            # the global length IS that expression, in the new symbols, so the table built from those
+            # inputs, its slices and the sharded tokens agree in the new ShapeEnv as they do at run time
+            global_[stream.id] = symbols.expression(proven[0], env)
+        else:
+            symbol = symbols.new_symbol(f"global_len_{stream.id}", length)
+            global_[stream.id] = symbols.env.create_symintnode(symbol, hint=length)
         local[stream.id] = C.chunk_lengths(global_[stream.id], plan.world_size)[plan.rank]
         for old in stream.symbols:
             symbols.bind(old, local[stream.id].node.expr)
@@ -1074,7 +1082,9 @@ def refresh_local_shapes(gm: fx.GraphModule, plan: ShardingPlan, rewriter: "_Rew
             return None  # local patch-grid tokens: lengths made of rows, not symbols
         mapping = mappings.get(held)
         if mapping is None:
-            mapping = {old: lengths[s.id][0 if s.id in held else 1] for s in plan.sharded_streams for old in s.symbols}
+            # a stream's symbol, and each expression proven equal to it (`Stream.lengths`), whole
+            mapping = {old: lengths[s.id][0 if s.id in held else 1]
+                       for s in plan.sharded_streams for old in s.symbols | s.lengths}
             mappings[held] = mapping
         if original[0] is node.args and original[1] is node.kwargs:
             return mapping

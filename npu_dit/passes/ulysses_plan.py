@@ -19,7 +19,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from npu_dit.passes.analysis.attention_ops import node_value
+from npu_dit.passes.analysis.attention_ops import graph_fake_mode, node_value
 from npu_dit.passes.analysis.token_dims import TokenDims, require_dynamic_token_dims
 from npu_dit.passes.infra import Refusal
 from npu_dit.plans import OutputGather, ShardingPlan, Stream  # noqa: F401 - the plan types live in a neutral module
@@ -45,6 +45,39 @@ def _table_of_streams(tdim, tokens: TokenDims) -> bool:
     each sharded stream where it meets local tokens (Replicate -> Shard, as for a table built in the graph)."""
     return len(tdim.segments) > 1 and all(
         any(other.segments == (seg,) for other in tokens.inputs if other is not tdim) for seg in tdim.segments)
+
+
+def _find_lengths(gm: fx.GraphModule, streams: list[Stream]) -> None:
+    """Each stream's `lengths`: the expressions Dynamo's ShapeEnv holds equal to its symbol by a guard
+    (`Eq(s50, s47*s8 + s56*s86)`: the RoPE table the graph builds from the grid sizes meets the image
+    tokens in a broadcast). Only a whole expression of other symbols counts: one symbol standing for
+    another is no proof that it always means the stream's length, and a stream's own symbol inside it
+    would make it the stream's length plus something else."""
+    owner = {symbol: stream for stream in streams for symbol in stream.symbols}
+    mode = graph_fake_mode(gm) if owner else None
+    env = getattr(mode, "shape_env", None)
+    if env is None:
+        return
+    found: dict[int, set] = {}
+    for guard in env.guards:
+        expr = guard.expr
+        if not isinstance(expr, sympy.Eq):
+            continue
+        mentioned = [x for x in expr.free_symbols if x in owner]
+        if len(mentioned) != 1:
+            continue
+        symbol = mentioned[0]
+        difference = sympy.expand(expr.lhs - expr.rhs)
+        coefficient = difference.coeff(symbol)
+        rest = difference - coefficient * symbol
+        if coefficient not in (1, -1) or symbol in rest.free_symbols:
+            continue
+        length = sympy.expand(-rest * coefficient)  # s = -rest / c, c = +-1
+        if isinstance(length, sympy.Symbol) or not length.free_symbols or not length.is_integer:
+            continue
+        found.setdefault(owner[symbol].id, set()).add(length)
+    for stream in streams:
+        stream.lengths = frozenset(found.get(stream.id, ()))
 
 
 def plan_streams(gm: fx.GraphModule, tokens: TokenDims, *, world_size: int, rank: int,
@@ -103,6 +136,7 @@ def plan_streams(gm: fx.GraphModule, tokens: TokenDims, *, world_size: int, rank
                         + ((grid.lead,) if grid.lead else ()))
         streams.append(stream)
         owner[segment.id] = stream.id
+    _find_lengths(gm, [s for s in streams if s.sharded and s.grid is None])
     if streams and not any(s.symbols for s in streams):
         for stream in streams:  # nothing symbolic at all: the graph was traced with static shapes
             stream.fix = "Compile with torch.compile(..., dynamic=True) so the sequence lengths stay symbolic."

@@ -66,13 +66,15 @@ class SymbolMap:
         """The new SymInt (or int) for an old size."""
         if not isinstance(value, torch.SymInt):
             return int(value)
-        expr = value.node.expr
+        return self.expression(value.node.expr, value.node.shape_env, value.node.hint)
+
+    def expression(self, expr: sympy.Expr, env: ShapeEnv, hint: int | None = None) -> Any:
+        """The new SymInt (or int) for an old size expression of `env`'s symbols."""
         for symbol in expr.free_symbols:
             if symbol not in self.symbols:
-                env = value.node.shape_env
                 known = getattr(env, "backed_var_to_val", None) or {}
-                hint = self.hints.get(symbol, known.get(symbol, value.node.hint or 2))
-                self.symbols[symbol] = self.new_symbol(f"{symbol}", max(int(hint), 2))
+                hint_of = self.hints.get(symbol, known.get(symbol, hint or 2))
+                self.symbols[symbol] = self.new_symbol(f"{symbol}", max(int(hint_of), 2))
         new = expr.xreplace(self.symbols)
         if not new.free_symbols:
             return int(new)
@@ -331,7 +333,7 @@ class _Refresh(torch.fx.Interpreter):
                 if symbol not in mapping and symbol not in self.symbols.symbols:
                     self.symbols.size(value)  # a fresh copy of a symbol the rewrite leaves alone
                     break
-            new = expr.xreplace({**self.symbols.symbols, **mapping})
+            new = put_in(expr, {**self.symbols.symbols, **mapping})
             if not new.free_symbols:
                 found = int(new)
             else:
@@ -379,6 +381,34 @@ class _Refresh(torch.fx.Interpreter):
                 found.requires_grad_(True)
             self.fakes[key] = found
         return found
+
+
+def put_in(expr: sympy.Expr, mapping: dict) -> sympy.Expr:
+    """`expr` with `mapping` put in at once (old and new names may clash). A key may be an expression
+    (a stream's length the graph computes from grid sizes, `s47*s8 + s56*s86`): it is replaced where
+    it is a whole subterm, and a sum also where its terms, times one number, are some of a larger
+    sum's (`s39 + s47*s8 + s56*s86`, `2*s47*s8 + 2*s56*s86`). Anything else of its symbols keeps its
+    meaning (a symbol's copy)."""
+    sums = [key for key in mapping if isinstance(key, sympy.Add)]
+    if sums and isinstance(expr, sympy.Expr) and expr.has(sympy.Add):
+        stand_ins: dict = {}
+
+        def swap(term: sympy.Expr) -> sympy.Expr:
+            args = set(term.args)
+            for key in sums:
+                # sympy distributes a number over a sum (`2*(a + b)` is `2*a + 2*b`): look for k*key
+                for factor in {a / key.args[0] for a in args}:
+                    if not factor.is_Rational or factor == 0:
+                        continue
+                    scaled = {factor * a for a in key.args}
+                    if scaled <= args and term != key:
+                        stand_in = stand_ins.setdefault(key, sympy.Dummy())
+                        return sympy.Add(factor * stand_in, *(args - scaled))
+            return term
+
+        expr = expr.replace(lambda e: isinstance(e, sympy.Add), swap)
+        mapping = {**mapping, **{stand_in: mapping[key] for key, stand_in in stand_ins.items()}}
+    return expr.xreplace(mapping)
 
 
 def _raw(sizes: Any) -> tuple:
