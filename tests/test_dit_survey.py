@@ -108,6 +108,19 @@ def test_verdict_refused_names_the_largest_graph_that_fell_back():
     assert only["reason"] == no_attention
 
 
+def test_verdict_pieces_without_attention_do_not_hide_sharded_attention():
+    """After graph breaks, pieces holding no attention fall back (nothing to shard); the model counts as
+    sharded when every graph with attention was sharded, and refused when another graph refused."""
+    no_attention = "Ulysses: this graph has no attention call (a piece of the model after a graph break?)"
+    graphs = [_graph(all_to_all=4), _graph(True, no_attention), _graph(True, no_attention)]
+    r = dit_survey.verdict("X", [_rank(0, graphs=graphs, max_err=1e-7), _rank(1, graphs=graphs)])
+    assert (r["status"], r["reason"], r["exact"]) == ("sharded", "3 graphs; the 2 without attention run whole", True)
+    refused = dit_survey.verdict("X", [_rank(r, graphs=graphs + [_graph(True, "sum combines positions")]) for r in (0, 1)])
+    assert refused["status"] == "refused" and refused["reason"].startswith("sum combines positions")
+    none = dit_survey.verdict("X", [_rank(r, graphs=[_graph(), _graph(True, no_attention)]) for r in (0, 1)])
+    assert none["status"] == "refused"  # no all-to-all anywhere: nothing was sharded
+
+
 def test_verdict_no_collective_is_not_sharded():
     r = dit_survey.verdict("X", [_rank(0, graphs=[_graph()]), _rank(1, graphs=[_graph()])])
     assert r["status"] == "refused" and "no all-to-all" in r["reason"]

@@ -101,6 +101,11 @@ def verdict(model: str, ranks: list[dict[str, Any] | None], *, timed_out: bool =
     if not graphs:
         return {**record, "status": "refused", "reason": "no graph reached the backend"}
     fell_back = [g for g in graphs if g["fell_back"]]
+    if fell_back and record["all_to_all"] and all(NO_ATTENTION in (g["reason"] or "") for g in fell_back):
+        # every graph that holds attention was sharded; the pieces between graph breaks that hold none
+        # (embedders, glue) run whole on every rank, as Ulysses leaves any code outside attention blocks
+        return {**record, "status": "sharded",
+                "reason": f"{len(graphs)} graphs; the {len(fell_back)} without attention run whole"}
     if fell_back:
         # after a graph break many pieces hold no attention (embedders, glue) and say little about the
         # transformer blocks: name the largest graph that fell back for another reason, if there is one
