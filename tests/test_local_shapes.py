@@ -275,3 +275,57 @@ def test_an_image_stream_computed_from_its_grids_is_substituted_under_tp_and_uly
                and any(i in slices for i in n.all_input_nodes)]
         assert ran == []
 
+
+
+def test_a_patch_grids_token_count_put_in_where_it_divides_a_product():
+    """A patch grid's token count is a product of its input's dims (`(H//p)*(W//p)`, no symbol of its
+    own): the refresh puts this rank's count in for it whole, times other factors (a stride, a flattened
+    batch) and inside a sum (grid and text tokens); a factor alone (the rows) keeps its meaning."""
+    import sympy
+
+    from npu_dit.passes.analysis.fake_prop import put_in
+
+    rows, cols, text, batch, local = sympy.symbols("rows cols text batch local", integer=True, positive=True)
+    mapping = {rows * cols: local}
+    assert put_in(rows * cols, mapping) == local
+    assert put_in(64 * rows * cols, mapping) == 64 * local
+    assert put_in(batch * rows * cols + text, mapping) == batch * local + text
+    assert put_in(rows, mapping) == rows and put_in(2 * rows, mapping) == 2 * rows
+    assert put_in(rows * text, mapping) == rows * text  # cols missing: not the count
+    square = {rows ** 2: local}  # equal height and width share one symbol
+    assert put_in(8 * rows ** 2, square) == 8 * local and put_in(rows, square) == rows
+
+
+@pytest.mark.parametrize("name", ["SD3", "PixArt", "HunyuanVideo"])
+def test_patch_grid_tokens_are_substituted_not_fake_run(name, monkeypatch):
+    """Tokens patchified inside the graph (diffusers' SD3, PixArt, HunyuanVideo; tiny configs): strict mode
+    passes (every recorded shape equals a full propagation), and no tensor op of the captured graph whose
+    inputs are all captured nodes is fake-run; only the pass's inserted calls and the nodes re-wired onto
+    them are (before, every node holding local grid tokens was: 164 of SD3's 590)."""
+    from torch.utils._sympy.functions import Max
+
+    from npu_dit.models.diffusers_dits import get_entry
+    from npu_dit.passes.analysis import fake_prop
+    from npu_dit.passes.ulysses import ulysses_pass
+    from npu_dit.plans import SHARDING_META_KEY
+    from npu_dit.runtime.dist import inspection_context
+    from npu_dit.tools.capture import capture_graph
+
+    monkeypatch.setenv("NPU_DIT_LINT", "1")
+    stats = []
+    refresh = fake_prop.refresh
+    monkeypatch.setattr(fake_prop, "refresh", lambda *a, **k: stats.append(refresh(*a, **k)) or stats[-1])
+    entry = get_entry(name)
+    cap = capture_graph(entry.build(), entry.example_inputs(), dynamic=True)
+    captured = {n.name: [i.name for i in n.all_input_nodes] for n in cap.gm.graph.nodes}
+    # a view of the patch embedding's output whose strides hold the grid's rows and columns as separate
+    # factors (`Max(1, H//p)*Max(1, W//p)`), not as the token count, is run
+    apart = {n.name for n in cap.gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)
+             and any(isinstance(x, torch.SymInt) and x.node.expr.has(Max) for x in n.meta["val"].stride())}
+    gm = _rewrite(cap, [("ulysses", functools.partial(ulysses_pass, ctx=inspection_context(2, 1)))])
+    assert any(s.grid is not None and s.sharded for s in gm.meta[SHARDING_META_KEY].streams)
+    (s,) = stats
+    ran = [n.name for n in s.ran if n.name in captured and isinstance(n.meta.get("val"), torch.Tensor)
+           and [i.name for i in n.all_input_nodes] == captured[n.name] and n.name not in apart]
+    assert ran == [], ran
+    assert s.substituted > 2 * len(s.ran)  # before: fewer substituted than run (PixArt 51 and 68)

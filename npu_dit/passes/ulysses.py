@@ -1010,7 +1010,7 @@ def refresh_local_shapes(gm: fx.GraphModule, plan: ShardingPlan, rewriter: "_Rew
     local length (G + P - 1 - rank) // P (an expression of G, so the all-to-alls' split sizes and the
     local shapes agree symbolically), and the whole graph is propagated again."""
     from npu_dit.passes.analysis.fake_prop import (Rewired, SymbolMap, copied_placeholder_values, refresh, repropagate,
-                                                   shape_hint, swapped_inputs)
+                                                   shape_hint, stand_in_for_keys, swapped_inputs)
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     symbols = SymbolMap()
@@ -1072,19 +1072,48 @@ def refresh_local_shapes(gm: fx.GraphModule, plan: ShardingPlan, rewriter: "_Rew
     # stream's tokens locally, the global length where it holds them whole (a table built at full size)
     lengths = {s.id: (local[s.id].node.expr, global_[s.id].node.expr) for s in plan.sharded_streams}
     mappings: dict[frozenset, dict] = {}
+    # a patch grid's token count is an expression of its input's dims (`(s1//2)*(s2//2)`, no symbol of
+    # its own): in a node holding the grid's tokens locally, that product becomes this rank's count
+    # (the pass's own length node, refreshed before any node that uses it); a static grid is run
+    grids = {g: node_value(rewriter.global_len[g]) for g in rewriter.grid_rows}
+    grids = {g: (v.node.expr, v.node.expr.free_symbols) for g, v in grids.items() if isinstance(v, torch.SymInt)}
+    clean: dict[tuple, bool] = {}
+
+    def only_whole_counts(node: fx.Node, held_grids: set[int]) -> bool:
+        """Whether every size and stride of the node's old value reads the grids' input dims only
+        through the grids' whole token counts (a dim of rows alone, say, is not substituted: run)."""
+        keys = [grids[g][0] for g in held_grids]
+        dims = set().union(*(grids[g][1] for g in held_grids))
+        exprs = []
+        for value in tree_flatten(node.meta.get("val"))[0]:
+            if isinstance(value, torch.Tensor):
+                exprs += [s.node.expr for s in (*value.shape, *value.stride()) if isinstance(s, torch.SymInt)]
+            elif isinstance(value, torch.SymInt):
+                exprs.append(value.node.expr)
+        for expr in exprs:
+            key = (expr, tuple(keys))
+            if key not in clean:
+                clean[key] = not (stand_in_for_keys(expr, keys)[0].free_symbols & dims)
+            if not clean[key]:
+                return False
+        return True
 
     def rename(node: fx.Node) -> dict | Rewired | None:
         original = rewriter.original_args.get(node)
         if original is None:
             return None  # inserted: run it (or its shape rule)
         held = rewriter.local.get(node, frozenset())
-        if held & set(rewriter.grid_rows):
-            return None  # local patch-grid tokens: lengths made of rows, not symbols
+        held_grids = held & set(rewriter.grid_rows)
+        if held_grids and not (held_grids <= grids.keys() and only_whole_counts(node, held_grids)):
+            return None  # local patch-grid tokens in another form: run it
         mapping = mappings.get(held)
         if mapping is None:
             # a stream's symbol, and each expression proven equal to it (`Stream.lengths`), whole
             mapping = {old: lengths[s.id][0 if s.id in held else 1]
                        for s in plan.sharded_streams for old in s.symbols | s.lengths}
+            for g in held_grids:
+                count = node_value(rewriter.stream_len[g])  # refreshed: this rank's count, new symbols
+                mapping[grids[g][0]] = count.node.expr if isinstance(count, torch.SymInt) else sympy.Integer(count)
             mappings[held] = mapping
         if original[0] is node.args and original[1] is node.kwargs:
             return mapping

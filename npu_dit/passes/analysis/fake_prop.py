@@ -384,15 +384,26 @@ class _Refresh(torch.fx.Interpreter):
 
 
 def put_in(expr: sympy.Expr, mapping: dict) -> sympy.Expr:
-    """`expr` with `mapping` put in at once (old and new names may clash). A key may be an expression
-    (a stream's length the graph computes from grid sizes, `s47*s8 + s56*s86`): it is replaced where
-    it is a whole subterm, and a sum also where its terms, times one number, are some of a larger
-    sum's (`s39 + s47*s8 + s56*s86`, `2*s47*s8 + 2*s56*s86`). Anything else of its symbols keeps its
-    meaning (a symbol's copy)."""
-    sums = [key for key in mapping if isinstance(key, sympy.Add)]
-    if sums and isinstance(expr, sympy.Expr) and expr.has(sympy.Add):
-        stand_ins: dict = {}
+    """`expr` with `mapping` put in at once (old and new names may clash). A key may be an expression:
+    - a sum (a stream's length the graph computes from grid sizes, `s47*s8 + s56*s86`) is replaced where
+      it is a whole subterm, and also where its terms, times one number, are some of a larger sum's
+      (`s39 + s47*s8 + s56*s86`, `2*s47*s8 + 2*s56*s86`);
+    - a product (a patch grid's token count `(s1//2)*(s2//2)`) is replaced where it divides a product
+      (`64*(s1//2)*(s2//2)`, a stride).
+    Anything else of its symbols keeps its meaning (a symbol's copy)."""
+    if isinstance(expr, sympy.Expr) and any(isinstance(key, (sympy.Add, sympy.Mul, sympy.Pow)) for key in mapping):
+        expr, stand_ins = stand_in_for_keys(expr, [key for key in mapping if isinstance(key, (sympy.Add, sympy.Mul, sympy.Pow))])
+        mapping = {**mapping, **{stand_in: mapping[key] for key, stand_in in stand_ins.items()}}
+    return expr.xreplace(mapping)
 
+
+def stand_in_for_keys(expr: sympy.Expr, keys: list) -> tuple[sympy.Expr, dict]:
+    """`expr` with each key expression (a sum or a product, as `put_in` reads them) replaced by a
+    stand-in symbol where it occurs, and the stand-ins by key."""
+    stand_ins: dict = {}
+    sums = [key for key in keys if isinstance(key, sympy.Add)]
+    products = [key for key in keys if isinstance(key, (sympy.Mul, sympy.Pow))]
+    if sums and expr.has(sympy.Add):
         def swap(term: sympy.Expr) -> sympy.Expr:
             args = set(term.args)
             for key in sums:
@@ -407,8 +418,20 @@ def put_in(expr: sympy.Expr, mapping: dict) -> sympy.Expr:
             return term
 
         expr = expr.replace(lambda e: isinstance(e, sympy.Add), swap)
-        mapping = {**mapping, **{stand_in: mapping[key] for key, stand_in in stand_ins.items()}}
-    return expr.xreplace(mapping)
+    if products and expr.has(*[b for key in products for b in key.as_powers_dict()]):
+        def divide(term: sympy.Expr) -> sympy.Expr:
+            for key in products:
+                if term == key:
+                    return stand_ins.setdefault(key, sympy.Dummy())
+                rest = term / key
+                powers = rest.as_powers_dict()
+                # the key divides the term: no factor of the key is left in a denominator
+                if rest != term and all(powers.get(base, 0) >= 0 for base in key.as_powers_dict()):
+                    return rest * stand_ins.setdefault(key, sympy.Dummy())
+            return term
+
+        expr = expr.replace(lambda e: isinstance(e, (sympy.Mul, sympy.Pow)), divide)
+    return expr, stand_ins
 
 
 def _raw(sizes: Any) -> tuple:
