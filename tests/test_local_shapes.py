@@ -329,3 +329,25 @@ def test_patch_grid_tokens_are_substituted_not_fake_run(name, monkeypatch):
            and [i.name for i in n.all_input_nodes] == captured[n.name] and n.name not in apart]
     assert ran == [], ran
     assert s.substituted > 2 * len(s.ran)  # before: fewer substituted than run (PixArt 51 and 68)
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.float32])
+def test_the_gather_rule_gives_the_helpers_fake_value(dtype):
+    """`gather_seq_start` (a mask's key axis, grid tokens before an unpatchify) gets its refreshed value
+    from a shape rule: the sizes, dtype and (contiguous) strides the helper's own fake run gives, with
+    symbolic lengths whose sum is not simplified."""
+    from npu_dit.passes.analysis.fake_prop import SymbolMap, symbolic_dispatch
+    from npu_dit.passes.collective_meta import RULES
+    from npu_dit.runtime import collectives as C
+    from npu_dit.runtime.dist import inspection_context
+
+    symbols = SymbolMap()
+    env, mode = symbols.env, symbols.mode
+    rows, cols = (env.create_symintnode(symbols.new_symbol(name, v), hint=v) for name, v in (("rows", 5), ("cols", 3)))
+    lengths = C.grid_chunk_lengths(rows, cols, 2)
+    with mode, symbolic_dispatch():
+        x = torch.empty(2, lengths[1], 4, dtype=dtype)
+        y = C.gather_seq_start(x, 1, lengths, 2, inspection_context(2, 1).group_name)
+    sizes, rule_dtype, device = RULES[C.gather_seq_start](x, 1, lengths, 2, inspection_context(2, 1).group_name)
+    assert [str(s) for s in y.shape] == [str(s) for s in sizes] and (y.dtype, y.device) == (rule_dtype, device)
+    assert y.is_contiguous()

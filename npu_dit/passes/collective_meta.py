@@ -112,8 +112,10 @@ RULES: dict[Any, Any] = {
     C.seq_to_heads_start: seq_to_heads_start, C.seq_to_heads_wait: seq_to_heads_wait,
     C.heads_to_seq_start: heads_to_seq_start, C.heads_to_seq_wait: heads_to_seq_wait,
     C.gather_heads_start: gather_heads_start, C.gather_heads_wait: gather_heads_wait,
-    # gather_seq_* (a mask's key axis, grid tokens before the unpatchify) are few and run as they are:
-    # the unpatchify's -1 size is inferred from their exact symbolic output
+    # gather_seq_start (a mask's key axis, grid tokens before the unpatchify): its all-to-all's output is
+    # new and contiguous, `sum(recv_lengths)` long, as the collective's own meta makes it (the unpatchify's
+    # -1 size is inferred from that sum); the wait's `movedim` view is run on it (its strides)
+    C.gather_seq_start: gather_seq_start,
     C.localize: localize,
     **{target: attention for target in SDPA_TARGETS},
 }
