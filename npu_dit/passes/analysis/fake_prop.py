@@ -391,10 +391,14 @@ def put_in(expr: sympy.Expr, mapping: dict) -> sympy.Expr:
     - a product (a patch grid's token count `(s1//2)*(s2//2)`) is replaced where it divides a product
       (`64*(s1//2)*(s2//2)`, a stride).
     Anything else of its symbols keeps its meaning (a symbol's copy)."""
-    if isinstance(expr, sympy.Expr) and any(isinstance(key, (sympy.Add, sympy.Mul, sympy.Pow)) for key in mapping):
-        expr, stand_ins = stand_in_for_keys(expr, [key for key in mapping if isinstance(key, (sympy.Add, sympy.Mul, sympy.Pow))])
+    keys = [key for key in mapping if isinstance(key, _KEY_TYPES)]
+    if keys and isinstance(expr, sympy.Expr):
+        expr, stand_ins = stand_in_for_keys(expr, keys)
         mapping = {**mapping, **{stand_in: mapping[key] for key, stand_in in stand_ins.items()}}
     return expr.xreplace(mapping)
+
+
+_KEY_TYPES = (sympy.Add, sympy.Mul, sympy.Pow)  # expression keys `put_in` looks for inside sizes
 
 
 def stand_in_for_keys(expr: sympy.Expr, keys: list) -> tuple[sympy.Expr, dict]:
