@@ -65,6 +65,13 @@ class ShardingPlan:
         """Streams the executor shards at the inputs (a patch-grid stream is cut inside the graph)."""
         return [s for s in self.streams if s.sharded and s.grid is None]
 
+    def length_input(self, stream: Stream) -> tuple[int, int]:
+        """(placeholder index, dim) of an input that holds `stream`'s tokens as this graph sees them: one
+        the executor cuts if the stream is sharded (a mask holding it on two dims enters whole)."""
+        if stream.sharded:
+            return next((ph, dim) for ph, dim, s in self.shard_inputs if s == stream.id)
+        return stream.inputs[0]
+
     def fingerprint(self) -> str:
         """What must be equal on every rank for the rewritten graphs to exchange matching collectives."""
         streams = [(s.id, s.segments, s.inputs, s.sharded, s.grid) for s in self.streams]

@@ -81,7 +81,7 @@ def mismatched_shapes(rank, world_size):
 
 def patch_cases():
     """(name, model factory, inputs) of DiTs whose tokens are patchified inside the graph."""
-    from tests.synthetic import PatchDiT, tiny_pixart, tiny_sd3
+    from tests.synthetic import PairMaskedAttention, PatchDiT, tiny_pixart, tiny_sd3
 
     def sd3():
         return tiny_sd3(10, 8, torch.Generator().manual_seed(1))
@@ -96,7 +96,16 @@ def patch_cases():
             return model, model.example_inputs(1, height, 8)  # 5 patch rows: uneven on 2 and 4 ranks
         return make
 
-    return {"conv-patchify": synthetic(), "reshape-patchify": synthetic(patchify="reshape"),
+    def pair_masked(tail):
+        def make():
+            torch.manual_seed(0)
+            model = PairMaskedAttention(tail).eval()
+            return model, model.example_inputs(2, 11)  # 11 tokens: uneven on 2 and 4 ranks
+        return make
+
+    return {"pair-mask": pair_masked("none"), "pair-mask-drop-first": pair_masked("drop_first"),
+            "pair-mask-token-mean": pair_masked("token_mean"),
+            "conv-patchify": synthetic(), "reshape-patchify": synthetic(patchify="reshape"),
             "tokens-out": synthetic(patchify="reshape", unpatchify=False),
             "overlapping-conv": synthetic(kernel=3), "sd3": sd3, "pixart": pixart,
             "three-patch-rows": synthetic(height=6),

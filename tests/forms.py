@@ -102,6 +102,9 @@ FORMS = {
     "mean_features": ("shard", lambda h: h - h.mean(-1, keepdim=True)),
     "where": ("shard", lambda h: torch.where(h > 0, h, 0.0)),
     "type_as": ("shard", lambda h: h.double().type_as(h) * 2),
+    # a table row per token (HunyuanVideo 1.5's condition-type embedding of its text tokens)
+    "embedding_per_token": ("shard", lambda h: h + F.embedding(
+        (h[..., 0] > 0).long(), torch.linspace(-1, 1, 2 * h.shape[-1]).view(2, -1))),
 }
 
 

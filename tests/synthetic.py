@@ -79,6 +79,41 @@ class TokenMixing(JointAttention):
         raise ValueError(self.kind)
 
 
+class PairMaskedAttention(torch.nn.Module):
+    """Self-attention over one token stream with a pairwise additive mask [B, N, N] (OmniGen's form: the
+    stream is on two dims of one input), then a `tail` that needs every token of the only stream:
+    "drop_first" keeps tokens 1.. (a slice inside the stream), "token_mean" subtracts the mean over
+    the tokens; "none" returns the attention's output."""
+
+    TAILS = ("none", "drop_first", "token_mean")
+
+    def __init__(self, tail: str = "none", heads: int = 2, head_dim: int = 8) -> None:
+        super().__init__()
+        if tail not in self.TAILS:
+            raise ValueError(tail)
+        dim = heads * head_dim
+        self.tail, self.heads, self.dim = tail, heads, dim
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.out = torch.nn.Linear(dim, dim)
+
+    def forward(self, tokens, mask):
+        q, k, v = self.qkv(tokens).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None]).transpose(1, 2).flatten(2)
+        x = tokens + self.out(o)
+        if self.tail == "drop_first":
+            return (x[:, 1:],)
+        if self.tail == "token_mean":
+            return (x - x.mean(dim=1, keepdim=True),)
+        return (x,)
+
+    def example_inputs(self, batch: int, length: int):
+        g = torch.Generator().manual_seed(length)
+        keep = torch.rand(batch, length, length, generator=g) > 0.3
+        keep |= torch.eye(length, dtype=torch.bool)  # every query sees itself
+        mask = torch.zeros(batch, length, length).masked_fill(~keep, float("-inf"))
+        return {"tokens": torch.randn(batch, length, self.dim, generator=g), "mask": mask}
+
+
 class PatchDiT(torch.nn.Module):
     """A DiT whose tokens are made inside the graph: latent [B, C, H, W] -> patchify (a convolution
     with kernel = stride = p, or reshape/permute) -> [B, (H/p)(W/p), D], plus a learned positional
@@ -91,7 +126,7 @@ class PatchDiT(torch.nn.Module):
                  max_grid: int = 16, patchify: str = "conv", kernel: int | None = None,
                  unpatchify: bool = True, mix: bool = False) -> None:
         super().__init__()
-        self.mix = mix  # a cumulative sum over the tokens right where they are made: must not be sharded
+        self.mix = mix  # a cumulative sum over the tokens right where they are made: needs every token
         dim = heads * head_dim
         self.patch, self.heads, self.channels, self.patchify = patch, heads, channels, patchify
         self.unpatchify = unpatchify

@@ -171,15 +171,16 @@ def test_tokens_patchified_inside_the_graph(world_size, tmp_path):
     the grid and a per-sample timestep embedding), a reshape/permute patchify (also returning the
     tokens without unpatchify), diffusers' SD3 (cropped pos_embed, sharded text stream, async
     Ulysses) and PixArt at its own sample size (a grid-sized pos_embed buffer, cross-attention). An
-    overlapping patch convolution, and a cumulative sum over the tokens where a reshape patchify makes
-    them, refuse on every rank and stay exact. 5 patch rows:
+    overlapping patch convolution refuses on every rank and stays exact; a cumulative sum over the
+    tokens where a reshape patchify makes them (a grid cannot be kept whole: no input carries it) is
+    given the gathered tokens and runs as in the serial graph. 5 patch rows:
     uneven on 2 and 4 ranks. One spawn runs every case; on 4 ranks only the reshape patchify
     returning tokens on Ulysses-4, the conv patchify on Ulysses-2 x TP-2 (the other cases add no
     rule that depends on the world size), and 3 patch rows on 4 ranks (one rank holds no tokens)."""
     from tests.dist_workers_sound import patch_cases, patch_models
 
-    sharded = ("conv-patchify", "sd3", "reshape-patchify", "tokens-out", "pixart")
-    refused = {"overlapping-conv": "not a patch grid", "mixed-after-patchify": "combines positions"}
+    sharded = ("conv-patchify", "sd3", "reshape-patchify", "tokens-out", "pixart", "mixed-after-patchify")
+    refused = {"overlapping-conv": "not a patch grid"}
     names = sharded + tuple(refused)
     options = {}
     if world_size == 4:
@@ -209,6 +210,8 @@ def test_tokens_patchified_inside_the_graph(world_size, tmp_path):
             assert structure["output_gathers"] == [], name
             if name in options:  # the TP pass ran first and sharded linears, the grid on TP-local heads
                 assert structure["counts"].get("row_linear", 0) > 0, structure["counts"]
+        if "mixed-after-patchify" in names:  # the cumsum read the gathered grid, every position of it
+            assert record["result"]["mixed-after-patchify"][3]["counts"].get("gather_before_mixing") == 1
         # a patch-embedding convolution is given only this rank's rows (a rank holding none included)
         for name in {"conv-patchify", "sd3", "pixart", "three-patch-rows"} & set(names):
             assert record["result"][name][3]["counts"].get("patch_rows") == 1, name
@@ -274,3 +277,31 @@ def test_patch_grid_rewrite_structure(kwargs):
     else:
         assert user.op == "output"
     assert meta_mismatches(gm) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_a_stream_that_cannot_be_kept_whole_is_gathered_where_it_must_be(world_size, tmp_path):
+    """One token stream, carried by the tokens and on both dims of a pairwise mask [B, N, N] (OmniGen's
+    form), 11 tokens: uneven on 2 and 4 ranks. The mask enters whole (a rank's chunk of both dims could
+    not be made whole again) and the tokens are sharded. Where an op needs every token of the stream
+    (a slice inside it, a mean over it) and the stream cannot be kept whole instead (it is the only
+    one), its tokens are all-gathered into that op, which then runs as in the serial graph. Exact
+    against eager on every rank; before, the mask was cut on one dim only (a collective of mismatched
+    sizes) and the ops made the pass refuse."""
+    from tests.dist_workers_sound import patch_cases, patch_models
+
+    names = ("pair-mask", "pair-mask-drop-first", "pair-mask-token-mean")
+    records = run_ranks(patch_models, world_size, tmp_path, timeout=600, names=names)
+    for name in names:
+        model, inputs = patch_cases()[name]()
+        with torch.no_grad():
+            expected = model(**inputs)[0]
+        for rank, record in enumerate(records):
+            out, fell_back, reason, structure = record["result"][name]
+            assert not fell_back, (name, rank, reason)
+            assert structure["shard_inputs"] == [("tokens", 1)], (name, structure)  # the mask enters whole
+            assert out.shape == expected.shape, (name, rank)
+            assert (out - expected).abs().max().item() <= 1e-5, (name, rank)
+            gathers = structure["counts"].get("gather_before_mixing", 0)
+            assert gathers == (0 if name == "pair-mask" else 1), (name, structure["counts"])

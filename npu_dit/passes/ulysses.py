@@ -200,7 +200,7 @@ class _Rewriter:
         with self.graph.inserting_after(placeholders[-1]):
             for stream in reversed(self.plan.sharded_streams):
                 node = self.graph.placeholder(f"ulysses_global_len_{stream.id}")
-                ph, dim = stream.inputs[0]
+                ph, dim = self.plan.length_input(stream)
                 # the traced symbol's example value is the global length: reuse it (no new symbol)
                 node.meta["val"] = node_value(placeholders[ph]).shape[dim]
                 self.global_len[stream.id] = node
@@ -211,7 +211,7 @@ class _Rewriter:
                 if stream.grid is not None:
                     self.add_grid_lengths(stream.id, placeholders, *stream.grid)
                     continue
-                ph, dim = stream.inputs[0]
+                ph, dim = self.plan.length_input(stream)
                 self.stream_len[stream.id] = self.call(torch.ops.aten.sym_size.int, (placeholders[ph], dim))
                 if stream.sharded:
                     self.chunks[stream.id] = self.call(C.chunk_lengths, (self.global_len[stream.id], self.world))
@@ -385,9 +385,13 @@ class _Rewriter:
         return [self.segment_of_atom.get(a, -1) for a in self.atoms.normalize(seq)] if seq else []
 
     def gather_tokens(self, t: fx.Node, streams: set[int], *, before: fx.Node) -> fx.Node:
-        """Shard -> Replicate of patch-grid tokens before a reshape takes the grid apart (unpatchify)
-        or the graph returns them: an all-gather (as an all-to-all: Gloo has no uneven all-gather) of
-        each local run of `streams`. A dim whose local tokens are not all of `streams` is refused."""
+        """Shard -> Replicate of the local tokens of `streams` in `t`, on every token dim: an all-gather
+        (as an all-to-all: Gloo has no uneven all-gather) of each stream's local chunk. Where a dim
+        holds local tokens of several streams side by side, each stream's part is gathered on its own
+        (the all-gather lays chunks rank by rank; the graph's order is stream by stream); the other
+        streams' tokens stay as they are. Used before a reshape takes a patch grid apart (unpatchify),
+        where the graph returns tokens, and before an op that mixes or cuts positions of a stream that
+        cannot be kept whole (`check_rules`)."""
         result = t
         value = node_value(t)
         with self.graph.inserting_before(before):
@@ -397,19 +401,48 @@ class _Rewriter:
                     continue
                 parts = []
                 for run, piece in zip(runs, self.split_runs(result, dim, runs, gathered=False)):
-                    if run.local and (len(run.streams) != 1 or run.streams[0] not in streams):
-                        raise Refusal(f"{self.where(before)} takes apart or returns a token dim holding local "
-                                      f"tokens of several streams side by side (dim {dim}) next to others")
-                    if run.local:
-                        start = self.call(C.gather_seq_start, (piece, dim, self.lengths_of(run.streams), self.world,
+                    if not (run.local and set(run.streams) & streams):
+                        parts.append(piece)
+                        continue
+                    singles = [_Run((s,), True) for s in run.streams]
+                    for single, part in zip(singles, self.split_runs(piece, dim, singles, gathered=False)):
+                        stream = single.streams[0]
+                        if stream not in streams:
+                            parts.append(part)
+                            continue
+                        start = self.call(C.gather_seq_start, (part, dim, self.lengths_of((stream,)), self.world,
                                                                self.ctx.group_name))
                         parts.append(self.call(C.gather_seq_wait, (start, dim, value.dtype)))
                         self.bump("all_gather")
-                    else:
-                        parts.append(piece)
                 result = parts[0] if len(parts) == 1 else self.call(torch.cat, (parts, dim))
         self.local[result] = self.local.get(t, frozenset()) - frozenset(streams)
+        self.same_tokens(result, t)
         return result
+
+    def replicable(self, streams: frozenset[int]) -> bool:
+        """Whether a refusal caused by `streams` can be retried with them kept whole: some other stream
+        stays sharded, and none of them is a patch grid (its tokens belong to no input to keep whole)."""
+        grids = {s.id for s in self.plan.streams if s.grid is not None}
+        return bool(streams) and streams < self.sharded and not streams & grids
+
+    def gather_or_refuse(self, node: fx.Node, found: list[tuple[fx.Node, frozenset[int], str]]) -> None:
+        """`node` mixes or cuts positions of the local tokens of some streams (`found`: the input as the
+        analysis knows it, the streams, the reason). Streams that can be kept whole are (the pass is
+        retried with them replicated: no collective, as the serial graph); the others are gathered
+        into `node`'s input, so it runs on whole tokens, exactly as in the serial graph, and its result
+        is whole (sliced again where it meets local tokens)."""
+        for _, streams, reason in found:
+            if self.replicable(streams):
+                raise StreamRefusal(reason, streams)
+        wanted: dict[fx.Node, set[int]] = {}
+        for inp, streams, _ in found:
+            wanted.setdefault(self.replaced.get(inp, inp), set()).update(streams)
+        for actual, streams in wanted.items():
+            self.stack = node.meta.get("nn_module_stack")
+            gathered = self.gather_tokens(actual, streams, before=node)
+            self.stack = None
+            node.replace_input_with(actual, gathered)
+            self.bump("gather_before_mixing")
 
     def _sum(self, nodes: list[fx.Node], key: tuple) -> fx.Node:
         if len(nodes) == 1:
@@ -495,11 +528,8 @@ class _Rewriter:
 
     def propagate(self, node: fx.Node) -> None:
         present = self.streams_of(node) & self.sharded
-        inputs = self.value_inputs(node)
-        carried: set[int] = set()
-        for inp in inputs:
-            carried |= self.local.get(inp, frozenset())
-        self.check_rules(node)
+        self.check_rules(node)  # (may gather an input's tokens first: `gather_or_refuse`)
+        carried = self.carried(node)
         self.globalize_values(node)
         lost = carried - present
         if carried & set(self.grid_rows) and not (lost & set(self.grid_rows) and _kind(node) == "reshape"):
@@ -511,10 +541,12 @@ class _Rewriter:
             carried -= lost
             lost = set()
         if lost and isinstance(node_value(node), torch.Tensor) and _kind(node) not in SLICING_KINDS:
-            raise StreamRefusal(
-                f"{self.where(node)} drops the sharded token dim of stream(s) {sorted(lost)}; Ulysses does "
-                f"not insert the all-reduce or gather this would need", frozenset(lost)
-            )
+            # the op folds the token dim away (a reshape merging it with another): it needs every token
+            reason = f"{self.where(node)} drops the sharded token dim of stream(s) {sorted(lost)}"
+            self.gather_or_refuse(node, [(inp, frozenset(lost) & self.local.get(inp, frozenset()), reason)
+                                         for inp in self.value_inputs(node) if lost & self.local.get(inp, frozenset())])
+            carried = self.carried(node)
+            lost = set()
         self.check_placeable(node)
         local = present & carried
         for stream in present - carried:
@@ -538,6 +570,10 @@ class _Rewriter:
                 self.stack = node.meta.get("nn_module_stack")
                 node.replace_input_with(inp, self.localize(inp, frozenset(need), before=node))
                 self.stack = None
+
+    def carried(self, node: fx.Node) -> set[int]:
+        """The sharded streams whose local tokens flow into `node`."""
+        return set().union(*(self.local.get(inp, frozenset()) for inp in self.value_inputs(node)))
 
     def value_inputs(self, node: fx.Node) -> list[fx.Node]:
         """The inputs whose values flow into the node (`type_as`'s `other` gives only a dtype)."""
@@ -633,14 +669,15 @@ class _Rewriter:
                                          for i in node.all_input_nodes):
             raise StreamRefusal(f"{self.where(node)} returns nothing and reads sharded tokens (an effect Ulysses "
                                 f"cannot see)", self.sharded_streams_in(node.all_input_nodes))
+        found = []
         for inp, dim in flow.mixing.get(node, ()):
             if streams := self.holds_local_tokens(self.replaced.get(inp, inp), dim):
-                raise StreamRefusal(f"{self.where(node)} combines positions along a sharded token dim (dim {dim})",
-                                    streams)
+                found.append((inp, streams, f"{self.where(node)} combines positions along a sharded token dim (dim {dim})"))
         for inp, dim in flow.inexact_slices.get(node, ()):
             if streams := self.holds_local_tokens(self.replaced.get(inp, inp), dim):
-                raise StreamRefusal(f"{self.where(node)} slices a sharded token dim (dim {dim}) inside a stream",
-                                    streams)
+                found.append((inp, streams, f"{self.where(node)} slices a sharded token dim (dim {dim}) inside a stream"))
+        if found:
+            self.gather_or_refuse(node, found)
 
     def whole_write(self, node: fx.Node, chain: list[fx.Node]) -> bool:
         """An in-place write (`table.data[:, n:].copy_(pos)`) into a tensor no rank holds locally, of values
@@ -842,6 +879,8 @@ class _Rewriter:
         analysis' answer for `old` is its answer for `new`."""
         if new is not old and old in self.tokens.flow.values:
             self.tokens.flow.values[new] = self.tokens.flow.values[old]
+        if new is not old and old in self.tokens.by_node:
+            self.tokens.by_node[new] = self.tokens.by_node[old]
 
     # -- attention -----------------------------------------------------------------------------
     def rewrite_attention(self, node: fx.Node) -> None:

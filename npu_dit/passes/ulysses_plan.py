@@ -13,6 +13,8 @@ shapes, the global stream lengths the rewritten graph takes as extra inputs, and
 
 from __future__ import annotations
 
+import collections
+
 import dataclasses
 
 import sympy
@@ -141,6 +143,15 @@ def plan_streams(gm: fx.GraphModule, tokens: TokenDims, *, world_size: int, rank
         for stream in streams:  # nothing symbolic at all: the graph was traced with static shapes
             stream.fix = "Compile with torch.compile(..., dynamic=True) so the sequence lengths stay symbolic."
 
+    # an input holding sharded tokens on two dims (a mask [B, 1, N, N]) enters whole: a rank's chunk of
+    # both dims cannot be made whole again (the pairs of one rank's queries with another's keys are
+    # on neither), and attention needs it whole; it is cut where it meets local tokens
+    pairs = [(ph, dim, s.id) for s in streams if s.sharded and s.grid is None for ph, dim in s.inputs]
+    token_dims_per_input = collections.Counter(ph for ph, _, _ in pairs)
+    shard_inputs = [p for p in pairs if token_dims_per_input[p[0]] == 1]
+    for stream in streams:
+        if stream.sharded and stream.grid is None and not any(s == stream.id for _, _, s in shard_inputs):
+            stream.sharded, stream.reason = False, "carried only by inputs that hold it on two dims (a mask)"
     if not any(s.sharded for s in streams):
         reasons = "; ".join([f"stream {s.id} ({s.name}): {s.reason}" for s in streams] + [
             f"tokens made inside the graph at {seg.origin}, not a patch grid of an input (a convolution "
@@ -149,12 +160,9 @@ def plan_streams(gm: fx.GraphModule, tokens: TokenDims, *, world_size: int, rank
         fix = "Compile with torch.compile(..., dynamic=True)." if any(s.fix for s in streams) else None
         raise Refusal(f"Ulysses found no token stream it can shard ({reasons})", fix=fix)
 
-    shard_inputs = [(ph, dim, s.id) for s in streams if s.sharded and s.grid is None for ph, dim in s.inputs]
     local_symbols: dict[sympy.Symbol, tuple[int, int]] = {}
-    for stream in streams:
-        if stream.sharded and stream.grid is None:
-            for ph, dim in stream.inputs:
-                local_symbols.setdefault(node_value(placeholders[ph]).shape[dim].node.expr, (ph, dim))
+    for ph, dim, _ in shard_inputs:
+        local_symbols.setdefault(node_value(placeholders[ph]).shape[dim].node.expr, (ph, dim))
     local_symints = []
     for i, node in enumerate(placeholders):
         value = node_value(node)

@@ -91,14 +91,14 @@ class GraphExecutor:
         local = list(args)
         global_lengths: dict[int, int] = {}
         for index, dim, stream in self.plan.shard_inputs:
-            tensor = args[index]
-            length = tensor.shape[dim]
+            length = args[index].shape[dim]
             if global_lengths.setdefault(stream, length) != length:
                 raise ValueError(
                     f"inputs of token stream {stream} disagree on its length ({global_lengths[stream]} vs "
                     f"{length} at input {index} dim {dim})"
                 )
-            local[index] = local_chunk(tensor, dim, world, rank).contiguous()
+            # (an input sharded on two dims, a mask [B, 1, N, N], is cut on both)
+            local[index] = local_chunk(local[index], dim, world, rank).contiguous()
         for symint_index, tensor_index, dim in self.plan.local_symints:
             local[symint_index] = local[tensor_index].shape[dim]
         local.extend(global_lengths[s] for s in self.plan.global_lengths)

@@ -447,6 +447,12 @@ class _Flow:
             return self.rule_reduce(node, sem)
         if kind == "conv":
             return self.rule_conv(node)
+        if kind == "embedding":  # a row of the table per index: the indices' dims, then the table's features
+            indices = sem.call.args.get("input", sem.call.args.get("indices"))
+            src, out = self.dims(indices), _shape(node)
+            if src is None or out is None or len(out) != len(src) + 1:
+                return self.fresh_all(node)
+            return tuple(src) + (self.fresh(node, out, len(out) - 1),)
         if kind == "outer":
             a, b = self.dims(x), self.dims(sem.call.args.get("vec2"))
             out = _shape(node)
