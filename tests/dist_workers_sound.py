@@ -104,7 +104,7 @@ def patch_cases():
         return make
 
     return {"pair-mask": pair_masked("none"), "pair-mask-drop-first": pair_masked("drop_first"),
-            "pair-mask-token-mean": pair_masked("token_mean"),
+            "pair-mask-token-mean": pair_masked("token_mean"), "pair-mask-pooled-query": pair_masked("pooled_query"),
             "conv-patchify": synthetic(), "reshape-patchify": synthetic(patchify="reshape"),
             "tokens-out": synthetic(patchify="reshape", unpatchify=False),
             "overlapping-conv": synthetic(kernel=3), "sd3": sd3, "pixart": pixart,

@@ -83,9 +83,10 @@ class PairMaskedAttention(torch.nn.Module):
     """Self-attention over one token stream with a pairwise additive mask [B, N, N] (OmniGen's form: the
     stream is on two dims of one input), then a `tail` that needs every token of the only stream:
     "drop_first" keeps tokens 1.. (a slice inside the stream), "token_mean" subtracts the mean over
-    the tokens; "none" returns the attention's output."""
+    the tokens, "pooled_query" adds attention from one query of no stream over every token (Mochi's
+    attention pool); "none" returns the attention's output."""
 
-    TAILS = ("none", "drop_first", "token_mean")
+    TAILS = ("none", "drop_first", "token_mean", "pooled_query")
 
     def __init__(self, tail: str = "none", heads: int = 2, head_dim: int = 8) -> None:
         super().__init__()
@@ -104,6 +105,10 @@ class PairMaskedAttention(torch.nn.Module):
             return (x[:, 1:],)
         if self.tail == "token_mean":
             return (x - x.mean(dim=1, keepdim=True),)
+        if self.tail == "pooled_query":
+            query = torch.ones(x.shape[0], self.heads, 1, self.dim // self.heads, dtype=x.dtype)
+            kv = x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+            return (x + F.scaled_dot_product_attention(query, kv, kv).transpose(1, 2).flatten(2),)
         return (x,)
 
     def example_inputs(self, batch: int, length: int):

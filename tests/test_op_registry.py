@@ -67,6 +67,19 @@ def test_overloads_are_chosen_by_the_argument_types():
     assert kinds == [("reduce", None, False), ("reduce", None, False), ("reduce", (1,), False)], kinds
 
 
+def test_a_bool_given_for_a_float_binds_as_pytorch_takes_it():
+    """`F.pad(mask, (1, 0), value=True)` (Mochi's pooler): PyTorch's parser takes the bool as the float
+    `value`; the registry binds it too (it had no semantics: an op with no rule on the tokens)."""
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    gm = _graph(lambda m: F.pad(m[:, None, None, :], (1, 0), value=True), mask)
+    (sem,) = [semantics(n) for n in _calls(gm) if semantics(n) is not None and semantics(n).kind == "pad"]
+    assert sem.call.args["pad"] == (1, 0) and sem.call.args["value"] is True
+    # where an overload takes the bool as a bool, that one is still chosen (`std(h, True)` is `unbiased`)
+    gm = _graph(lambda h: torch.std(h, True), H)
+    (std,) = [semantics(n) for n in _calls(gm) if n.target is torch.std]
+    assert std.call.args.get("unbiased") is True and std.dims is None
+
+
 def test_in_place_writes_and_views_are_declared():
     def fn(h):
         h = h * 1

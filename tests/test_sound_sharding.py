@@ -285,13 +285,14 @@ def test_a_stream_that_cannot_be_kept_whole_is_gathered_where_it_must_be(world_s
     """One token stream, carried by the tokens and on both dims of a pairwise mask [B, N, N] (OmniGen's
     form), 11 tokens: uneven on 2 and 4 ranks. The mask enters whole (a rank's chunk of both dims could
     not be made whole again) and the tokens are sharded. Where an op needs every token of the stream
-    (a slice inside it, a mean over it) and the stream cannot be kept whole instead (it is the only
+    (a slice inside it, a mean over it, attention from a query of no stream: keys and values) and the
+    stream cannot be kept whole instead (it is the only
     one), its tokens are all-gathered into that op, which then runs as in the serial graph. Exact
     against eager on every rank; before, the mask was cut on one dim only (a collective of mismatched
     sizes) and the ops made the pass refuse."""
     from tests.dist_workers_sound import patch_cases, patch_models
 
-    names = ("pair-mask", "pair-mask-drop-first", "pair-mask-token-mean")
+    names = ("pair-mask", "pair-mask-drop-first", "pair-mask-token-mean", "pair-mask-pooled-query")
     records = run_ranks(patch_models, world_size, tmp_path, timeout=600, names=names)
     for name in names:
         model, inputs = patch_cases()[name]()

@@ -902,6 +902,14 @@ class _Rewriter:
             return  # attention over replicated tokens only: every rank computes it, no exchange
         ndim = node_value(q).dim()
         seq_dim, head_dim = ndim - 2, ndim - 3
+        if not self.runs(q, seq_dim, self.local.get(q, frozenset())):
+            # the queries are tokens of no stream (Mochi's attention pool: one pooled query over the
+            # caption): each attends to every key, so the keys, values and mask need all their tokens
+            self.gather_or_refuse(node, [(t, self.local[t], f"{self.where(node)} attends from a query of no "
+                                          f"token stream to sharded keys") for t in dict.fromkeys((k, v, mask))
+                                         if isinstance(t, fx.Node) and self.local.get(t)])
+            self.local[node] = frozenset()
+            return
         if not any(self.holds_local_tokens(t, seq_dim) for t in (q, k, v)):
             # local tokens only along the batch dims (Krea2 attends across text-encoder layers token by token,
             # its text tokens merged into the batch): each rank attends its own tokens, nothing to exchange

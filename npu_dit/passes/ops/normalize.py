@@ -201,12 +201,18 @@ def _bind(signature: inspect.Signature, args: tuple, kwargs: dict) -> inspect.Bo
     return None
 
 
-def _types_ok(bound: inspect.BoundArguments) -> bool:
+def _types_ok(bound: inspect.BoundArguments, *, bool_as_float: bool = False) -> bool:
+    """Whether every argument's type fits its parameter; with `bool_as_float`, a bool also fits a float
+    parameter, as PyTorch's argument parser takes it (`F.pad(mask, (1, 0), value=True)`): tried only
+    when no overload fits strictly, so an overload that takes the bool as a bool is chosen first."""
     for name, value in bound.arguments.items():
         parameter = bound.signature.parameters[name]
         if parameter.kind is inspect.Parameter.VAR_POSITIONAL or parameter.kind is inspect.Parameter.VAR_KEYWORD:
             continue
-        if not _matches(parameter, _type_of(value)):
+        arg_type = _type_of(value)
+        if bool_as_float and arg_type is bool and _type_ok(parameter.annotation, float):
+            continue
+        if not _matches(parameter, arg_type):
             return False
     return True
 
@@ -229,12 +235,10 @@ def normalize(node: fx.Node) -> Normalized | None:
            tuple(_type_of(v) for v in node.kwargs.values()))
     chosen = _CHOSEN.get(key, -1)
     if chosen == -1:
-        chosen = None
-        for i, (signature, _) in enumerate(signatures):
-            bound = _bind(signature, node.args, node.kwargs)
-            if bound is not None and _types_ok(bound):
-                chosen = i
-                break
+        bindings = [_bind(signature, node.args, node.kwargs) for signature, _ in signatures]
+        chosen = next((i for i, b in enumerate(bindings) if b is not None and _types_ok(b)), None)
+        if chosen is None:
+            chosen = next((i for i, b in enumerate(bindings) if b is not None and _types_ok(b, bool_as_float=True)), None)
         _CHOSEN[key] = chosen
     if chosen is None:
         return None
