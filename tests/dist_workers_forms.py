@@ -36,6 +36,30 @@ def token_forms(rank, world_size, forms):
     return results
 
 
+def single_stream_forms(rank, world_size, forms):
+    """(output, fell back, tokens gathered into an op, reason) of each form on one token stream."""
+    from npu_dit.backend import RECORDS
+    from tests.forms import SingleStreamForm
+
+    results = {}
+    for form in forms:
+        torch.manual_seed(0)
+        model = SingleStreamForm(form).eval()
+        image = torch.randn(2, 13, 16, generator=torch.Generator().manual_seed(3))
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="npu_dit", dynamic=True, options={"ulysses_degree": world_size})
+        try:
+            with torch.no_grad():
+                out = compiled(image)[0]
+        except Exception as exc:  # noqa: BLE001 - reported per form
+            results[form] = (None, None, 0, f"{type(exc).__name__}: {exc}")
+            continue
+        report = RECORDS[-1].report
+        gathers = dict(getattr(report, "counts", {}) or {}).get("gather_before_mixing", 0)
+        results[form] = (out, report.fell_back, gathers, report.fallback_reason or "")
+    return results
+
+
 def feature_forms(rank, world_size, forms):
     from npu_dit.backend import RECORDS
     from npu_dit.plans import TP_META_KEY

@@ -119,6 +119,25 @@ class TokenForm(JointAttention):
         return super().forward(FORMS[self.form][1](image), text, text_mask)
 
 
+class SingleStreamForm(torch.nn.Module):
+    """The image tokens alone, one stream: `FORMS[form]`, self-attention, `FORMS[form]` again. With no
+    other stream to shard, a form that mixes or cuts the tokens can only get them all (gathered into
+    it, or the pass refuses): before attention, and after it, where the tokens are local again."""
+
+    def __init__(self, form: str, heads: int = 2, head_dim: int = 8) -> None:
+        super().__init__()
+        dim = heads * head_dim
+        self.form, self.heads = form, heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+        self.out = torch.nn.Linear(dim, dim)
+
+    def forward(self, image):
+        h = FORMS[self.form][1](image)
+        q, k, v = self.qkv(h).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        return (FORMS[self.form][1](h + self.out(o)),)
+
+
 def _feature_setitem(h):
     h = h.clone()
     h[..., 0] = 0.5

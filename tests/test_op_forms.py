@@ -39,6 +39,36 @@ def test_every_form_is_exact_through_the_public_call(tmp_path):
 
 
 @pytest.mark.slow
+def test_every_form_on_the_only_stream_is_exact(tmp_path):
+    """The same forms on one token stream (no other to shard instead): a form that mixes or cuts the
+    tokens gets them all (an all-gather into the op) or the pass refuses; one that does not touch
+    them keeps them sharded with no gather. Exact on every rank."""
+    from tests.dist_workers_forms import single_stream_forms
+    from tests.forms import SingleStreamForm
+
+    records = run_ranks(single_stream_forms, 2, tmp_path, timeout=900, forms=list(FORMS))
+    problems = []
+    for form, (expect, _) in FORMS.items():
+        torch.manual_seed(0)
+        model = SingleStreamForm(form).eval()
+        with torch.no_grad():
+            expected = model(torch.randn(2, 13, 16, generator=torch.Generator().manual_seed(3)))[0]
+        for rank, record in enumerate(records):
+            out, fell_back, gathers, reason = record["result"][form]
+            if out is None:
+                problems.append(f"{form} rank {rank}: raised {reason}")
+                continue
+            err = (out - expected).abs().max().item()
+            if out.shape != expected.shape or err > 1e-5:
+                problems.append(f"{form} rank {rank}: wrong result (shape {tuple(out.shape)}, err {err:.3g})")
+            elif expect == "refuse" and not fell_back and not gathers:
+                problems.append(f"{form} rank {rank}: tokens sharded through an op that mixes or cuts them")
+            elif expect == "shard" and (fell_back or gathers):
+                problems.append(f"{form} rank {rank}: refused or gathered needlessly: {reason} ({gathers} gathers)")
+    assert not problems, "\n".join(problems)
+
+
+@pytest.mark.slow
 def test_every_feature_form_is_exact_under_tensor_parallelism(tmp_path):
     from tests.dist_workers_forms import feature_forms
     from tests.forms import FEATURE_FORMS, FeatureForm

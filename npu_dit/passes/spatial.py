@@ -57,6 +57,7 @@ import torch.fx as fx
 from npu_dit.passes.analysis.attention_ops import is_sdpa, node_value
 from npu_dit.passes.ops import semantics
 from npu_dit.passes.analysis.module_paths import module_path
+from npu_dit.passes.analysis.symbolic import exprs_equal
 from npu_dit.passes.infra import PassResult, Refusal
 from npu_dit.plans import SPATIAL_META_KEY, SpatialPlan
 from npu_dit.runtime import spatial_ops as S
@@ -97,19 +98,6 @@ def _expr(size: Any) -> sympy.Expr:
     if isinstance(size, torch.SymInt):
         return sympy.sympify(size.node.expr)
     return sympy.Integer(int(size))
-
-
-def _eq(a: sympy.Expr, b: sympy.Expr) -> bool:
-    if a == b:
-        return True
-    # a polynomial's expanded form is canonical: nonzero means unequal; only floor divisions and
-    # the like need simplify (~10 ms a call, and its first call imports sympy.physics: 0.3 s)
-    difference = sympy.expand(a - b)
-    if difference == 0:
-        return True
-    if difference.is_number or difference.is_polynomial():
-        return False
-    return sympy.simplify(difference) == 0
 
 
 def _simplify(expr: sympy.Expr) -> sympy.Expr:
@@ -212,7 +200,7 @@ class _Rewriter:
             band = self.bands.get(value) if isinstance(value, fx.Node) else None
             if band is None:
                 continue
-            if not isinstance(band, Band) or band.pending_top or not _eq(band.inner, sympy.Integer(1)):
+            if not isinstance(band, Band) or band.pending_top or not exprs_equal(band.inner, sympy.Integer(1), simplify=True):
                 self.refuse(node, f"output {i} is not a plain band of rows")
             self.outputs.append((i, band.dim))
 
@@ -370,7 +358,7 @@ class _Rewriter:
         band = sharded[0][1]
         src, out = _shape(node.args[0]), _shape(node)
         pre = _prod(src[:band.dim])
-        j = next((j for j in range(len(out) + 1) if _eq(_prod(out[:j]), pre)), None)
+        j = next((j for j in range(len(out) + 1) if exprs_equal(_prod(out[:j]), pre, simplify=True)), None)
         # size-1 dims before the rows do not matter: take the last j with the same prefix
         while j is not None and j + 1 < len(out) and out[j] == 1:
             j += 1
@@ -378,19 +366,19 @@ class _Rewriter:
             self.refuse(node, "the rows do not stay the outer factor of a dim")
         size = src[band.dim]
         rows = _simplify(size / band.inner)
-        if _eq(out[j], size):
+        if exprs_equal(out[j], size, simplify=True):
             self.bands[node] = band.moved(j)
             return
         for k in range(band.dim + 2, len(src) + 1):  # merge: rows x inner x following dims
-            if _eq(out[j], size * _prod(src[band.dim + 1:k])):
+            if exprs_equal(out[j], size * _prod(src[band.dim + 1:k]), simplify=True):
                 self.bands[node] = dataclasses.replace(band, dim=j, inner=_simplify(band.inner * _prod(src[band.dim + 1:k])))
                 self._check_plain_pending(node, band)
                 return
         for k in range(j + 2, len(out) + 1):  # split: rows x (inner / following dims)
             rest = _prod(out[j + 1:k])
-            if _eq(_prod(out[j:k]), size):
+            if exprs_equal(_prod(out[j:k]), size, simplify=True):
                 inner = _simplify(band.inner / rest)
-                if _eq(out[j], rows * inner) and inner.is_polynomial() and sympy.fraction(sympy.together(inner))[1] == 1:
+                if exprs_equal(out[j], rows * inner, simplify=True) and inner.is_polynomial() and sympy.fraction(sympy.together(inner))[1] == 1:
                     self.bands[node] = dataclasses.replace(band, dim=j, inner=inner)
                     self._check_plain_pending(node, band)
                     return
@@ -613,7 +601,7 @@ def spatial_pass(gm: fx.GraphModule, *, ctx: ParallelContext) -> PassResult:
     height = input_node.meta["val"].shape[dim]
     local_symints = [
         i for i, n in enumerate(p for p in gm.graph.nodes if p.op == "placeholder")
-        if isinstance(node_value(n), torch.SymInt) and _eq(_expr(node_value(n)), _expr(height))
+        if isinstance(node_value(n), torch.SymInt) and exprs_equal(_expr(node_value(n)), _expr(height), simplify=True)
     ]
     plan = SpatialPlan(
         world_size=ctx.world_size, rank=ctx.rank, input_index=index, dim=dim, align=align, min_units=min_units,

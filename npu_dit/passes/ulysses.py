@@ -46,6 +46,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from npu_dit.passes.analysis.attention_ops import graph_fake_mode, is_sdpa, node_value, sdpa_args
 from npu_dit.passes.analysis.dim_flow import conv_params
+from npu_dit.passes.analysis.symbolic import exprs_equal
 from npu_dit.passes.analysis.token_dims import TokenDims, token_dims
 from npu_dit.passes.infra import PassResult, Refusal
 from npu_dit.passes.ops import semantics
@@ -72,12 +73,6 @@ _SYM_ARITHMETIC = {
     operator.add, operator.sub, operator.mul, operator.floordiv, operator.neg, operator.mod,
     torch.sym_max, torch.sym_min, torch.sym_sum,
 }
-
-
-def _same(a: sympy.Expr, b: sympy.Expr, shape_env: Any) -> bool:
-    from npu_dit.passes.analysis.dim_flow import facts_equal
-
-    return facts_equal(shape_env, a, b)
 
 
 def _op_name(node: fx.Node) -> str:
@@ -322,7 +317,7 @@ class _Rewriter:
             if arg in self.setup_nodes or arg in self.grid_symints:
                 return arg  # lengths this pass computed itself
             expr = value.node.expr
-            stream = next((s for s, e in total.items() if _same(expr, e, self.atoms.shape_env)), None)
+            stream = next((s for s, e in total.items() if exprs_equal(expr, e, self.atoms.shape_env)), None)
             if stream is not None:
                 return self.stream_len[stream]
             if arg.op == "call_function" and arg.target in _SYM_ARITHMETIC:
@@ -430,19 +425,24 @@ class _Rewriter:
         analysis knows it, the streams, the reason). Streams that can be kept whole are (the pass is
         retried with them replicated: no collective, as the serial graph); the others are gathered
         into `node`'s input, so it runs on whole tokens, exactly as in the serial graph, and its result
-        is whole (sliced again where it meets local tokens)."""
+        is whole (sliced again where it meets local tokens). Tokens written in place are never gathered
+        (the pass refuses)."""
         for _, streams, reason in found:
             if self.replicable(streams):
                 raise StreamRefusal(reason, streams)
         wanted: dict[fx.Node, set[int]] = {}
         for inp, streams, _ in found:
             wanted.setdefault(self.replaced.get(inp, inp), set()).update(streams)
+        # a gathered input is a copy: where `node`'s result or its input is written in place (`h[:, 0] = v`
+        # is a write through the view `h[:, 0]`), the write would miss the tensor it is meant for
+        for (inp, streams, reason), actual in zip(found, [self.replaced.get(f[0], f[0]) for f in found]):
+            if self.written_in_place(node) or self.written_in_place(inp) or self.written_in_place(actual):
+                raise StreamRefusal(f"{reason}, and those tokens are written in place", streams)
+        stack, self.stack = self.stack, node.meta.get("nn_module_stack")  # the gathers serve `node`'s module
         for actual, streams in wanted.items():
-            self.stack = node.meta.get("nn_module_stack")
-            gathered = self.gather_tokens(actual, streams, before=node)
-            self.stack = None
-            node.replace_input_with(actual, gathered)
+            node.replace_input_with(actual, self.gather_tokens(actual, streams, before=node))
             self.bump("gather_before_mixing")
+        self.stack = stack
 
     def _sum(self, nodes: list[fx.Node], key: tuple) -> fx.Node:
         if len(nodes) == 1:
@@ -992,7 +992,7 @@ class _Rewriter:
             return mask
         size = value.shape[dim]
         expr = size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(int(size))
-        if not _same(expr, sympy.Integer(num_heads), self.fake_mode.shape_env):
+        if not exprs_equal(expr, sympy.Integer(num_heads), self.fake_mode.shape_env):
             raise Refusal(f"the mask of an attention call has {value.shape[dim]} entries along the heads, "
                           f"not 1 or the {num_heads} heads")
         padded_mask = self.call(C.pad_heads, (mask, dim, padded))
@@ -1200,8 +1200,7 @@ def ulysses_pass(gm: fx.GraphModule, *, ctx: ParallelContext) -> PassResult:
             rewriter.run()
             break
         except StreamRefusal as refusal:
-            if (not refusal.streams or not refusal.streams < set(sharded)
-                    or any(sharded[s].grid is not None for s in refusal.streams)):
+            if not rewriter.replicable(refusal.streams):
                 raise  # nothing left to shard, or a patch grid (its tokens belong to no input to keep whole)
             rewriter.undo()
             for stream in refusal.streams:

@@ -38,6 +38,7 @@ from npu_dit.passes.analysis.attention_ops import (
     node_value,
 )
 from npu_dit.passes.analysis.fake_prop import shape_hint
+from npu_dit.passes.analysis.symbolic import exprs_equal
 from npu_dit.passes.ops import Semantics, semantics
 
 Seq = tuple[int, ...]  # atoms of one dim, in order
@@ -75,36 +76,13 @@ def as_size(value: Any) -> Size:
 
 
 @functools.lru_cache(maxsize=65536)
-def _expr_eq(a: sympy.Expr, b: sympy.Expr) -> bool:
-    if a == b:
-        return True
-    try:
-        return sympy.expand(a - b) == 0
-    except Exception:  # noqa: BLE001
-        return False
-
-
 def _is_one(value: Any) -> bool:
     """A repeat count known to be 1 (a constant, not a symbol that happens to be 1 here)."""
     return isinstance(value, int) and not isinstance(value, bool) and value == 1
 
 
 def sizes_equal(a: Size, b: Size) -> bool:
-    return _expr_eq(a.expr, b.expr)
-
-
-def facts_equal(shape_env: Any, a: sympy.Expr, b: sympy.Expr) -> bool:
-    """a == b, proven: structurally, by expansion, or from the ShapeEnv's guards and replacements
-    (Dynamo asserts `s50 == s8*s47` when it traces a broadcast of the two). Equal example sizes
-    prove nothing."""
-    if _expr_eq(a, b):
-        return True
-    if shape_env is None:
-        return False
-    try:
-        return bool(shape_env._maybe_evaluate_static(sympy.Eq(a, b)) == sympy.true)
-    except Exception:  # noqa: BLE001 - an expression the ShapeEnv cannot reason about
-        return False
+    return exprs_equal(a.expr, b.expr)
 
 
 class Atoms:
@@ -189,7 +167,7 @@ class Atoms:
         while i < len(a) and j < len(b):
             gi, gj = [a[i]], [b[j]]
             i, j = i + 1, j + 1
-            while not facts_equal(self.shape_env, self.seq_size(tuple(gi)), self.seq_size(tuple(gj))):
+            while not exprs_equal(self.seq_size(tuple(gi)), self.seq_size(tuple(gj)), self.shape_env):
                 # the example sizes only choose which side to extend; equality must be proven
                 hint_a = sum(self.size[self.find(x)].hint or 0 for x in gi)
                 hint_b = sum(self.size[self.find(x)].hint or 0 for x in gj)
@@ -349,7 +327,7 @@ class _Flow:
         seq = self.atoms.normalize(seq)
         offset = sympy.Integer(0)
         picked: list[int] = []
-        started = _expr_eq(start.expr, sympy.Integer(0))
+        started = exprs_equal(start.expr, sympy.Integer(0))
         for atom in seq:
             if not started and self._eq(offset, start.expr):
                 started = True
@@ -358,7 +336,7 @@ class _Flow:
             offset = offset + self.atoms.size[atom].expr
             if started and self._eq(offset, stop.expr):
                 return tuple(picked)
-        if len(seq) == 1 and _expr_eq(start.expr, 0) and self._eq(self.atoms.size[seq[0]].expr, stop.expr):
+        if len(seq) == 1 and exprs_equal(start.expr, 0) and self._eq(self.atoms.size[seq[0]].expr, stop.expr):
             return seq
         if self._eq(out_size.expr, self.atoms.seq_size(seq)):
             return seq  # the whole dim (a slice spelled with bounds)
@@ -367,7 +345,7 @@ class _Flow:
         return (self.atoms.new(out_size, (node, dim)),)
 
     def _eq(self, a: sympy.Expr, b: sympy.Expr) -> bool:
-        return facts_equal(self.atoms.shape_env, a, b)
+        return exprs_equal(a, b, self.atoms.shape_env)
 
     # -- rules --------------------------------------------------------------------------------
     def run(self) -> FlowResult:
@@ -706,7 +684,7 @@ class _Flow:
                 joined: list[int] = []
                 for p in pieces:
                     pshape = _shape(p)
-                    if _expr_eq(pshape[d].expr, sympy.Integer(0)):
+                    if exprs_equal(pshape[d].expr, sympy.Integer(0)):
                         continue
                     pd = self.dims(p)
                     seq = pd[d] if pd is not None else None

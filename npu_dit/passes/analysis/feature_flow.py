@@ -46,6 +46,7 @@ from npu_dit.passes.analysis.attention_ops import (
 )
 from npu_dit.passes.analysis.attention import parameter_placeholders
 from npu_dit.passes.analysis.dim_flow import _dim
+from npu_dit.passes.analysis.symbolic import exprs_equal
 from npu_dit.passes.ops import semantics
 from npu_dit.passes.analysis.module_paths import module_path
 
@@ -113,10 +114,6 @@ def _expr(size: Any) -> sympy.Expr:
 
 def _prod(sizes: Any) -> sympy.Expr:
     return sympy.Mul(*[_expr(s) for s in sizes]) if len(sizes) else sympy.Integer(1)
-
-
-def _eq(a: sympy.Expr, b: sympy.Expr) -> bool:
-    return a == b or sympy.expand(a - b) == 0
 
 
 def _static(size: Any) -> int | None:
@@ -273,7 +270,7 @@ class _Sweep:
             return dataclasses.replace(src, dim=dim)
         size, inner_in = sympy.Integer(src.size), _prod(in_shape[src.dim + 1:])
         for j in range(len(out_shape)):
-            if _static(out_shape[j]) == 1 or not _eq(_prod(out_shape[j:]), size * inner_in):
+            if _static(out_shape[j]) == 1 or not exprs_equal(_prod(out_shape[j:]), size * inner_in):
                 continue
             out_j = _static(out_shape[j])
             if out_j is None:
@@ -288,7 +285,7 @@ class _Sweep:
                 segs = tuple(s // q for s in src.segs)
             elif out_j % src.size == 0:  # merge: (H, D) -> F, the sharded dim outermost
                 q = out_j // src.size
-                if not _eq(_prod(in_shape[src.dim + 1:]), q * _prod(out_shape[j + 1:])):
+                if not exprs_equal(_prod(in_shape[src.dim + 1:]), q * _prod(out_shape[j + 1:])):
                     raise self.fail(node, "a reshape that interleaves the sharded dim with another")
                 segs = tuple(s * q for s in src.segs)
             else:

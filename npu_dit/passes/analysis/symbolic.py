@@ -1,0 +1,32 @@
+"""One answer to "are these two sizes equal?" for every analysis and pass.
+
+Equal example values prove nothing (two streams of 12 tokens are not one stream): two size expressions
+are equal only when that is proven, structurally, by expansion (a polynomial's expanded form is
+canonical), by `simplify` where floor divisions remain (only where asked: about 10 ms a call, and its
+first call imports sympy.physics), or from a ShapeEnv's guards and replacements (Dynamo asserts
+`s50 == s8*s47` when it traces a broadcast of the two)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sympy
+
+
+def exprs_equal(a: Any, b: Any, shape_env: Any = None, *, simplify: bool = False) -> bool:
+    if a == b:
+        return True
+    try:
+        difference = sympy.expand(a - b)
+    except Exception:  # noqa: BLE001 - an expression sympy cannot subtract or expand
+        return False
+    if difference == 0:
+        return True
+    if simplify and not (difference.is_number or difference.is_polynomial()) and sympy.simplify(difference) == 0:
+        return True
+    if shape_env is None:
+        return False
+    try:
+        return bool(shape_env._maybe_evaluate_static(sympy.Eq(a, b)) == sympy.true)
+    except Exception:  # noqa: BLE001 - an expression the ShapeEnv cannot reason about
+        return False
