@@ -14,7 +14,6 @@ shapes, the global stream lengths the rewritten graph takes as extra inputs, and
 from __future__ import annotations
 
 import collections
-
 import dataclasses
 
 import sympy
