@@ -435,8 +435,8 @@ class _Rewriter:
             wanted.setdefault(self.replaced.get(inp, inp), set()).update(streams)
         # a gathered input is a copy: where `node`'s result or its input is written in place (`h[:, 0] = v`
         # is a write through the view `h[:, 0]`), the write would miss the tensor it is meant for
-        for (inp, streams, reason), actual in zip(found, [self.replaced.get(f[0], f[0]) for f in found]):
-            if self.written_in_place(node) or self.written_in_place(inp) or self.written_in_place(actual):
+        for inp, streams, reason in found:
+            if any(self.written_in_place(t) for t in (node, inp, self.replaced.get(inp, inp))):
                 raise StreamRefusal(f"{reason}, and those tokens are written in place", streams)
         stack, self.stack = self.stack, node.meta.get("nn_module_stack")  # the gathers serve `node`'s module
         for actual, streams in wanted.items():
