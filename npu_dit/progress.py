@@ -61,7 +61,7 @@ class _Compile:
 
 
 _LOCAL = threading.local()
-_TOTAL = {"seconds": 0.0}
+_TOTAL = {"seconds": 0.0, "compiles": 0, "tracing": 0.0, "passes": 0.0, "inner": 0.0}
 _LOCK = threading.Lock()
 
 
@@ -91,9 +91,19 @@ def compile_seconds() -> float:
     return _TOTAL["seconds"]
 
 
-def _add(seconds: float) -> None:
+def compile_time_parts() -> dict[str, float]:
+    """This process's compiles so far: their count and their wall seconds in all ("seconds") and by
+    part: Dynamo's tracing up to the backend ("tracing"), npu-dit's passes ("passes"), the inner
+    compiler, lazy first-call compiles included ("inner")."""
+    with _LOCK:
+        return dict(_TOTAL)
+
+
+def _add(seconds: float, **parts: float) -> None:
     with _LOCK:
         _TOTAL["seconds"] += seconds
+        for part, value in parts.items():
+            _TOTAL[part] += value
 
 
 def _on_start(args: Any) -> None:
@@ -110,11 +120,11 @@ def _on_end(args: Any) -> None:
     if record is None:
         return
     total = time.perf_counter() - record.start
-    _add(total)
+    tracing = (record.backend_entered or time.perf_counter()) - record.start
+    _add(total, compiles=1, tracing=tracing, passes=record.passes_s, inner=record.inner_s)
     if record.backend_entered is None:  # Dynamo found nothing to hand the backend (or failed first)
         _say(f"npu_dit: frame {record.compile_id}: {total:.1f} s in Dynamo, which handed npu-dit no graph")
         return
-    tracing = record.backend_entered - record.start
     _say(
         f"npu_dit: compiled frame {record.compile_id} in {total:.1f} s: Dynamo tracing {tracing:.1f} s, "
         f"npu-dit passes {record.passes_s:.1f} s, inner compiler ({record.inner_compiler}) {record.inner_s:.1f} s"
@@ -145,7 +155,7 @@ def note(text: str) -> None:
 
 def inner_compiled_lazily(name: str, seconds: float) -> None:
     """An inner compiler that compiled the rewritten graph on its first call (after Dynamo's compile)."""
-    _add(seconds)
+    _add(seconds, inner=seconds)
     _say(f"npu_dit: inner compiler ({name}) compiled the rewritten graph in {seconds:.1f} s on its first call")
 
 

@@ -101,7 +101,8 @@ def pytest_collection_modifyitems(config, items):
 # ---------------------------------------------------------------------------------------------
 # Where the suite's time goes: `NPU_DIT_TEST_CPU_LOG=FILE make test` appends one JSON line per test
 # (wall seconds, CPU seconds of the test process, of the processes it waited for, and of the ranks
-# it started with run_ranks, which the fork server reaps; its xdist worker).
+# it started with run_ranks, which the fork server reaps; npu_dit's compile count and seconds by part in
+# the test process and those ranks, not in the command-line subprocesses; its xdist worker).
 
 _CPU_LOG = os.environ.get("NPU_DIT_TEST_CPU_LOG")
 
@@ -119,13 +120,20 @@ if _CPU_LOG:
             u = resource.getrusage(who)
             return u.ru_utime + u.ru_stime
 
+        def compiles():  # npu_dit's compile seconds by part, this process's and its ranks' together
+            from npu_dit.progress import compile_time_parts
+
+            own = compile_time_parts()
+            return {k: v + dist_utils.RANK_COMPILE_PARTS.get(k, 0.0) for k, v in own.items()}
+
         start = (time.time(), usage(resource.RUSAGE_SELF), usage(resource.RUSAGE_CHILDREN),
-                 dist_utils.RANK_CPU_SECONDS[0])
+                 dist_utils.RANK_CPU_SECONDS[0], compiles())
         yield
         end = (time.time(), usage(resource.RUSAGE_SELF), usage(resource.RUSAGE_CHILDREN),
-               dist_utils.RANK_CPU_SECONDS[0])
+               dist_utils.RANK_CPU_SECONDS[0], compiles())
         record = {"test": item.nodeid, "start": start[0], "wall": end[0] - start[0],
                   "self": end[1] - start[1], "children": end[2] - start[2], "ranks": end[3] - start[3],
+                  "compile": {k: round(v - start[4][k], 3) for k, v in end[4].items()},
                   "worker": os.environ.get("PYTEST_XDIST_WORKER")}
         with open(_CPU_LOG, "a") as f:
             f.write(json.dumps(record) + "\n")

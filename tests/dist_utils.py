@@ -36,7 +36,10 @@ def _entry(fn: Callable, rank: int, world: int, port: int, group_timeout: float,
     path = os.path.join(out_dir, f"rank{rank}.pt")
     try:
         result = fn(rank=rank, world_size=world, **kwargs)
-        torch.save({"ok": True, "result": result, "cpu_seconds": _cpu_seconds()}, path)
+        from npu_dit.progress import compile_time_parts
+
+        torch.save({"ok": True, "result": result, "cpu_seconds": _cpu_seconds(),
+                    "compile_parts": compile_time_parts()}, path)
     except BaseException as exc:  # noqa: BLE001 - reported to the parent
         torch.save({"ok": False, "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}, path)
         raise SystemExit(1)
@@ -55,6 +58,7 @@ def _cpu_seconds() -> float:
 
 
 RANK_CPU_SECONDS = [0.0]  # CPU seconds of every rank run_ranks started in this process (tests/conftest.py reads it)
+RANK_COMPILE_PARTS: dict[str, float] = {}  # their npu_dit compile times by part (npu_dit.progress.compile_time_parts)
 
 
 PRELOAD = [
@@ -104,6 +108,8 @@ def run_ranks(fn: Callable, world_size: int, tmp_path, *, timeout: float = 600, 
         record = torch.load(path, weights_only=False) if os.path.exists(path) else {"ok": False, "error": "no result", "traceback": ""}
         record["exitcode"] = procs[r].exitcode
         RANK_CPU_SECONDS[0] += record.get("cpu_seconds", 0.0)
+        for part, value in record.get("compile_parts", {}).items():
+            RANK_COMPILE_PARTS[part] = RANK_COMPILE_PARTS.get(part, 0.0) + value
         records.append(record)
     if not allow_failures:
         failed = [(r, rec) for r, rec in enumerate(records) if not rec["ok"]]

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
+from npu_dit import progress
 from npu_dit.backend import RECORDS
 from tests.conftest import tiny_model_and_inputs
 
@@ -45,11 +46,16 @@ def test_no_rewrites_is_bitwise_equal_to_eager(key):
     _, model, inputs = tiny_model_and_inputs(key)
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="npu_dit", dynamic=True)
+    before = progress.compile_time_parts()
     with torch.no_grad():
         expected = model(**inputs)[0]
         actual = compiled(**inputs)[0]
     assert torch.equal(actual, expected)
     assert RECORDS[-1].report.records == [] and not RECORDS[-1].report.fell_back
+    # the process's compile accounting took this one compile, its parts within its whole
+    spent = {k: v - before[k] for k, v in progress.compile_time_parts().items()}
+    assert spent["compiles"] == 1 and spent["tracing"] > 0, spent
+    assert spent["tracing"] + spent["passes"] + spent["inner"] <= spent["seconds"] + 1e-6, spent
 
 
 def test_inductor_inner_compiler_matches_eager():
