@@ -161,6 +161,29 @@ def test_meta_after_the_rewrite_is_the_local_value(key, tiny_capture):
     for wait in waits:
         seq = wait.meta["val"].shape[2]
         assert isinstance(seq, torch.SymInt) and seq.node.expr.free_symbols <= {s for e in global_symbols for s in e.free_symbols}
+    # this rank's share of each stream is one fresh symbol, and no shape divides a stream's length by
+    # the world size (`(G + P - 1 - r) // P` in every shape downstream made each fake op slow)
+    import sympy
+    from torch.utils._pytree import tree_leaves
+    from torch.utils._sympy.functions import FloorDiv
+
+    shares = {placeholders[ph].meta["val"].shape[dim].node.expr for ph, dim, _ in plan.shard_inputs}
+    assert shares and all(isinstance(e, sympy.Symbol) for e in shares), shares
+
+    def divisions(graph_module):  # the floor divisions in its shapes
+        found = {}
+        for node in graph_module.graph.nodes:
+            for value in tree_leaves(node.meta.get("val")):
+                sizes = value.shape if isinstance(value, torch.Tensor) else [value]
+                for size in sizes:
+                    if isinstance(size, torch.SymInt):
+                        found.update({d: node.name for d in size.node.expr.atoms(FloorDiv)})
+        return found
+
+    # the model's own (a patchify's `h // 2`, in the pass's own symbol names) stay; the pass adds none
+    found = divisions(gm)
+    assert not {d: name for d, name in found.items() if d.free_symbols & shares}, found
+    assert len(found) <= len(divisions(cap.gm)), (found, divisions(cap.gm))
 
 
 @pytest.mark.slow

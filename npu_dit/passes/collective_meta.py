@@ -96,10 +96,12 @@ def gather_seq_wait(z, seq_dim, dtype):
     return rest[:seq_dim] + [first] + rest[seq_dim:], dtype, z.device
 
 
-def localize(x, dim, lengths, sharded, world, rank):
+def localize(x, dim, lengths, sharded, world, rank, shares=None):
     if len(lengths) == 1:  # one piece: the chunk of the whole dim, as `local_chunk` cuts it
         lengths = [x.shape[dim]]
-    local = [C.chunk_lengths(length, world)[rank] if s else length for length, s in zip(lengths, sharded)]
+    shares = shares or [None] * len(lengths)
+    local = [(C.chunk_lengths(length, world) if share is None else share)[rank] if s else length
+             for length, s, share in zip(lengths, sharded, shares)]
     return _set(x.shape, dim, sum(local)), x.dtype, x.device
 
 

@@ -249,8 +249,9 @@ class _Rewriter:
                     cut = self.localize_runs(cut, dim, self.runs(node, dim, self.local.get(node, frozenset())),
                                              frozenset(streams))
                     continue
-                rows, cols = self.grid_rows[self.stream_of_segment[segs[0]]]
-                cut = self.call(C.localize_rows, (cut, dim, rows, cols, self.world, self.rank))
+                grid = self.stream_of_segment[segs[0]]
+                rows, cols = self.grid_rows[grid]
+                cut = self.call(C.localize_rows, (cut, dim, rows, cols, self.world, self.rank, self.chunks[grid]))
                 self.bump("localize")
         for user in users:
             user.replace_input_with(node, cut)
@@ -288,13 +289,16 @@ class _Rewriter:
         kernel = weight.shape[start] if isinstance(weight, torch.Tensor) else None
         if not (isinstance(kernel, int) and kernel == stride[k] and padding[k] == 0 and dilation[k] == 1):
             return False
-        rows, _ = self.grid_rows[self.stream_of_segment[segment]]
+        stream = self.stream_of_segment[segment]
+        rows, cols = self.grid_rows[stream]
+        counts = self.chunks[stream]
         x = conv.args[0]
         self.stack = conv.meta.get("nn_module_stack")
         with self.graph.inserting_before(conv):
-            conv.replace_input_with(x, self.call(C.patch_rows_input, (x, start, rows, kernel, self.world, self.rank)))
+            conv.replace_input_with(x, self.call(C.patch_rows_input,
+                                                 (x, start, rows, kernel, self.world, self.rank, cols, counts)))
         with self.graph.inserting_after(conv):
-            local = self.call(C.patch_rows_output, (conv, start, rows, self.world, self.rank))
+            local = self.call(C.patch_rows_output, (conv, start, rows, self.world, self.rank, cols, counts))
         self.stack = None
         node.replace_input_with(conv, local)
         self.bump("patch_rows")
@@ -841,7 +845,10 @@ class _Rewriter:
                 with self.fake_mode:
                     fake = torch.empty(shape, dtype=value.dtype, device=value.device)
                 flags = [sharded for _, sharded in pieces]
-                result = self.call(C.localize, (result, dim, lengths, flags, self.world, self.rank), val=fake)
+                # a whole run of one stream is chunked by that stream's shares (the graph's node)
+                shares = [self.chunks.get(r.streams[0]) if sharded and len(r.streams) == 1 and not r.local else None
+                          for r, sharded in pieces]
+                result = self.call(C.localize, (result, dim, lengths, flags, self.world, self.rank, shares), val=fake)
                 value = fake
                 self.bump("localize")
         self.local[result] = self.local.get(node, frozenset()) | streams
@@ -862,7 +869,8 @@ class _Rewriter:
             stream = run.streams[0]
             if stream in self.grid_rows:
                 rows, cols = self.grid_rows[stream]
-                pieces.append(self.call(C.localize_rows, (piece, dim, rows, cols, self.world, self.rank)))
+                pieces.append(self.call(C.localize_rows,
+                                        (piece, dim, rows, cols, self.world, self.rank, self.chunks[stream])))
             else:
                 value = node_value(piece)
                 shape = list(value.shape)
@@ -870,7 +878,7 @@ class _Rewriter:
                 with self.fake_mode:
                     fake = torch.empty(shape, dtype=value.dtype, device=value.device)
                 pieces.append(self.call(C.localize, (piece, dim, [self.global_len[stream]], [True], self.world,
-                                                     self.rank), val=fake))
+                                                     self.rank, [self.chunks[stream]]), val=fake))
             self.bump("localize")
         return pieces[0] if len(pieces) == 1 else self.call(torch.cat, (pieces, dim))
 
@@ -1051,18 +1059,39 @@ class _Rewriter:
                 self.plan.outputs.append(OutputGather(index, dim, streams))
 
 
+def _shares(symbols: Any, name: str, length: Any, world: int, rank: int, unit: Any = 1) -> list[Any]:
+    """Every rank's share of a sharded length (`chunk_lengths`'s, times `unit`: a patch grid's rows
+    times its columns), for this rank's shapes: this rank's share is a fresh symbol (hint: its
+    value at the example) and so is every other's but one, which is the length less the others'
+    (so the shares add up to the length itself: a gathered stream is `length` long). No floor
+    division by the world size is left in them. A static length's shares are numbers."""
+    from npu_dit.passes.analysis.fake_prop import shape_hint
+
+    if not isinstance(length, torch.SymInt):
+        return [n * unit for n in C.chunk_lengths(int(length), world)]
+    hints = C.chunk_lengths(shape_hint(symbols.env, length.node.expr), world)
+    rest = (rank + 1) % world  # the share given as the remainder: never this rank's
+    shares = [None if j == rest else
+              symbols.env.create_symintnode(symbols.new_symbol(f"{name}_{j}", hint), hint=hint) * unit
+              for j, hint in enumerate(hints)]
+    shares[rest] = length * unit - sum(s for s in shares if s is not None)
+    return shares
+
+
 def refresh_local_shapes(gm: fx.GraphModule, plan: ShardingPlan, rewriter: "_Rewriter | None" = None) -> None:
     """Every node's meta["val"] becomes the value this rank computes: the global-length inputs get a
-    global symbol G per stream, sharded token dims and the SymInt inputs the executor refreshes the
-    local length (G + P - 1 - rank) // P (an expression of G, so the all-to-alls' split sizes and the
-    local shapes agree symbolically), and the whole graph is propagated again."""
-    from npu_dit.passes.analysis.fake_prop import (Rewired, SymbolMap, copied_placeholder_values, refresh, repropagate,
-                                                   shape_hint, stand_in_for_keys, swapped_inputs)
+    global symbol G per stream, each rank's share of it a fresh symbol of its own (the chunk-lengths
+    node's value, KEPT: every later propagation takes it as given), sharded token dims and the SymInt
+    inputs the executor refreshes this rank's share; no shape holds a floor division by the world
+    size. A patch grid's shares are fresh row counts times its columns."""
+    from npu_dit.passes.analysis.fake_prop import (KEPT, Rewired, SymbolMap, copied_placeholder_values, refresh,
+                                                   repropagate, shape_hint, stand_in_for_keys, swapped_inputs)
 
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    symbols = SymbolMap()
+    symbols = SymbolMap(specialize_zero_one=False)
     local: dict[int, Any] = {}  # stream id -> local length (SymInt)
     global_: dict[int, Any] = {}  # stream id -> global length (SymInt)
+    given: dict[fx.Node, Any] = {}  # chunk-lengths node -> every rank's share (fresh symbols)
     env = graph_fake_mode(gm).shape_env  # Dynamo's: the one the plan's lengths are written in
     for stream in plan.sharded_streams:
         length = max(stream.example_length or 2, 2)  # a hint of 0/1 would be specialised
@@ -1075,9 +1104,17 @@ def refresh_local_shapes(gm: fx.GraphModule, plan: ShardingPlan, rewriter: "_Rew
         else:
             symbol = symbols.new_symbol(f"global_len_{stream.id}", length)
             global_[stream.id] = symbols.env.create_symintnode(symbol, hint=length)
-        local[stream.id] = C.chunk_lengths(global_[stream.id], plan.world_size)[plan.rank]
+        chunks = _shares(symbols, f"local_len_{stream.id}", global_[stream.id], plan.world_size, plan.rank)
+        local[stream.id] = chunks[plan.rank]
+        if rewriter is not None and stream.id in rewriter.chunks:
+            node = rewriter.chunks[stream.id]
+            if stream.id in rewriter.grid_rows:  # rank j: rows_j whole rows of `cols` tokens
+                rows, cols = (symbols.size(node_value(n)) for n in rewriter.grid_rows[stream.id])
+                chunks = _shares(symbols, f"local_rows_{stream.id}", rows, plan.world_size, plan.rank, cols)
+            given[node] = chunks
+            node.meta[KEPT] = True
         for old in stream.symbols:
-            symbols.bind(old, local[stream.id].node.expr)
+            symbols.bind(old, _expr(local[stream.id]))
         
     shard_dims = {(ph, dim): stream for ph, dim, stream in plan.shard_inputs}
     local_symints = {i: (ph, dim) for i, ph, dim in plan.local_symints}
@@ -1113,11 +1150,13 @@ def refresh_local_shapes(gm: fx.GraphModule, plan: ShardingPlan, rewriter: "_Rew
     old_values = {} if rewriter is None else {n: n.meta.get("val") for n in rewriter.original_args}
     values = copied_placeholder_values(gm, symbols, override)
     if rewriter is None or os.environ.get("NPU_DIT_FULL_REFRESH") == "1":
+        for node, chunks in given.items():
+            node.meta["val"] = chunks
         repropagate(gm, values)
         return
     # an untouched node: the stream symbols become this rank's local length where the node holds the
     # stream's tokens locally, the global length where it holds them whole (a table built at full size)
-    lengths = {s.id: (local[s.id].node.expr, global_[s.id].node.expr) for s in plan.sharded_streams}
+    lengths = {s.id: (_expr(local[s.id]), _expr(global_[s.id])) for s in plan.sharded_streams}
     mappings: dict[frozenset, dict] = {}
     # a patch grid's token count is an expression of its input's dims (`(s1//2)*(s2//2)`, no symbol of
     # its own): in a node holding the grid's tokens locally, that product becomes this rank's count
@@ -1173,7 +1212,11 @@ def refresh_local_shapes(gm: fx.GraphModule, plan: ShardingPlan, rewriter: "_Rew
 
     from npu_dit.passes.collective_meta import RULES
 
-    refresh(gm, values, symbols, rename, RULES)
+    refresh(gm, values, symbols, rename, RULES, given=given)
+
+
+def _expr(size: Any) -> sympy.Expr:
+    return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(int(size))
 
 
 class StreamRefusal(Refusal):

@@ -42,28 +42,43 @@ def grid_chunk_lengths(rows: int, cols: int, world: int) -> list[int]:
     return [n * cols for n in chunk_lengths(rows, world)]
 
 
-def localize_rows(x: torch.Tensor, dim: int, rows: int, cols: int, world: int, rank: int) -> torch.Tensor:
-    """Replicate -> Shard for patch-grid tokens along `dim`: this rank's run of whole patch rows."""
-    counts = chunk_lengths(rows, world)
-    start = sum(counts[:rank]) * cols
-    return x.narrow(dim, start, counts[rank] * cols)
+# The cuts below take every rank's share as an argument where the graph has it (`counts`: the
+# stream's chunk-lengths node, `grid_chunk_lengths`' token counts), which is what `chunk_lengths`
+# would compute from the whole length; given, a cut's shape holds the share itself (the local-length
+# symbol of the Ulysses pass's shapes) rather than a floor division of the whole length.
 
 
-def patch_rows_input(x: torch.Tensor, dim: int, rows: int, patch: int, world: int, rank: int) -> torch.Tensor:
+def _row_counts(rows: int, cols: int, world: int, counts: Sequence[int] | None) -> list[int]:
+    """Per-rank patch rows of a grid: from its per-rank token counts where given."""
+    return chunk_lengths(rows, world) if counts is None else [n // cols for n in counts]
+
+
+def localize_rows(x: torch.Tensor, dim: int, rows: int, cols: int, world: int, rank: int,
+                  counts: Sequence[int] | None = None) -> torch.Tensor:
+    """Replicate -> Shard for patch-grid tokens along `dim`: this rank's run of whole patch rows
+    (`counts`: every rank's token count, `grid_chunk_lengths(rows, cols, world)`)."""
+    if counts is None:
+        counts = grid_chunk_lengths(rows, cols, world)
+    return x.narrow(dim, sum(counts[:rank]), counts[rank])
+
+
+def patch_rows_input(x: torch.Tensor, dim: int, rows: int, patch: int, world: int, rank: int,
+                     cols: int = 1, counts: Sequence[int] | None = None) -> torch.Tensor:
     """The rows of a patch convolution's input (kernel == stride == `patch` along `dim`, no padding)
     that make this rank's patch rows, so the convolution computes only those. A rank holding no row
     (fewer patch rows than ranks) convolves the last row, which `patch_rows_output` drops: no
     convolution runs on an empty input."""
-    counts = chunk_lengths(rows, world)
-    first = torch.sym_min(sum(counts[:rank]), rows - 1)
-    return x.narrow(dim, first * patch, torch.sym_max(counts[rank], 1) * patch)
+    row_counts = _row_counts(rows, cols, world, counts)
+    first = torch.sym_min(sum(row_counts[:rank]), rows - 1)
+    return x.narrow(dim, first * patch, torch.sym_max(row_counts[rank], 1) * patch)
 
 
-def patch_rows_output(y: torch.Tensor, dim: int, rows: int, world: int, rank: int) -> torch.Tensor:
+def patch_rows_output(y: torch.Tensor, dim: int, rows: int, world: int, rank: int,
+                      cols: int = 1, counts: Sequence[int] | None = None) -> torch.Tensor:
     """This rank's patch rows of the convolution of `patch_rows_input` (all of it, unless empty)."""
-    counts = chunk_lengths(rows, world)
-    start = sum(counts[:rank])
-    return y.narrow(dim, start - torch.sym_min(start, rows - 1), counts[rank])
+    row_counts = _row_counts(rows, cols, world, counts)
+    start = sum(row_counts[:rank])
+    return y.narrow(dim, start - torch.sym_min(start, rows - 1), row_counts[rank])
 
 
 def padded_heads(num_heads: int, world: int) -> int:
@@ -97,16 +112,26 @@ def local_chunk(x: torch.Tensor, dim: int, world: int, rank: int) -> torch.Tenso
 
 
 def localize(
-    x: torch.Tensor, dim: int, lengths: Sequence[int], sharded: Sequence[bool], world: int, rank: int
+    x: torch.Tensor, dim: int, lengths: Sequence[int], sharded: Sequence[bool], world: int, rank: int,
+    shares: Sequence[Sequence[int] | None] | None = None,
 ) -> torch.Tensor:
     """Take this rank's chunk of every sharded piece of a full dim (pieces of `lengths` along `dim`).
 
-    A single sharded piece is plain `local_chunk`; replicated pieces are kept whole.
+    A single sharded piece is plain `local_chunk`; replicated pieces are kept whole. `shares[i]`,
+    where given, is every rank's chunk length of piece i (its stream's chunk-lengths node): the
+    chunk is cut by it, the same cut `tensor_split` makes.
     """
+    shares = shares or [None] * len(lengths)
+
+    def chunk(piece: torch.Tensor, share: Sequence[int] | None) -> torch.Tensor:
+        if share is None:
+            return local_chunk(piece, dim, world, rank)
+        return piece.narrow(dim, sum(share[:rank]), share[rank])
+
     if len(lengths) == 1:
-        return local_chunk(x, dim, world, rank) if sharded[0] else x
+        return chunk(x, shares[0]) if sharded[0] else x
     parts = torch.split(x, list(lengths), dim)
-    kept = [local_chunk(p, dim, world, rank) if s else p for p, s in zip(parts, sharded)]
+    kept = [chunk(p, sh) if s else p for p, s, sh in zip(parts, sharded, shares)]
     return torch.cat(kept, dim)
 
 

@@ -46,8 +46,10 @@ def shape_hint(env: ShapeEnv, expr: sympy.Expr) -> int:
 class SymbolMap:
     """Old symbols -> new symbols in a fresh ShapeEnv (same hints unless given)."""
 
-    def __init__(self) -> None:
-        self.env = ShapeEnv()
+    def __init__(self, specialize_zero_one: bool = True) -> None:
+        # specialize_zero_one=False: a fresh symbol whose hint is 0 or 1 (a rank's share of a short
+        # stream) stays a symbol, as the length it stands for varies from call to call
+        self.env = ShapeEnv(specialize_zero_one=specialize_zero_one)
         self.mode = FakeTensorMode(shape_env=self.env, allow_non_fake_inputs=True)
         # the dispatch cache pays even in one pass: a transformer repeats the same ops on the same
         # symbolic shapes in every block (the 57-block FLUX.1-dev graph at 1024x1024: 40 s -> 24 s)
@@ -113,8 +115,23 @@ def symbolic_dispatch() -> contextlib.AbstractContextManager:
     return enable_python_dispatcher()
 
 
-def repropagate(gm: fx.GraphModule, placeholder_values: list[Any]) -> None:
-    """Set every node's meta["val"] by running the graph on fake `placeholder_values`."""
+# A node whose meta["val"] is given, not computed: the per-rank chunk lengths of a sharded token
+# stream (`collectives.chunk_lengths`), which the Ulysses pass gives one fresh symbol each so that no
+# shape downstream holds `(G + P - 1 - r) // P`. Every propagation takes the recorded value (in its
+# own symbols) instead of running the node; what the node computes at run time is those lengths.
+KEPT = "npu_dit.kept_value"
+
+
+def kept_value(node: fx.Node, mapper: Callable[[Any], Any] | None = None) -> Any:
+    """A KEPT node's recorded value, its SymInts put through `mapper` (another ShapeEnv's symbols)."""
+    value = node.meta.get("val")
+    return value if mapper is None else tree_map_only(torch.SymInt, mapper, value)
+
+
+def repropagate(gm: fx.GraphModule, placeholder_values: list[Any],
+                kept: Callable[[Any], Any] | None = None) -> None:
+    """Set every node's meta["val"] by running the graph on fake `placeholder_values`; a KEPT node
+    takes its recorded value (its SymInts through `kept` where the values are in another ShapeEnv)."""
     from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
     mode = next((v.fake_mode for v in placeholder_values if hasattr(v, "fake_mode")), None)
@@ -123,12 +140,21 @@ def repropagate(gm: fx.GraphModule, placeholder_values: list[Any]) -> None:
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     for node, value in zip(placeholders, placeholder_values):
         node.meta["val"] = value
+    given = {n: kept_value(n, kept) for n in gm.graph.nodes if n.meta.get(KEPT)}
     for node in gm.graph.nodes:  # a node that returns nothing gets no value, not its old one
         if node.op != "placeholder":
             node.meta.pop("val", None)
+
+    class _Prop(FakeTensorProp):
+        def run_node(self, node: fx.Node) -> Any:
+            if node in given:
+                node.meta["val"] = given[node]
+                return given[node]
+            return super().run_node(node)
+
     with mode.shape_env.suppress_guards() if mode.shape_env is not None else contextlib.nullcontext(), \
             symbolic_dispatch():
-        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*placeholder_values)
+        _Prop(gm, mode).propagate_dont_convert_inputs(*placeholder_values)
 
 
 def copied_placeholder_values(gm: fx.GraphModule, symbols: SymbolMap,
@@ -158,7 +184,7 @@ def meta_mismatches(gm: fx.GraphModule, limit: int = 5, strides: bool = False) -
     values = copied_placeholder_values(gm, symbols)
     saved = {n: n.meta["val"] for n in gm.graph.nodes if "val" in n.meta}
     try:
-        repropagate(gm, values)
+        repropagate(gm, values, kept=symbols.size)
         fresh = {n: n.meta.get("val") for n in gm.graph.nodes}
     finally:
         for n in gm.graph.nodes:
@@ -201,7 +227,7 @@ def stale_meta(gm: fx.GraphModule, before: dict[int, Any], limit: int = 5) -> li
     a value left from before the rewrite, or copied from an old node, is stale."""
     problems = []
     for node in gm.graph.nodes:
-        if node.op == "placeholder":
+        if node.op == "placeholder" or node.meta.get(KEPT):  # given lengths, not propagated
             continue
         old = [v for v in tree_leaves(node.meta.get("val")) if id(v) in before and before[id(v)] is v]
         if old:
@@ -241,10 +267,12 @@ class _Refresh(torch.fx.Interpreter):
     of FLUX.1-dev cost about what one does."""
 
     def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode, symbols: SymbolMap | None,
-                 rename: Callable[[fx.Node], Any], rules: dict | None = None) -> None:
+                 rename: Callable[[fx.Node], Any], rules: dict | None = None,
+                 given: dict[fx.Node, Any] | None = None) -> None:
         super().__init__(gm, garbage_collect_values=False)
         self.mode, self.symbols, self.rename = mode, symbols, rename
         self.rules = rules or {}
+        self.given = given or {}  # KEPT nodes' values, already in the new ShapeEnv
         self.sizes: dict[tuple, Any] = {}
         self.fakes: dict[tuple, torch.Tensor] = {}
         self.substitutions: dict[tuple, torch.Tensor] = {}
@@ -253,6 +281,12 @@ class _Refresh(torch.fx.Interpreter):
         self.ran: list[fx.Node] = []  # nodes run on fake values (neither substituted nor by rule)
 
     def run_node(self, node: fx.Node) -> Any:
+        if node.meta.get(KEPT) and node.op != "placeholder":
+            value = node.meta["val"] if self.symbols is None else self.given.get(node)
+            if value is None:
+                value = kept_value(node, lambda v: self.size(v, {}))
+            node.meta["val"] = value
+            return value
         if node.op not in ("placeholder", "output", "get_attr"):
             mapping = self.rename(node)
             old = node.meta.get("val")
@@ -513,7 +547,7 @@ def _substitutable(value: Any) -> bool:
 
 def refresh(gm: fx.GraphModule, placeholder_values: list[Any], symbols: SymbolMap | None,
             rename: Callable[[fx.Node], Any], rules: dict | None = None,
-            mode: FakeTensorMode | None = None) -> RefreshStats:
+            mode: FakeTensorMode | None = None, given: dict[fx.Node, Any] | None = None) -> RefreshStats:
     """Give every node its new meta["val"]: substituted where `rename(node)` gives a symbol mapping
     (a node the rewrite left as it was) or a `Rewired` whose swapped inputs have their old values with
     the mapping put in, by a shape rule where `rules` has one for the target, run on fake values
@@ -523,7 +557,7 @@ def refresh(gm: fx.GraphModule, placeholder_values: list[Any], symbols: SymbolMa
     for node, value in zip(placeholders, placeholder_values):
         node.meta["val"] = value
     mode = symbols.mode if symbols is not None else mode
-    interpreter = _Refresh(gm, mode, symbols, rename, rules)
+    interpreter = _Refresh(gm, mode, symbols, rename, rules, given)
     with mode.shape_env.suppress_guards(), symbolic_dispatch():
         interpreter.run(*placeholder_values)
     return RefreshStats(interpreter.substituted, interpreter.by_rule, interpreter.ran)
