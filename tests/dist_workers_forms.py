@@ -9,6 +9,17 @@ import torch
 warnings.filterwarnings("ignore")
 
 
+def _compile_and_call(model, options, *args, **kwargs):
+    """(first output, None), or (None, the error) where the compiled call raised."""
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="npu_dit", dynamic=True, options=options)
+    try:
+        with torch.no_grad():
+            return compiled(*args, **kwargs)[0], None
+    except Exception as exc:  # noqa: BLE001 - reported per form
+        return None, f"{type(exc).__name__}: {exc}"
+
+
 def token_forms(rank, world_size, forms):
     from npu_dit.backend import RECORDS
     from npu_dit.plans import SHARDING_META_KEY
@@ -19,13 +30,9 @@ def token_forms(rank, world_size, forms):
         torch.manual_seed(0)
         model = TokenForm(form).eval()
         inputs = model.example_inputs(1, 5, 13, masked=False)
-        torch._dynamo.reset()
-        compiled = torch.compile(model, backend="npu_dit", dynamic=True, options={"ulysses_degree": world_size})
-        try:
-            with torch.no_grad():
-                out = compiled(**inputs)[0]
-        except Exception as exc:  # noqa: BLE001 - reported per form
-            results[form] = (None, None, f"{type(exc).__name__}: {exc}")
+        out, error = _compile_and_call(model, {"ulysses_degree": world_size}, **inputs)
+        if error is not None:
+            results[form] = (None, None, error)
             continue
         record = RECORDS[-1]
         plan = None if record.report.fell_back else record.graph.meta.get(SHARDING_META_KEY)
@@ -46,13 +53,9 @@ def single_stream_forms(rank, world_size, forms):
         torch.manual_seed(0)
         model = SingleStreamForm(form).eval()
         image = torch.randn(2, 13, 16, generator=torch.Generator().manual_seed(3))
-        torch._dynamo.reset()
-        compiled = torch.compile(model, backend="npu_dit", dynamic=True, options={"ulysses_degree": world_size})
-        try:
-            with torch.no_grad():
-                out = compiled(image)[0]
-        except Exception as exc:  # noqa: BLE001 - reported per form
-            results[form] = (None, None, 0, f"{type(exc).__name__}: {exc}")
+        out, error = _compile_and_call(model, {"ulysses_degree": world_size}, image)
+        if error is not None:
+            results[form] = (None, None, 0, error)
             continue
         report = RECORDS[-1].report
         gathers = dict(getattr(report, "counts", {}) or {}).get("gather_before_mixing", 0)
@@ -70,14 +73,9 @@ def feature_forms(rank, world_size, forms):
         torch.manual_seed(0)
         model = FeatureForm(form).eval()
         x = torch.randn(2, 7, 16, generator=torch.Generator().manual_seed(1))
-        torch._dynamo.reset()
-        compiled = torch.compile(model, backend="npu_dit", dynamic=True,
-                                 options={"tp_degree": world_size, "release_weights": False})
-        try:
-            with torch.no_grad():
-                out = compiled(x)[0]
-        except Exception as exc:  # noqa: BLE001 - reported per form
-            results[form] = (None, {}, f"{type(exc).__name__}: {exc}")
+        out, error = _compile_and_call(model, {"tp_degree": world_size, "release_weights": False}, x)
+        if error is not None:
+            results[form] = (None, {}, error)
             continue
         record = RECORDS[-1]
         plan = record.graph.meta.get(TP_META_KEY)

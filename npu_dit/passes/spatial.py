@@ -57,7 +57,7 @@ import torch.fx as fx
 from npu_dit.passes.analysis.attention_ops import is_sdpa, node_value
 from npu_dit.passes.ops import semantics
 from npu_dit.passes.analysis.module_paths import module_path
-from npu_dit.passes.analysis.symbolic import exprs_equal
+from npu_dit.passes.analysis.symbolic import exprs_equal, size_expr
 from npu_dit.passes.infra import PassResult, Refusal
 from npu_dit.plans import SPATIAL_META_KEY, SpatialPlan
 from npu_dit.runtime import spatial_ops as S
@@ -94,10 +94,6 @@ def _name(node: fx.Node) -> str:
     return name
 
 
-def _expr(size: Any) -> sympy.Expr:
-    if isinstance(size, torch.SymInt):
-        return sympy.sympify(size.node.expr)
-    return sympy.Integer(int(size))
 
 
 def _simplify(expr: sympy.Expr) -> sympy.Expr:
@@ -113,7 +109,7 @@ def _prod(values: list[sympy.Expr]) -> sympy.Expr:
 def _shape(node: Any) -> list[sympy.Expr] | None:
     value = node_value(node)
     if isinstance(value, torch.Tensor):
-        return [_expr(s) for s in value.shape]
+        return [size_expr(s) for s in value.shape]
     return None
 
 
@@ -601,7 +597,7 @@ def spatial_pass(gm: fx.GraphModule, *, ctx: ParallelContext) -> PassResult:
     height = input_node.meta["val"].shape[dim]
     local_symints = [
         i for i, n in enumerate(p for p in gm.graph.nodes if p.op == "placeholder")
-        if isinstance(node_value(n), torch.SymInt) and exprs_equal(_expr(node_value(n)), _expr(height), simplify=True)
+        if isinstance(node_value(n), torch.SymInt) and exprs_equal(size_expr(node_value(n)), size_expr(height), simplify=True)
     ]
     plan = SpatialPlan(
         world_size=ctx.world_size, rank=ctx.rank, input_index=index, dim=dim, align=align, min_units=min_units,

@@ -46,7 +46,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from npu_dit.passes.analysis.attention_ops import graph_fake_mode, is_sdpa, node_value, sdpa_args
 from npu_dit.passes.analysis.dim_flow import conv_params
-from npu_dit.passes.analysis.symbolic import exprs_equal
+from npu_dit.passes.analysis.symbolic import exprs_equal, size_expr
 from npu_dit.passes.analysis.token_dims import TokenDims, token_dims
 from npu_dit.passes.infra import PassResult, Refusal
 from npu_dit.passes.ops import semantics
@@ -1114,7 +1114,7 @@ def refresh_local_shapes(gm: fx.GraphModule, plan: ShardingPlan, rewriter: "_Rew
             given[node] = chunks
             node.meta[KEPT] = True
         for old in stream.symbols:
-            symbols.bind(old, _expr(local[stream.id]))
+            symbols.bind(old, size_expr(local[stream.id]))
         
     shard_dims = {(ph, dim): stream for ph, dim, stream in plan.shard_inputs}
     local_symints = {i: (ph, dim) for i, ph, dim in plan.local_symints}
@@ -1156,7 +1156,7 @@ def refresh_local_shapes(gm: fx.GraphModule, plan: ShardingPlan, rewriter: "_Rew
         return
     # an untouched node: the stream symbols become this rank's local length where the node holds the
     # stream's tokens locally, the global length where it holds them whole (a table built at full size)
-    lengths = {s.id: (_expr(local[s.id]), _expr(global_[s.id])) for s in plan.sharded_streams}
+    lengths = {s.id: (size_expr(local[s.id]), size_expr(global_[s.id])) for s in plan.sharded_streams}
     mappings: dict[frozenset, dict] = {}
     # a patch grid's token count is an expression of its input's dims (`(s1//2)*(s2//2)`, no symbol of
     # its own): in a node holding the grid's tokens locally, that product becomes this rank's count
@@ -1215,8 +1215,6 @@ def refresh_local_shapes(gm: fx.GraphModule, plan: ShardingPlan, rewriter: "_Rew
     refresh(gm, values, symbols, rename, RULES, given=given)
 
 
-def _expr(size: Any) -> sympy.Expr:
-    return size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(int(size))
 
 
 class StreamRefusal(Refusal):

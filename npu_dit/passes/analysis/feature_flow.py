@@ -46,7 +46,7 @@ from npu_dit.passes.analysis.attention_ops import (
 )
 from npu_dit.passes.analysis.attention import parameter_placeholders
 from npu_dit.passes.analysis.dim_flow import _dim
-from npu_dit.passes.analysis.symbolic import exprs_equal
+from npu_dit.passes.analysis.symbolic import exprs_equal, size_expr
 from npu_dit.passes.ops import semantics
 from npu_dit.passes.analysis.module_paths import module_path
 
@@ -106,18 +106,14 @@ def _name(node: fx.Node) -> str:
     return target if isinstance(target, str) else getattr(target, "__name__", str(target))
 
 
-def _expr(size: Any) -> sympy.Expr:
-    if isinstance(size, torch.SymInt):
-        return sympy.sympify(size.node.expr)
-    return sympy.Integer(int(size))
 
 
 def _prod(sizes: Any) -> sympy.Expr:
-    return sympy.Mul(*[_expr(s) for s in sizes]) if len(sizes) else sympy.Integer(1)
+    return sympy.Mul(*[size_expr(s) for s in sizes]) if len(sizes) else sympy.Integer(1)
 
 
 def _static(size: Any) -> int | None:
-    expr = _expr(size)
+    expr = size_expr(size)
     return int(expr) if not expr.free_symbols else None
 
 

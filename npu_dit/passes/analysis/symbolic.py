@@ -11,6 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 import sympy
+import torch
+
+
+def size_expr(size: Any) -> sympy.Expr:
+    """A size (SymInt or int) as a sympy expression."""
+    if isinstance(size, torch.SymInt):
+        return sympy.sympify(size.node.expr)
+    return sympy.Integer(int(size))
 
 
 def exprs_equal(a: Any, b: Any, shape_env: Any = None, *, simplify: bool = False) -> bool:
