@@ -35,6 +35,7 @@ CASES = {
     "out-jpg": (["--out", "a.jpg"], 1, ["--out a.jpg", ".png", ".npy"]),
     "out-missing-dir": (["--out", "no/such/dir/x.png"], 1, ["--out no/such/dir/x.png", "does not exist"]),
     "warmup-negative": (["--warmup", "-1"], 1, ["--warmup -1"]),
+    "repeat-zero": (["--repeat", "0"], 1, ["--repeat 0", "1 or more"]),
     "lora-corrupt": ([ "--lora", _corrupt_lora], 1, ["--lora", "broken.safetensors", "not a readable safetensors"]),
     "lora-missing": (["--lora", "nowhere.safetensors"], 1, ["--lora nowhere.safetensors", "does not exist"]),
     "weights-empty": (["--weights", _empty_dir], 1, ["--weights", "model_index.json"]),

@@ -1,5 +1,6 @@
 """`npu-dit generate` as a user runs it: one process, and torchrun with 2 ranks writing the same PNG."""
 
+import json
 import os
 import re
 import subprocess
@@ -128,8 +129,9 @@ def test_device_that_is_not_there_is_a_clear_error(capsys):
     assert not isinstance(Pipe.transformer, type(torch.compile(torch.nn.Linear(1, 1))))  # nothing compiled
 
 
-def test_generate_on_the_cpu_device_is_the_plain_pipeline(tmp_path):
-    """`--device cpu` (what auto picks here) gives the image of the diffusers pipeline run directly."""
+def test_generate_on_the_cpu_device_is_the_plain_pipeline(tmp_path, capsys):
+    """`--device cpu` (what auto picks here) gives the image of the diffusers pipeline run directly, also
+    after several timed runs."""
     import torch
 
     from npu_dit.models import get_model
@@ -137,8 +139,13 @@ def test_generate_on_the_cpu_device_is_the_plain_pipeline(tmp_path):
     from npu_dit.tools.cli import main
 
     out = tmp_path / "cpu.npy"
+    # two timed runs (--repeat 2): the second is seeded like the first, so the image is still the pipeline's
     assert main(["generate", "flux.1-dev", "--device", "cpu", "--steps", "2", "--height", "128", "--width", "128",
-                 "--out", str(out), "--quiet"]) == 0
+                 "--out", str(out), "--quiet", "--repeat", "2", "--json"]) == 0
+    text = capsys.readouterr().out
+    report = json.loads(text[text.index("{"):])
+    assert report["timed_runs"] == 2 and len(report["timed_totals_s"]) == 2
+    assert report["stages_s"]["total"] == min(report["timed_totals_s"])  # the fastest run's stages
     pipe = load_pipeline(get_model("flux.1-dev"), dtype=torch.float32, seed=0)
     pipe.set_progress_bar_config(disable=True)
     expected = pipe(prompt="a photo of a cat sitting on a red chair", height=128, width=128, num_inference_steps=2,

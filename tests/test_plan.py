@@ -323,7 +323,7 @@ def _generate(ranks: int, flags: list[str], tmp_path) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     out = str(tmp_path / f"r{ranks}.png")
     command = [*generate_launcher(ranks), "flux.1-dev", "--size", "bench", "--height", "256", "--width", "256",
-               "--steps", "2", "--warmup", "1", "--json", "--quiet", "--out", out, *flags]
+               "--steps", "2", "--warmup", "1", "--repeat", "3", "--json", "--quiet", "--out", out, *flags]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     return parse_report(done.stdout)
@@ -333,7 +333,9 @@ def test_cpu_prediction_against_a_real_two_rank_run(plan_cache, tmp_path):
     """The bench FLUX pipeline, 1 rank and Ulysses-2 on 2 real Gloo ranks. The cpu profile's compute
     efficiency is fitted to the 1-rank run; the 2-rank run's busiest rank must then be predicted within 20 %.
     Compared in CPU seconds (the work each rank does), which other jobs on this shared machine do not move
-    as they move the wall time; docs/PLANNER.md compares wall times measured back to back."""
+    as they move the wall time, each the least of 3 timed runs (`--repeat 3`: one run of the serial pipeline
+    under the suite's other worker once took 4.06 CPU s against 2.9-3.5 s alone, a 21 % miss); docs/PLANNER.md
+    compares wall times measured back to back."""
     import torch
 
     from npu_dit.planner.extract import model_costs
