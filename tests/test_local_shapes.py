@@ -8,6 +8,7 @@ import functools
 import pytest
 import torch
 
+from npu_dit.runtime import collectives as C
 from tests.dist_utils import run_ranks
 
 
@@ -351,3 +352,28 @@ def test_the_gather_rule_gives_the_helpers_fake_value(dtype):
     sizes, rule_dtype, device = RULES[C.gather_seq_start](x, 1, lengths, 2, inspection_context(2, 1).group_name)
     assert [str(s) for s in y.shape] == [str(s) for s in sizes] and (y.dtype, y.device) == (rule_dtype, device)
     assert y.is_contiguous()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_guard_dynamo_proved_stays_proven_after_the_copy(rank, monkeypatch):
+    """LTX-Video's cross-attention mask is viewed per head as `[B, (2*Bm)//B, 1, S]` (B the hidden batch,
+    Bm the mask's); Dynamo proved `Eq((2*Bm)//B, 2)` while tracing, and the Ulysses pass cuts the mask's
+    2 heads on that proof. The rewrite's ShapeEnv and the strict mode's full propagation each copy the
+    symbols into a fresh ShapeEnv: the guard goes with them, so strict mode agrees (it reported
+    `(2*s29)//s32` against the recorded 2 before), after Ulysses alone and after TP then Ulysses."""
+    from npu_dit.models.diffusers_dits import get_entry
+    from npu_dit.passes.analysis.fake_prop import meta_mismatches
+    from npu_dit.passes.tensor_parallel import tensor_parallel_pass
+    from npu_dit.passes.ulysses import ulysses_pass
+    from npu_dit.runtime.dist import inspection_context
+    from npu_dit.tools.capture import capture_graph
+
+    monkeypatch.setenv("NPU_DIT_LINT", "1")
+    entry = get_entry("LTXVideo")
+    cap = capture_graph(entry.build(), entry.example_inputs(), dynamic=True)
+    ulysses = ("ulysses", functools.partial(ulysses_pass, ctx=inspection_context(2, rank)))
+    gm = _rewrite(cap, [ulysses])  # the runner's strict check ran after the pass
+    assert [n for n in gm.graph.nodes if n.target is C.local_heads]  # the mask's heads were cut
+    assert meta_mismatches(gm) == []
+    tp = ("tensor_parallel", functools.partial(tensor_parallel_pass, ctx=inspection_context(2, rank), release_weights=False))
+    assert meta_mismatches(_rewrite(cap, [tp, ulysses])) == []

@@ -29,6 +29,7 @@ from torch.utils._sympy.functions import Max
 from torch.utils._pytree import tree_leaves, tree_map_only
 
 from npu_dit.passes.analysis.attention_ops import node_value
+from npu_dit.passes.analysis.symbolic import FACTS, carried_facts, exprs_equal
 
 
 def shape_hint(env: ShapeEnv, expr: sympy.Expr) -> int:
@@ -57,6 +58,11 @@ class SymbolMap:
         self.symbols: dict[sympy.Symbol, sympy.Expr] = {}
         self.hints: dict[sympy.Symbol, int] = {}  # old symbol -> its value on this rank, where it changes
         self.statics: dict[tuple, torch.Tensor] = {}
+        # the ShapeEnvs the old symbols come from: their guards, in the new symbols, are facts here
+        # too (Dynamo's `Eq((2*s69)//s28, 2)` on a mask's heads; `symbolic.carried_facts`)
+        self.sources: list[ShapeEnv] = []
+        self._facts: tuple[tuple[int, ...], tuple] | None = None
+        setattr(self.env, FACTS, self.facts)
 
     def new_symbol(self, name: str, hint: int) -> sympy.Expr:
         return self.env.create_symbol(hint, ConstantSource(name), dynamic_dim=DimDynamic.DYNAMIC)
@@ -71,7 +77,14 @@ class SymbolMap:
         return self.expression(value.node.expr, value.node.shape_env, value.node.hint)
 
     def expression(self, expr: sympy.Expr, env: ShapeEnv, hint: int | None = None) -> Any:
-        """The new SymInt (or int) for an old size expression of `env`'s symbols."""
+        """The new SymInt (or int) for an old size expression of `env`'s symbols, after `env`'s
+        replacements: a placeholder's value keeps the symbols it was made with (a mask's batch `s69`),
+        while Dynamo later proved some equal (`s69 == s28`) and wrote the nodes after it with one; the
+        copy must use one symbol for both or it propagates `(2*s69)//s28` where the graph holds 2."""
+        if env is not None:
+            expr = env.replace(expr)
+            if not any(source is env for source in self.sources):
+                self.sources.append(env)
         for symbol in expr.free_symbols:
             if symbol not in self.symbols:
                 known = getattr(env, "backed_var_to_val", None) or {}
@@ -81,6 +94,20 @@ class SymbolMap:
         if not new.free_symbols:
             return int(new)
         return self.env.create_symintnode(new, hint=shape_hint(self.env, new))
+
+    def facts(self) -> tuple:
+        """The source ShapeEnvs' guards (and the facts they carry in turn) whose symbols all have new
+        ones here, written in the new symbols."""
+        key = (len(self.symbols), *(len(env.guards) for env in self.sources))
+        if self._facts is not None and self._facts[0] == key:
+            return self._facts[1]
+        found = []
+        for env in self.sources:
+            for fact in (*(g.expr for g in env.guards), *carried_facts(env)):
+                if fact.free_symbols and fact.free_symbols <= self.symbols.keys():
+                    found.append(fact.xreplace(self.symbols))
+        self._facts = (key, tuple(dict.fromkeys(found)))
+        return self._facts[1]
 
     def tensor(self, value: torch.Tensor, sizes: list[Any] | None = None) -> torch.Tensor:
         sizes = sizes if sizes is not None else [self.size(s) for s in value.shape]
@@ -196,7 +223,7 @@ def meta_mismatches(gm: fx.GraphModule, limit: int = 5, strides: bool = False) -
         new = fresh.get(node)
         if isinstance(old, torch.Tensor) and isinstance(new, torch.Tensor):
             old_shape = [symbols.size(s) for s in old.shape]
-            if len(old_shape) != len(new.shape) or not all(_same(a, b) for a, b in zip(old_shape, new.shape)):
+            if len(old_shape) != len(new.shape) or not all(_same(a, b, symbols.env) for a, b in zip(old_shape, new.shape)):
                 problems.append(f"{node.name}: recorded {list(old_shape)}, propagates to {list(new.shape)}")
             elif strides:
                 old_stride = [symbols.size(s) for s in old.stride()]
@@ -237,9 +264,10 @@ def stale_meta(gm: fx.GraphModule, before: dict[int, Any], limit: int = 5) -> li
     return problems
 
 
-def _same(a: Any, b: Any) -> bool:
-    """Equal sizes: the same expression, or equal wherever the symbols are evaluated (sympy cannot
-    always cancel floor divisions: `((h*(w//4) + h*((w//2 + 1)//2)) // (w//2)` is `h` for every w)."""
+def _same(a: Any, b: Any, env: ShapeEnv | None = None) -> bool:
+    """Equal sizes: the same expression, equal wherever the symbols are evaluated (sympy cannot
+    always cancel floor divisions: `((h*(w//4) + h*((w//2 + 1)//2)) // (w//2)` is `h` for every w), or
+    equal by a guard `env` carries from Dynamo's trace (`Eq((2*s69)//s28, 2)`)."""
     ea = a.node.expr if isinstance(a, torch.SymInt) else sympy.Integer(int(a))
     eb = b.node.expr if isinstance(b, torch.SymInt) else sympy.Integer(int(b))
     if ea == eb or sympy.expand(ea - eb) == 0:
@@ -251,9 +279,9 @@ def _same(a: Any, b: Any) -> bool:
         point = {x: sympy.Integer(2 + 7 * k + 3 * i + (k * i) % 5) for i, x in enumerate(symbols)}
         try:
             if ea.xreplace(point) != eb.xreplace(point):
-                return False
+                return env is not None and exprs_equal(ea, eb, env)
         except (TypeError, ZeroDivisionError):
-            return False
+            return env is not None and exprs_equal(ea, eb, env)
     return True
 
 

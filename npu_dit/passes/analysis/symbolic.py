@@ -14,6 +14,18 @@ import sympy
 import torch
 
 
+# A ShapeEnv made for a rewrite (`fake_prop.SymbolMap`) carries, under this attribute, a callable giving
+# the guards of the ShapeEnv(s) its symbols were copied from, written in its own symbols: what Dynamo
+# proved while tracing (`Eq((2*s69)//s28, 2)`) stays proven after the copy.
+FACTS = "_npu_dit_facts"
+
+
+def carried_facts(env: Any) -> tuple:
+    """The facts `env` carries from the ShapeEnv(s) it was copied from (none for Dynamo's own)."""
+    facts = getattr(env, FACTS, None)
+    return facts() if facts is not None else ()
+
+
 def size_expr(size: Any) -> sympy.Expr:
     """A size (SymInt or int) as a sympy expression."""
     if isinstance(size, torch.SymInt):
@@ -35,6 +47,9 @@ def exprs_equal(a: Any, b: Any, shape_env: Any = None, *, simplify: bool = False
     if shape_env is None:
         return False
     try:
-        return bool(shape_env._maybe_evaluate_static(sympy.Eq(a, b)) == sympy.true)
+        if shape_env._maybe_evaluate_static(sympy.Eq(a, b)) == sympy.true:
+            return True
+        facts = carried_facts(shape_env)
+        return bool(facts) and shape_env._maybe_evaluate_static(sympy.Eq(a, b), axioms=facts) == sympy.true
     except Exception:  # noqa: BLE001 - an expression the ShapeEnv cannot reason about
         return False
