@@ -231,3 +231,39 @@ def test_ulysses_pass_shards_diffusers_dit(name):
     assert report.counts.get("all_to_all", 0) >= 4  # q, k, v and the output of at least one site
     if name != "ErnieImage":  # its fresh propagation specialises the all-to-all's lengths to the example's
         assert meta_mismatches(gm) == []  # (136 where the rewrite records s1*(s53//2) + s10//2, = 136 there)
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_stream_whose_length_is_an_expression_is_sharded(rank, monkeypatch):
+    """LTX-Video's `hidden_states` carry F*H*W tokens, and Dynamo writes their length through the frames,
+    height and width inputs (`s51*s81*s98`), with no symbol of its own. The stream is sharded with that
+    expression as its length (the global length in the RoPE table built from those inputs, this rank's share
+    in its tokens), not kept whole as before ("not a plain symbol"); strict mode agrees with the recorded
+    shapes. `test_diffusers_dits_are_sharded_and_exact[2]` runs it on 2 Gloo ranks against eager."""
+    import functools
+
+    import sympy
+
+    from npu_dit.passes.analysis.fake_prop import meta_mismatches
+    from npu_dit.passes.infra import PassSpec, run_passes
+    from npu_dit.passes.scalar_inputs import scalar_inputs_pass
+    from npu_dit.passes.ulysses import ulysses_pass
+    from npu_dit.plans import SHARDING_META_KEY
+    from npu_dit.runtime.dist import inspection_context
+    from npu_dit.tools.capture import capture_graph
+
+    monkeypatch.setenv("NPU_DIT_LINT", "1")
+    entry = get_entry("LTXVideo")
+    captured = capture_graph(entry.build(), entry.example_inputs(), dynamic=True)
+    placeholders = [n for n in captured.gm.graph.nodes if n.op == "placeholder"]
+    gm, report = run_passes(captured.gm, [
+        PassSpec("scalar_inputs", scalar_inputs_pass),
+        PassSpec("ulysses", functools.partial(ulysses_pass, ctx=inspection_context(2, rank)), changes_shapes=True)])
+    assert not report.fell_back, report.fallback_reason
+    [video] = [s for s in gm.meta[SHARDING_META_KEY].streams
+               if any(placeholders[i].name.endswith("hidden_states_") and "encoder" not in placeholders[i].name
+                      for i, _ in s.inputs)]
+    assert video.sharded, video.reason
+    [length] = video.lengths
+    assert isinstance(length, sympy.Mul) and len(length.free_symbols) == 3 and not video.symbols
+    assert meta_mismatches(gm) == []

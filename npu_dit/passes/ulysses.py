@@ -587,8 +587,22 @@ class _Rewriter:
         meta = {a for name in sem.meta_only for a in [sem.call.args.get(name)] if isinstance(a, fx.Node)}
         return [a for a in node.all_input_nodes if a not in meta]
 
-    def sharded_symbols(self) -> frozenset:
-        return frozenset().union(*(s.symbols for s in self.plan.streams if s.sharded))
+    def length_keys(self, streams: set[int] | frozenset[int] | None = None) -> tuple[frozenset, tuple]:
+        """What a size expression holds when it reads the length of the sharded `streams` (all when
+        None): their symbols, and the lengths of those that have an expression instead (LTX-Video's
+        `F*H*W`), which count only where the whole expression is in it (`F` alone is a global input)."""
+        chosen = [s for s in self.plan.streams if s.sharded and (streams is None or s.id in streams)]
+        return (frozenset().union(*(s.symbols for s in chosen)),
+                tuple(e for s in chosen if not s.symbols for e in sorted(s.lengths, key=str)))
+
+    @staticmethod
+    def reads_length(expr: sympy.Expr, keys: tuple[frozenset, tuple]) -> bool:
+        from npu_dit.passes.analysis.fake_prop import stand_in_for_keys
+
+        symbols, exprs = keys
+        if expr.free_symbols & symbols:
+            return True
+        return bool(exprs) and (any(expr.has(e) for e in exprs) or bool(stand_in_for_keys(expr, list(exprs))[1]))
 
     def globalize_values(self, node: fx.Node) -> None:
         """A length of a sharded stream used as a value (`h * h.shape[1]`, a fill value), not as a
@@ -602,18 +616,18 @@ class _Rewriter:
             return
         if sem is not None and sem.kind in ("symbolic", "size", "effect"):
             return
-        symbols = self.sharded_symbols()
+        keys = self.length_keys()
         sizes = sem.size_arguments() if sem is not None else ()
 
         def is_length_value(arg: Any) -> bool:
             value = node_value(arg) if isinstance(arg, fx.Node) else None
             return (isinstance(value, torch.SymInt) and arg not in sizes
-                    and bool(value.node.expr.free_symbols & symbols))
+                    and self.reads_length(value.node.expr, keys))
 
         if not any(is_length_value(a) for a in node.all_input_nodes):
             return
         with self.graph.inserting_before(node):
-            swap = lambda a: self.global_symint(a, symbols) if is_length_value(a) else a  # noqa: E731
+            swap = lambda a: self.global_symint(a, keys) if is_length_value(a) else a  # noqa: E731
             node.args = fx.node.map_arg(node.args, swap)
             node.kwargs = fx.node.map_arg(node.kwargs, swap)
         self.bump("global_values")
@@ -717,31 +731,33 @@ class _Rewriter:
     def globalize_lengths(self, node: fx.Node, streams: set[int]) -> None:
         """A value built at full size for `streams` must use their global lengths: its SymInt
         arguments that mention a (now local) stream symbol are recomputed from the global lengths."""
-        symbols = frozenset().union(*(s.symbols for s in self.plan.streams if s.id in streams)) if streams else frozenset()
+        symbols, exprs = self.length_keys(streams or frozenset())
         for stream in set(streams or ()) & set(self.grid_rows):
             # a patch grid's lengths are expressions of its whole input's dims (no symbol of their own)
             length = node_value(self.global_len[stream])
             symbols |= length.node.expr.free_symbols if isinstance(length, torch.SymInt) else frozenset()
-        if not symbols:
+        if not symbols and not exprs:
             return
+        keys = (symbols, exprs)
 
         def mentions(arg: Any) -> bool:
             value = node_value(arg) if isinstance(arg, fx.Node) else None
-            return isinstance(value, torch.SymInt) and bool(value.node.expr.free_symbols & symbols)
+            return isinstance(value, torch.SymInt) and self.reads_length(value.node.expr, keys)
 
         if not any(mentions(a) for a in node.all_input_nodes):
             return
         with self.graph.inserting_before(node):
-            node.args = fx.node.map_arg(node.args, lambda a: self.global_symint(a, symbols) if mentions(a) else a)
-            node.kwargs = fx.node.map_arg(node.kwargs, lambda a: self.global_symint(a, symbols) if mentions(a) else a)
+            node.args = fx.node.map_arg(node.args, lambda a: self.global_symint(a, keys) if mentions(a) else a)
+            node.kwargs = fx.node.map_arg(node.kwargs, lambda a: self.global_symint(a, keys) if mentions(a) else a)
         self.bump("global_tables")
 
-    def global_symint(self, node: fx.Node, symbols: frozenset) -> fx.Node:
+    def global_symint(self, node: fx.Node, keys: tuple[frozenset, tuple]) -> fx.Node:
         key = ("global", node)
         if key in self.cache:
             return self.cache[key]
         expr = node_value(node).node.expr
-        stream = next((s for s in self.plan.streams if s.sharded and expr in s.symbols), None)
+        stream = next((s for s in self.plan.streams if s.sharded and (
+            expr in s.symbols or (not s.symbols and expr in s.lengths))), None)
         grid = next((s for s in self.grid_rows if node is self.stream_len.get(s)), None)
         sem = semantics(node) if node.op != "placeholder" else None
         if stream is not None:
@@ -762,8 +778,8 @@ class _Rewriter:
         elif node.op == "call_function" and node.target in _SYM_ARITHMETIC:
             def swap(a: Any) -> Any:
                 value = node_value(a) if isinstance(a, fx.Node) else None
-                if isinstance(value, torch.SymInt) and value.node.expr.free_symbols & symbols:
-                    return self.global_symint(a, symbols)
+                if isinstance(value, torch.SymInt) and self.reads_length(value.node.expr, keys):
+                    return self.global_symint(a, keys)
                 return a
             result = self.call(node.target, fx.node.map_arg(node.args, swap))  # into sym_sum's list
         else:
@@ -815,10 +831,10 @@ class _Rewriter:
         return True
 
     def _sized_by_local_length(self, node: fx.Node, stream: int) -> bool:
-        symbols = next(s.symbols for s in self.plan.streams if s.id == stream)
+        keys = self.length_keys({stream})
         value = node_value(node)
         sizes = value.shape if isinstance(value, torch.Tensor) else ()
-        return any(isinstance(s, torch.SymInt) and s.node.expr.free_symbols & symbols for s in sizes)
+        return any(isinstance(s, torch.SymInt) and self.reads_length(s.node.expr, keys) for s in sizes)
 
     def localize(self, node: fx.Node, streams: frozenset[int], *, before: fx.Node) -> fx.Node:
         """Slice the sharded `streams` of a full tensor to this rank's chunk, on every token dim."""

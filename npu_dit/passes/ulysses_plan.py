@@ -48,6 +48,16 @@ def _table_of_streams(tdim, tokens: TokenDims) -> bool:
         any(other.segments == (seg,) for other in tokens.inputs if other is not tdim) for seg in tdim.segments)
 
 
+def _length_expression(expr: sympy.Expr, stream: Stream) -> bool:
+    """Whether a stream can take `expr` as its length: a sum or product of symbols (what the local
+    shapes put in whole, `fake_prop.put_in`), the only one the stream's inputs have (one length per
+    stream, no plain symbol beside it)."""
+    from npu_dit.passes.analysis.fake_prop import _KEY_TYPES
+
+    return (isinstance(expr, _KEY_TYPES) and expr.is_integer is not False and not stream.symbols
+            and all(other == expr for other in stream.lengths))
+
+
 def _find_lengths(gm: fx.GraphModule, streams: list[Stream]) -> None:
     """Each stream's `lengths`: the expressions Dynamo's ShapeEnv holds equal to its symbol by a guard
     (`Eq(s50, s47*s8 + s56*s86)`: the RoPE table the graph builds from the grid sizes meets the image
@@ -78,7 +88,7 @@ def _find_lengths(gm: fx.GraphModule, streams: list[Stream]) -> None:
             continue
         found.setdefault(owner[symbol].id, set()).add(length)
     for stream in streams:
-        stream.lengths = frozenset(found.get(stream.id, ()))
+        stream.lengths = stream.lengths | frozenset(found.get(stream.id, ()))
 
 
 def plan_streams(gm: fx.GraphModule, tokens: TokenDims, *, world_size: int, rank: int,
@@ -114,10 +124,14 @@ def plan_streams(gm: fx.GraphModule, tokens: TokenDims, *, world_size: int, rank
         size = node_value(tdim.node).shape[tdim.dim]
         expr = size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(int(size))
         stream.example_length = size.node.hint if isinstance(size, torch.SymInt) else int(size)
-        if not isinstance(expr, sympy.Symbol):
+        if not isinstance(expr, sympy.Symbol) and expr.free_symbols and _length_expression(expr, stream):
+            # a length Dynamo writes through other inputs (LTX-Video's `F*H*W` tokens): the expression is
+            # the stream's length, global in tables built from those inputs and local in its tokens
+            stream.lengths = stream.lengths | {expr}
+        elif not isinstance(expr, sympy.Symbol):
             stream.sharded = False
             if expr.free_symbols:
-                stream.reason = f"its length {expr} is not a plain symbol"
+                stream.reason = f"its length {expr} is neither a plain symbol nor a sum or product of symbols"
             elif stream.example_length == 1:
                 stream.reason = "a single token (Dynamo specialises length 1)"
             else:
@@ -138,7 +152,7 @@ def plan_streams(gm: fx.GraphModule, tokens: TokenDims, *, world_size: int, rank
         streams.append(stream)
         owner[segment.id] = stream.id
     _find_lengths(gm, [s for s in streams if s.sharded and s.grid is None])
-    if streams and not any(s.symbols for s in streams):
+    if streams and not any(s.symbols or s.lengths for s in streams):
         for stream in streams:  # nothing symbolic at all: the graph was traced with static shapes
             stream.fix = "Compile with torch.compile(..., dynamic=True) so the sequence lengths stay symbolic."
 
