@@ -11,6 +11,7 @@ import torch
 def diffusers_dits(rank, world_size, models):
     from npu_dit import backend
     from npu_dit.models.diffusers_dits import get_entry
+    from npu_dit.plans import SHARDING_META_KEY
     from npu_dit.tools.dit_survey_worker import max_abs_error, output_tensors
 
     results = {}
@@ -29,5 +30,9 @@ def diffusers_dits(rank, world_size, models):
             "error": max_abs_error(expected, got),
             "fell_back": [r.report.fallback_reason for r in records if r.report.fell_back],
             "all_to_all": sum(r.report.counts.get("all_to_all", 0) for r in records),
+            # the input streams left whole on this rank, with the reason (sharded tokens pass through the
+            # all-to-alls; a replicated stream costs nothing to check but parallelises nothing)
+            "replicated": [f"{s.name}: {s.reason}" for r in records
+                           for s in getattr(r.graph.meta.get(SHARDING_META_KEY), "streams", ()) if not s.sharded],
         }
     return results

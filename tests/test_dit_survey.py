@@ -175,6 +175,9 @@ def test_a_model_over_its_time_limit_is_killed_and_recorded():
 # refused before (LTX-Video: a per-head cross-attention mask; LuminaNextDiT: a pooled mean over the
 # caption, so the caption stays whole and the image is sharded; AuraFlow: register tokens next to a grid;
 # HunyuanVideo: a mask of ones over the video grid and the text, made in the graph).
+# every input stream sharded, none kept whole: LTX-Video's video tokens are F*H*W long, an expression of
+# three inputs with no symbol of its own (kept whole before, only its text was sharded)
+EVERY_STREAM_SHARDED = {"LTXVideo", "SD3", "Wan"}
 DITS_BY_WORLD = {2: ["SD3", "PixArt", "CogView4", "Wan", "LTXVideo", "LuminaNextDiT", "AuraFlow", "HunyuanVideo"],
                  4: ["SD3", "PixArt", "CogView4", "Wan"]}
 
@@ -194,6 +197,8 @@ def test_diffusers_dits_are_sharded_and_exact(world, tmp_path):
                 problems.append(f"{name} rank {rank}: not sharded ({result['fell_back']})")
             if result["error"] > 1e-5:
                 problems.append(f"{name} rank {rank}: max abs error {result['error']:.3g}")
+            if name in EVERY_STREAM_SHARDED and result["replicated"]:
+                problems.append(f"{name} rank {rank}: streams kept whole: {result['replicated']}")
     assert not problems, "\n".join(problems)
 
 
@@ -267,3 +272,20 @@ def test_a_stream_whose_length_is_an_expression_is_sharded(rank, monkeypatch):
     [length] = video.lengths
     assert isinstance(length, sympy.Mul) and len(length.free_symbols) == 3 and not video.symbols
     assert meta_mismatches(gm) == []
+
+
+def test_only_a_count_of_tokens_is_a_stream_length():
+    """The expressions a stream may take as its length: products of input symbols and sums of them (grids);
+    not a difference or a constant term (Lumina2 pads its caption to `80 - s29`: sharding that stream
+    failed in the pass), not a floor division."""
+    import sympy
+
+    from npu_dit.passes.ulysses_plan import _length_expression
+    from npu_dit.plans import Stream
+
+    f, h, w, s = sympy.symbols("f h w s", integer=True, positive=True)
+    alone = Stream(0, (0,), [], True, "", frozenset(), None)
+    assert all(_length_expression(e, alone) for e in (f * h * w, f * h + w * s, 2 * h * w))
+    assert not any(_length_expression(e, alone) for e in (80 - s, h - w, h + 1, (h // 2) * w, s))
+    with_symbol = Stream(0, (0,), [], True, "", frozenset({s}), None)
+    assert not _length_expression(f * h * w, with_symbol)  # a plain symbol already names its length

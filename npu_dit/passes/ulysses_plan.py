@@ -49,13 +49,22 @@ def _table_of_streams(tdim, tokens: TokenDims) -> bool:
 
 
 def _length_expression(expr: sympy.Expr, stream: Stream) -> bool:
-    """Whether a stream can take `expr` as its length: a sum or product of symbols (what the local
-    shapes put in whole, `fake_prop.put_in`), the only one the stream's inputs have (one length per
-    stream, no plain symbol beside it)."""
-    from npu_dit.passes.analysis.fake_prop import _KEY_TYPES
-
-    return (isinstance(expr, _KEY_TYPES) and expr.is_integer is not False and not stream.symbols
-            and all(other == expr for other in stream.lengths))
+    """Whether a stream can take `expr` as its length: a product of symbols or a sum of such products
+    with positive whole coefficients and no constant (a grid's `F*H*W`, two grids' `h1*w1 + h2*w2`: what
+    the local shapes put in whole, `fake_prop.put_in`), the only length the stream's inputs have. A
+    difference or a constant term (Lumina2's padding, `80 - s29`) is no count of tokens of its own."""
+    if stream.symbols or any(other != expr for other in stream.lengths):
+        return False
+    if not isinstance(expr, (sympy.Add, sympy.Mul, sympy.Pow)):
+        return False
+    for term in sympy.Add.make_args(sympy.expand(expr)):
+        coefficient, rest = term.as_coeff_Mul()
+        if not (coefficient.is_Integer and coefficient > 0) or not rest.free_symbols:
+            return False
+        if not all(isinstance(base, sympy.Symbol) and exponent.is_Integer and exponent > 0
+                   for base, exponent in rest.as_powers_dict().items()):
+            return False
+    return True
 
 
 def _find_lengths(gm: fx.GraphModule, streams: list[Stream]) -> None:
@@ -131,7 +140,7 @@ def plan_streams(gm: fx.GraphModule, tokens: TokenDims, *, world_size: int, rank
         elif not isinstance(expr, sympy.Symbol):
             stream.sharded = False
             if expr.free_symbols:
-                stream.reason = f"its length {expr} is neither a plain symbol nor a sum or product of symbols"
+                stream.reason = f"its length {expr} is neither a plain symbol nor a sum of products of symbols"
             elif stream.example_length == 1:
                 stream.reason = "a single token (Dynamo specialises length 1)"
             else:
@@ -151,6 +160,14 @@ def plan_streams(gm: fx.GraphModule, tokens: TokenDims, *, world_size: int, rank
                         + ((grid.lead,) if grid.lead else ()))
         streams.append(stream)
         owner[segment.id] = stream.id
+    for stream in streams:
+        # an expression length must be of inputs that are no other stream's (`s1 + s2` of the text's and
+        # the image's lengths is both streams side by side, not a stream of its own)
+        others = frozenset().union(*(o.symbols for o in streams if o is not stream),
+                                   *(e.free_symbols for o in streams if o is not stream for e in o.lengths))
+        if stream.sharded and not stream.symbols and any(e.free_symbols & others for e in stream.lengths):
+            stream.sharded = False
+            stream.reason = f"its length {min(stream.lengths, key=str)} is written with another stream's length"
     _find_lengths(gm, [s for s in streams if s.sharded and s.grid is None])
     if streams and not any(s.symbols or s.lengths for s in streams):
         for stream in streams:  # nothing symbolic at all: the graph was traced with static shapes
