@@ -1231,8 +1231,6 @@ def refresh_local_shapes(gm: fx.GraphModule, plan: ShardingPlan, rewriter: "_Rew
     refresh(gm, values, symbols, rename, RULES, given=given)
 
 
-
-
 class StreamRefusal(Refusal):
     """A refusal caused by the tokens of some sharded streams (`streams`, ids in the plan): with those
     streams replicated the rewrite may still be exact for the others."""

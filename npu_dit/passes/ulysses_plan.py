@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 
 from npu_dit.passes.analysis.attention_ops import graph_fake_mode, node_value
+from npu_dit.passes.analysis.symbolic import size_expr
 from npu_dit.passes.analysis.token_dims import TokenDims, require_dynamic_token_dims
 from npu_dit.passes.infra import Refusal
 from npu_dit.plans import OutputGather, ShardingPlan, Stream  # noqa: F401 - the plan types live in a neutral module
@@ -131,9 +132,9 @@ def plan_streams(gm: fx.GraphModule, tokens: TokenDims, *, world_size: int, rank
         stream.inputs.append((index_of[tdim.node], tdim.dim))
         stream.name = ", ".join(filter(None, [stream.name, f"{tdim.name}[{tdim.dim}]"]))
         size = node_value(tdim.node).shape[tdim.dim]
-        expr = size.node.expr if isinstance(size, torch.SymInt) else sympy.Integer(int(size))
+        expr = size_expr(size)
         stream.example_length = size.node.hint if isinstance(size, torch.SymInt) else int(size)
-        if not isinstance(expr, sympy.Symbol) and expr.free_symbols and _length_expression(expr, stream):
+        if not isinstance(expr, sympy.Symbol) and _length_expression(expr, stream):
             # a length Dynamo writes through other inputs (LTX-Video's `F*H*W` tokens): the expression is
             # the stream's length, global in tables built from those inputs and local in its tokens
             stream.lengths = stream.lengths | {expr}
